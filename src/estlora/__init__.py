@@ -1,0 +1,1 @@
+"""EST-LoRA for diffusers."""

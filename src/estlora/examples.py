@@ -1,0 +1,73 @@
+"""Built-in example LoRAs for the built-in tiny SDXL, so every command can run offline out of the box.
+
+They are random but shaped like real ones: a rank-4 "subject" LoRA that is strong in the down
+blocks and a rank-8, alpha 4 "style" LoRA that is strong in the up blocks, so a fusion plan has
+projections going each way. They are written by diffusers' own `save_lora_weights`, exactly the
+layout diffusers' DreamBooth training scripts write. Refer to them as `example:subject` and
+`example:style` wherever a LoRA path is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .tiny_model import TINY_MODEL_VERSION, cache_dir
+
+EXAMPLES = {
+    # name: (seed, rank, alpha, relative strength in down / mid / up blocks)
+    "subject": (1, 4, 4.0, {"down": 3.0, "mid": 1.0, "up": 0.4}),
+    "style": (2, 8, 4.0, {"down": 0.4, "mid": 1.0, "up": 3.0}),
+}
+PREFIX = "example:"
+
+
+def example_state_dict(name: str, shapes: dict[str, tuple[int, int]]) -> tuple[dict, dict]:
+    """peft-named factors (no `unet.` prefix) and the adapter metadata for one example LoRA."""
+    seed, rank, alpha, strength = EXAMPLES[name]
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, (out_features, in_features) in shapes.items():
+        stage = module.split("_", 1)[0]
+        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        up = torch.randn(out_features, rank, generator=generator) * 0.05 * strength[stage]
+        state[f"{module}.lora_A.weight"] = down
+        state[f"{module}.lora_B.weight"] = up
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    return state, metadata
+
+
+def write_example_lora(name: str, directory: str | os.PathLike) -> Path:
+    """Write one example LoRA for the tiny model as `<directory>/<name>.safetensors`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .base import projection_shapes
+    from .tiny_model import tiny_unet
+
+    shapes = projection_shapes(dict(tiny_unet().config))
+    state, metadata = example_state_dict(name, shapes)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".{name}.partial"
+    staging.mkdir(exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=f"{name}.safetensors"
+    )
+    target = directory / f"{name}.safetensors"
+    os.replace(staging / f"{name}.safetensors", target)
+    staging.rmdir()
+    return target
+
+
+def example_lora_path(reference: str) -> Path:
+    """Resolve `example:subject` / `example:style` to a file in the cache, writing it on first use."""
+    name = reference.removeprefix(PREFIX)
+    if name not in EXAMPLES:
+        from .errors import LoraNotFoundError
+
+        raise LoraNotFoundError(reference, f"no such built-in example (choose from {', '.join(EXAMPLES)})")
+    folder = cache_dir() / f"example-loras-v{TINY_MODEL_VERSION}"
+    path = folder / f"{name}.safetensors"
+    return path if path.is_file() else write_example_lora(name, folder)

@@ -1,0 +1,156 @@
+"""A tiny, seeded Stable Diffusion XL pipeline built entirely in code (no hub, no downloads).
+
+Its UNet has SDXL's real block layout (transformer depths 0/2/10 down, 10 mid, 10/2/0 up: 70
+transformer blocks, 140 attention modules, 560 attention projections) with tiny widths, so every
+module path a real SDXL LoRA names exists here too. It draws noise; it exists so that loading,
+planning and routing can be tested end to end on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 0
+# Bump when the weights or the layout change, so cached copies are rebuilt.
+TINY_MODEL_VERSION = 1
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's byte -> printable-unicode table, in byte order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A character-level CLIP tokenizer (514 tokens, no merges), built offline."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        attention_head_dim=(2, 4, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2's projection_dim (32)
+        cross_attention_dim=64,  # 32 + 32: SDXL concatenates its two text encoders' states
+        norm_num_groups=1,
+    )
+
+
+def build_tiny_sdxl(seed: int = TINY_SEED):
+    """Build the tiny pipeline in memory; the same seed gives the same weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = tiny_unet()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=128,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=514,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def write_tiny_sdxl(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+    """Write the tiny pipeline as a diffusers folder (safetensors), atomically.
+
+    The folder appears complete or not at all, so an interrupted write never leaves a half model
+    that a later `from_pretrained` would half-load.
+    """
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target}: folder exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build_tiny_sdxl(seed).save_pretrained(staging, safe_serialization=True)
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESTLORA_CACHE", Path.home() / ".cache" / "estlora"))
+
+
+def builtin_tiny_sdxl() -> Path:
+    """The built-in tiny model's folder, written to the cache on first use."""
+    folder = cache_dir() / f"tiny-sdxl-v{TINY_MODEL_VERSION}"
+    if not (folder / "model_index.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            write_tiny_sdxl(folder)
+        except FileExistsError:  # another process won the race; its folder is complete
+            pass
+    return folder
