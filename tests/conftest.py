@@ -33,3 +33,20 @@ def tiny_shapes():
     from estlora.tiny_model import tiny_unet
 
     return projection_shapes(dict(tiny_unet().config))
+
+
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int, name: str = "lora"):
+    """A Lora built in memory (no file): random factors for the given (out, in) shapes."""
+    from estlora.lora import Lora, LoraFactors
+
+    generator = torch.Generator().manual_seed(seed)
+    projections = {
+        module: LoraFactors(
+            down=torch.randn(rank, n, generator=generator),
+            up=torch.randn(o, rank, generator=generator) * float(torch.rand((), generator=generator) + 0.1),
+            alpha=alpha,
+            scale=alpha / rank,
+        )
+        for module, (o, n) in shapes.items()
+    }
+    return Lora(source=name, path=name, layout="diffusers-peft", projections=projections, sha256=f"{name}-{seed}")

@@ -29,18 +29,93 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .lora import load_lora, summary
 
-    base_shapes = None
-    if args.base:
-        from .base import projection_shapes, unet_config
-
-        base_shapes = projection_shapes(unet_config(args.base))
-    lora = load_lora(args.lora, base_shapes=base_shapes, base_name=args.base or "the base model")
+    lora = load_lora(args.lora, base_shapes=_base_shapes(args.base), base_name=args.base or "the base model")
     if args.json:
         print(json.dumps(inspect_report(lora), indent=2))
     else:
         print(summary(lora))
         if args.base:
             print(f"fits base:   {args.base} (every projection's shape matches)")
+
+
+def _base_shapes(base: str | None):
+    if not base:
+        return None
+    from .base import projection_shapes, unet_config
+
+    return projection_shapes(unet_config(base))
+
+
+def load_pair(subject: str, style: str, base: str | None = None):
+    """Both LoRAs, validated against the base (when given) and against each other."""
+    from .lora import check_pair, load_lora
+
+    shapes = _base_shapes(base)
+    name = base or "the base model"
+    pair = load_lora(subject, base_shapes=shapes, base_name=name), load_lora(style, base_shapes=shapes, base_name=name)
+    check_pair(*pair)
+    return pair
+
+
+def fusion_config(args: argparse.Namespace):
+    from .plan import FusionConfig
+
+    return FusionConfig(
+        method=args.method,
+        alpha=args.alpha,
+        beta=args.beta,
+        pattern=args.pattern,
+        gamma_rule=args.gamma_rule,
+        subject_scale=args.subject_scale,
+        style_scale=args.style_scale,
+        raw_energy=args.raw_energy,
+        switch_every=args.switch_every,
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import build_plan, cached_pair_scores
+    from .plan_view import heatmap, summary
+
+    subject, style = load_pair(args.subject, args.style, args.base)
+    config = fusion_config(args)
+    plan = build_plan(cached_pair_scores(subject, style, config), config, args.steps, (subject.sha256, style.sha256))
+    if args.png:
+        heatmap(plan, args.png)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        return
+    print(summary(plan))
+    if plan.beta_source == "default":
+        print(
+            f"\nnote: beta was not measured; {plan.beta:g} is K-LoRA's default (give --beta, or let "
+            "`estlora generate` measure it)"
+        )
+    if args.png:
+        print(f"heatmap: {args.png}")
+
+
+def add_fusion_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that fuses (plan, generate, ...)."""
+    from .plan import GAMMA_RULES, METHODS, PATTERNS
+
+    group = parser.add_argument_group("fusion")
+    group.add_argument("--method", choices=METHODS, default="est", help="fusion method (default est)")
+    group.add_argument("--alpha", type=float, default=1.5, help="time-scale slope alpha (default 1.5)")
+    group.add_argument("--beta", type=float, help="time-scale offset beta (default: measured for est, 0.5 for klora)")
+    group.add_argument("--pattern", choices=PATTERNS, default="s", help="time pattern: s (rising) or s* (wrapping)")
+    group.add_argument(
+        "--gamma-rule",
+        choices=GAMMA_RULES,
+        default="reference",
+        help="gamma: reference (L1 ratio, outliers dropped) or energy (sum E_c / sum E_s)",
+    )
+    group.add_argument("--subject-scale", type=float, default=1.0, help="strength of the subject LoRA (default 1)")
+    group.add_argument("--style-scale", type=float, default=1.0, help="strength of the style LoRA (default 1)")
+    group.add_argument(
+        "--raw-energy", action="store_true", help="score B @ A without alpha/rank, as the research code does"
+    )
+    group.add_argument("--switch-every", type=int, default=5, help="LoRA Switch period in steps (default 5)")
 
 
 def inspect_report(lora) -> dict:
@@ -78,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--base", help="also check it fits this base model (folder or hub id)")
     inspect.add_argument("--json", action="store_true", help="print a JSON report instead")
     inspect.set_defaults(func=cmd_inspect)
+
+    plan = commands.add_parser("plan", help="compute the fusion plan: which LoRA each projection uses at each step")
+    plan.add_argument("subject", help="subject LoRA (file, folder, hub id or example:subject)")
+    plan.add_argument("style", help="style LoRA (file, folder, hub id or example:style)")
+    plan.add_argument("--steps", type=int, default=30, help="number of denoising steps (default 30)")
+    plan.add_argument("--base", help="check both LoRAs fit this base model (folder or hub id)")
+    plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
+    plan.add_argument("--png", help="also draw the plan as a heatmap PNG")
+    add_fusion_options(plan)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -86,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except EstloraError as exc:
+        print(f"estlora: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid option combinations from the config dataclasses
+        print(f"estlora: error: {exc}", file=sys.stderr)
+        return 2
         print(f"estlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

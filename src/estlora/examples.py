@@ -1,9 +1,9 @@
 """Built-in example LoRAs for the built-in tiny SDXL, so every command can run offline out of the box.
 
-They are random but shaped like real ones: a rank-4 "subject" LoRA that is strong in the down
-blocks and a rank-8, alpha 4 "style" LoRA that is strong in the up blocks, so a fusion plan has
-projections going each way. They are written by diffusers' own `save_lora_weights`, exactly the
-layout diffusers' DreamBooth training scripts write. Refer to them as `example:subject` and
+They are random but shaped like real ones: a rank-4 "subject" LoRA that is stronger in the down
+blocks and a rank-8, alpha 4 "style" LoRA that is stronger in the up blocks, with a spread per
+projection, so a fusion plan has projections staying with each LoRA and flipping at many steps.
+They are written by diffusers' own `save_lora_weights`, the layout its DreamBooth scripts write. Refer to them as `example:subject` and
 `example:style` wherever a LoRA path is accepted.
 """
 
@@ -18,8 +18,8 @@ from .tiny_model import TINY_MODEL_VERSION, cache_dir
 
 EXAMPLES = {
     # name: (seed, rank, alpha, relative strength in down / mid / up blocks)
-    "subject": (1, 4, 4.0, {"down": 3.0, "mid": 1.0, "up": 0.4}),
-    "style": (2, 8, 4.0, {"down": 0.4, "mid": 1.0, "up": 3.0}),
+    "subject": (1, 4, 4.0, {"down": 1.6, "mid": 1.0, "up": 0.7}),
+    "style": (2, 8, 4.0, {"down": 0.7, "mid": 1.0, "up": 1.6}),
 }
 PREFIX = "example:"
 
@@ -32,7 +32,9 @@ def example_state_dict(name: str, shapes: dict[str, tuple[int, int]]) -> tuple[d
     for module, (out_features, in_features) in shapes.items():
         stage = module.split("_", 1)[0]
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        up = torch.randn(out_features, rank, generator=generator) * 0.05 * strength[stage]
+        # A log-normal spread per projection, so that projections flip at different steps.
+        spread = float(torch.exp(0.5 * torch.randn((), generator=generator)))
+        up = torch.randn(out_features, rank, generator=generator) * 0.05 * strength[stage] * spread
         state[f"{module}.lora_A.weight"] = down
         state[f"{module}.lora_B.weight"] = up
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}

@@ -419,6 +419,18 @@ def check_against_base(lora: Lora, base_shapes: dict[str, tuple[int, int]], base
             )
 
 
+def check_pair(subject: Lora, style: Lora) -> None:
+    """Raise BaseModelMismatchError if the two LoRAs disagree on a shared projection's shape."""
+    for module in subject.projections.keys() & style.projections.keys():
+        a, b = subject.projections[module], style.projections[module]
+        if (a.out_features, a.in_features) != (b.out_features, b.in_features):
+            raise BaseModelMismatchError(
+                style.path,
+                f"made for another base model than the subject LoRA {subject.path}: {module} is "
+                f"{b.in_features}->{b.out_features} here but {a.in_features}->{a.out_features} there",
+            )
+
+
 # ---------------------------------------------------------------- the entry point
 
 

@@ -1,0 +1,370 @@
+"""Fusion plans: for every attention projection and every denoising step, the weights (w_subject, w_style).
+
+A plan is pure data computed before sampling from the two LoRAs' static scores (no model needed).
+Each method is a function with one signature, `(scores, config, steps) -> weights` with weights of
+shape (steps, projections, 2); the runtime only looks rows up.
+
+Methods:
+- `est`: EST-LoRA (Zhang & Xiong 2025, arXiv 2508.02165): apply the subject LoRA where
+  E_c / gamma > E_s * scale(p_i), else the style LoRA, E = ||delta W||_F^2, scale(p) = alpha p + beta
+  (pattern `s`) or (alpha p + beta) mod alpha (pattern `s*`), p_i = i / N.
+- `klora`: K-LoRA (Ouyang et al., CVPR 2025, arXiv 2502.18461): the same gate with S = sum of the
+  k = rank_c * rank_s largest |delta W| entries and a hand-set beta.
+- `merge`: direct merge, both LoRAs everywhere at (w_c, w_s), what diffusers `set_adapters` does.
+- `switch`: LoRA Switch (Zhong et al. 2024, arXiv 2402.16843): the whole LoRA alternates every k steps.
+- `subject`, `style`: one LoRA alone, the two references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from . import scores as S
+from .lora import Lora, unet_order
+
+METHODS = ("est", "klora", "merge", "switch", "subject", "style")
+PATTERNS = ("s", "s*")
+GAMMA_RULES = ("reference", "energy")
+# K-LoRA's hand-set betas; also est's beta until one is measured (by `generate --beta auto`).
+DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
+SCORES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What to fuse how. Frozen: a plan is a function of (LoRA pair, config, steps)."""
+
+    method: str = "est"
+    alpha: float = 1.5
+    beta: float | None = None  # None: DEFAULT_BETA[pattern] (est: until measured)
+    pattern: str = "s"
+    gamma_rule: str = "reference"
+    subject_scale: float = 1.0
+    style_scale: float = 1.0
+    raw_energy: bool = False  # research-code compatibility: scores of B @ A without alpha / rank
+    switch_every: int = 5
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("pattern", self.pattern, PATTERNS),
+            ("gamma_rule", self.gamma_rule, GAMMA_RULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.switch_every < 1:
+            raise ValueError("switch_every must be >= 1")
+        if self.pattern == "s*" and self.alpha <= 0:
+            raise ValueError("pattern s* needs alpha > 0")
+
+    @property
+    def effective_beta(self) -> float:
+        return DEFAULT_BETA[self.pattern] if self.beta is None else self.beta
+
+    @property
+    def gated(self) -> bool:
+        return self.method in ("est", "klora")
+
+
+# ---------------------------------------------------------------- static scores of a pair
+
+
+@dataclass
+class PairScores:
+    """Per-projection scores of both LoRAs, in UNet order; column 0 subject, column 1 style.
+
+    Absent projections have zero scores and `present` False. l1 and topk need the dense delta W and
+    are filled only when a method needs them.
+    """
+
+    layers: list[str]
+    present: torch.Tensor  # (L, 2) bool
+    energy: torch.Tensor  # (L, 2) float64
+    l1: torch.Tensor | None = None
+    topk: torch.Tensor | None = None
+    raw: bool = False
+
+    def shared(self) -> torch.Tensor:
+        return self.present.all(dim=1)
+
+    def gamma(self, rule: str) -> float:
+        shared = self.shared()
+        if rule == "energy":
+            return S.gamma_energy(self.energy[shared, 0].tolist(), self.energy[shared, 1].tolist())
+        ratios = [c / s if s > 0 else math.inf for c, s in self.l1[shared].tolist()]
+        return S.gamma_reference(ratios)
+
+
+def pair_scores(
+    subject: Lora,
+    style: Lora,
+    raw: bool = False,
+    need_l1: bool = True,
+    need_topk: bool = False,
+    cached: PairScores | None = None,
+) -> PairScores:
+    """Compute (or complete a cached) PairScores for the two LoRAs."""
+    layers = sorted(set(subject.projections) | set(style.projections), key=unet_order)
+    loras = (subject, style)
+    present = torch.tensor([[name in lora.projections for lora in loras] for name in layers], dtype=torch.bool)
+
+    def table(score: Callable) -> torch.Tensor:
+        return torch.tensor(
+            [[score(lora.projections[n]) if n in lora.projections else 0.0 for lora in loras] for n in layers],
+            dtype=torch.float64,
+        )
+
+    result = cached or PairScores(layers, present, table(lambda f: S.energy(f, raw)), raw=raw)
+    if need_l1 and result.l1 is None:
+        result.l1 = table(lambda f: S.l1_norm(f, raw))
+    if need_topk and result.topk is None:
+        # k = rank_c * rank_s per projection (K-LoRA); a one-sided projection needs no score.
+        ks = {
+            n: subject.projections[n].rank * style.projections[n].rank
+            for n in layers
+            if n in subject.projections and n in style.projections
+        }
+        result.topk = torch.tensor(
+            [[S.topk_sum(lora.projections[n], ks[n], raw) if n in ks else 0.0 for lora in loras] for n in layers],
+            dtype=torch.float64,
+        )
+    return result
+
+
+# ---------------------------------------------------------------- methods
+
+
+def progress(steps: int) -> torch.Tensor:
+    """p_i = i / N for i = 0..N-1: the fraction of sampling done, whatever N is."""
+    return torch.arange(steps, dtype=torch.float64) / steps
+
+
+def time_scale(p: torch.Tensor, alpha: float, beta: float, pattern: str) -> torch.Tensor:
+    """EST-LoRA's T factor: alpha p + beta, or for K-LoRA's pattern s*, (alpha p + beta) mod alpha."""
+    scale = alpha * p + beta
+    return torch.remainder(scale, alpha) if pattern == "s*" else scale
+
+
+def _one_sided(scores: PairScores, subject_wins: torch.Tensor, config: FusionConfig) -> torch.Tensor:
+    """Weights from a (N, L) subject-wins mask; projections in only one LoRA always use that one."""
+    only_subject = scores.present[:, 0] & ~scores.present[:, 1]
+    only_style = scores.present[:, 1] & ~scores.present[:, 0]
+    subject_wins = (subject_wins | only_subject) & ~only_style
+    weights = torch.zeros(*subject_wins.shape, 2)
+    weights[..., 0] = subject_wins * config.subject_scale
+    weights[..., 1] = ~subject_wins * config.style_scale
+    return weights
+
+
+def _gate(scores: PairScores, score: torch.Tensor, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """The shared rule: subject where score_c / gamma > score_s * scale(p_i); ties go to style."""
+    scale = time_scale(progress(steps), config.alpha, config.effective_beta, config.pattern)
+    subject_wins = (score[:, 0] / gamma)[None, :] > score[:, 1][None, :] * scale[:, None]
+    return _one_sided(scores, subject_wins, config)
+
+
+def plan_est(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """EST-LoRA: the gate on energies E = ||delta W||_F^2."""
+    return _gate(scores, scores.energy, config, steps, gamma)
+
+
+def plan_klora(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """K-LoRA: the gate on top-k sums of |delta W|."""
+    return _gate(scores, scores.topk, config, steps, gamma)
+
+
+def plan_merge(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """Direct merge: every present LoRA at its strength, at every step."""
+    weights = scores.present.to(torch.float32) * torch.tensor([config.subject_scale, config.style_scale])
+    return weights.expand(steps, -1, -1).clone()
+
+
+def plan_switch(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """LoRA Switch: subject for k steps, style for k steps, and so on (subject first: it sets layout)."""
+    subject_turn = (torch.arange(steps) // config.switch_every) % 2 == 0
+    weights = torch.zeros(steps, len(scores.layers), 2)
+    weights[subject_turn, :, 0] = scores.present[:, 0].float() * config.subject_scale
+    weights[~subject_turn, :, 1] = scores.present[:, 1].float() * config.style_scale
+    return weights
+
+
+def _single(column: int) -> Callable:
+    def plan_single(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+        weights = torch.zeros(steps, len(scores.layers), 2)
+        strength = (config.subject_scale, config.style_scale)[column]
+        weights[:, :, column] = scores.present[:, column].float() * strength
+        return weights
+
+    plan_single.__doc__ = f"The {('subject', 'style')[column]} LoRA alone."
+    return plan_single
+
+
+METHOD_FUNCTIONS: dict[str, Callable] = {
+    "est": plan_est,
+    "klora": plan_klora,
+    "merge": plan_merge,
+    "switch": plan_switch,
+    "subject": _single(0),
+    "style": _single(1),
+}
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    config: FusionConfig
+    steps: int
+    layers: list[str]
+    weights: torch.Tensor  # (steps, L, 2) float32
+    energy_subject: list[float]
+    energy_style: list[float]
+    gamma: float | None
+    beta: float | None
+    beta_source: str  # "given", "measured", "default" (not measured), or "unused"
+    hashes: tuple[str, str] = ("", "")
+    extra: dict = field(default_factory=dict)
+
+    def weights_at(self, step: int) -> torch.Tensor:
+        return self.weights[step]
+
+    def flip_steps(self) -> list[int | None]:
+        """Per projection, the first step whose choice differs from step 0 (None if it never changes)."""
+        changes = (self.weights[1:] != self.weights[:1]).any(dim=2)
+        return [int(torch.nonzero(col)[0]) + 1 if col.any() else None for col in changes.T]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.config.method,
+            "steps": self.steps,
+            "alpha": self.config.alpha,
+            "beta": self.beta,
+            "beta_source": self.beta_source,
+            "gamma": self.gamma,
+            "gamma_rule": self.config.gamma_rule,
+            "pattern": self.config.pattern,
+            "raw_energy": self.config.raw_energy,
+            "subject_scale": self.config.subject_scale,
+            "style_scale": self.config.style_scale,
+            "switch_every": self.config.switch_every,
+            "subject_sha256": self.hashes[0],
+            "style_sha256": self.hashes[1],
+            "plan_hash": self.hash(),
+            "layers": [
+                {
+                    "name": name,
+                    "energy_subject": self.energy_subject[i],
+                    "energy_style": self.energy_style[i],
+                    "weights": self.weights[:, i].tolist(),
+                }
+                for i, name in enumerate(self.layers)
+            ],
+        }
+
+    def hash(self) -> str:
+        """Identifies the plan's content: same LoRAs, settings and weights, same hash."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([asdict(self.config), self.steps, self.layers, list(self.hashes)]).encode())
+        digest.update(self.weights.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def build_plan(
+    scores: PairScores,
+    config: FusionConfig,
+    steps: int,
+    hashes: tuple[str, str] = ("", ""),
+    beta_source: str | None = None,
+) -> Plan:
+    """The (steps x projections) weights of `config.method` for a pair's scores."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if scores.raw != config.raw_energy:
+        raise ValueError("scores were computed with another raw_energy setting than the config asks")
+    gamma = None
+    if config.gated:
+        gamma = scores.gamma(config.gamma_rule)
+    weights = METHOD_FUNCTIONS[config.method](scores, config, steps, gamma)
+    if config.gated:
+        beta, source = config.effective_beta, beta_source or ("default" if config.beta is None else "given")
+    else:
+        beta, source = None, "unused"
+    return Plan(
+        config=config,
+        steps=steps,
+        layers=list(scores.layers),
+        weights=weights,
+        energy_subject=scores.energy[:, 0].tolist(),
+        energy_style=scores.energy[:, 1].tolist(),
+        gamma=gamma,
+        beta=beta,
+        beta_source=source,
+        hashes=hashes,
+    )
+
+
+def needs(config: FusionConfig) -> dict[str, bool]:
+    """Which dense-pass scores a config needs: L1 for the reference gamma, top-k for klora."""
+    return {
+        "need_l1": config.gated and config.gamma_rule == "reference",
+        "need_topk": config.method == "klora",
+    }
+
+
+def with_beta(config: FusionConfig, beta: float) -> FusionConfig:
+    return replace(config, beta=beta)
+
+
+# ---------------------------------------------------------------- cached scores
+
+
+def _scores_to_json(scores: PairScores) -> dict:
+    def listed(t):
+        return None if t is None else t.tolist()
+
+    return {
+        "layers": scores.layers,
+        "present": listed(scores.present),
+        "energy": listed(scores.energy),
+        "l1": listed(scores.l1),
+        "topk": listed(scores.topk),
+        "raw": scores.raw,
+    }
+
+
+def _scores_from_json(value: dict) -> PairScores:
+    def tensor(v, dtype=torch.float64):
+        return None if v is None else torch.tensor(v, dtype=dtype)
+
+    return PairScores(
+        value["layers"],
+        tensor(value["present"], torch.bool),
+        tensor(value["energy"]),
+        tensor(value["l1"]),
+        tensor(value["topk"]),
+        value["raw"],
+    )
+
+
+def cached_pair_scores(subject: Lora, style: Lora, config: FusionConfig) -> PairScores:
+    """PairScores from the disk cache (keyed by both files' sha256), computing only what is missing."""
+    from . import cache
+
+    key = {"v": SCORES_VERSION, "subject": subject.sha256, "style": style.sha256, "raw": config.raw_energy}
+    stored = cache.read("scores", key)
+    cached = _scores_from_json(stored) if stored else None
+    scores = pair_scores(subject, style, config.raw_energy, **needs(config), cached=cached)
+    if (
+        stored is None
+        or (scores.l1 is not None) != (cached.l1 is not None)
+        or ((scores.topk is not None) != (cached.topk is not None))
+    ):
+        cache.write("scores", key, _scores_to_json(scores))
+    return scores

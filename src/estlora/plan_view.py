@@ -1,0 +1,136 @@
+"""Showing a plan to a person: a per-block text summary and a heatmap (projections x steps)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import Counter
+
+import torch
+
+from .plan import Plan
+
+COLOURS = {
+    "subject": (230, 126, 34),
+    "style": (52, 152, 219),
+    "both": (142, 68, 173),
+    "none": (225, 225, 225),
+}
+
+
+def choices(plan: Plan) -> torch.Tensor:
+    """(steps, L) codes: 0 none, 1 subject, 2 style, 3 both."""
+    active = plan.weights != 0
+    return active[..., 0].to(torch.int8) + 2 * active[..., 1].to(torch.int8)
+
+
+CODE_NAMES = ("none", "subject", "style", "both")
+
+
+def block_of(name: str) -> str:
+    """'up_blocks.0.attentions.1.transformer_blocks.3.attn2.to_q' -> 'up_blocks.0.attentions.1'."""
+    parts = name.split(".")
+    return ".".join(parts[:3] if parts[0] == "mid_block" else parts[:4])
+
+
+def blocks(plan: Plan) -> list[tuple[str, list[int]]]:
+    """Blocks in UNet order with the indices of their projections."""
+    grouped: dict[str, list[int]] = {}
+    for i, name in enumerate(plan.layers):
+        grouped.setdefault(block_of(name), []).append(i)
+    return list(grouped.items())
+
+
+def headline(plan: Plan) -> str:
+    cfg = plan.config
+    parts = [f"method {cfg.method}", f"{plan.steps} steps"]
+    if cfg.gated:
+        source = {"default": "default, not measured", "given": "given", "measured": "measured"}[plan.beta_source]
+        parts += [
+            f"alpha {cfg.alpha:g}",
+            f"beta {plan.beta:.4g} ({source})",
+            f"gamma {plan.gamma:.4g} ({cfg.gamma_rule})",
+            f"pattern {cfg.pattern}",
+        ]
+    if cfg.method == "switch":
+        parts.append(f"switch every {cfg.switch_every}")
+    parts.append(f"strengths {cfg.subject_scale:g}/{cfg.style_scale:g}")
+    return ", ".join(parts)
+
+
+def summary(plan: Plan) -> str:
+    """What a user reads: how many projections stay with one LoRA, how many flip, and when, per block."""
+    codes = choices(plan)
+    flips = plan.flip_steps()
+
+    changes = (codes[1:] != codes[:-1]).sum(dim=0)
+
+    def kind(i: int) -> str:
+        column = codes[:, i]
+        if flips[i] is None:
+            return f"{CODE_NAMES[int(column[0])]} throughout"
+        if changes[i] > 1:
+            return f"alternating ({int(changes[i])} changes)"
+        return f"{CODE_NAMES[int(column[0])]} -> {CODE_NAMES[int(column[-1])]}"
+
+    overall = Counter(kind(i) for i in range(len(plan.layers)))
+    lines = [
+        headline(plan),
+        f"{len(plan.layers)} projections: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(overall.items(), key=lambda kv: -kv[1])),
+    ]
+    header = f"{'block':28} {'proj':>4} {'subject@0':>9} {'style@end':>9} {'flip':>5}  first/median/last flip step"
+    lines += ["", header]
+    for block, indices in blocks(plan):
+        first_subject = sum(int(codes[0, i]) & 1 for i in indices)
+        last_style = sum(int(codes[-1, i]) >> 1 for i in indices)
+        flipped = [flips[i] for i in indices if flips[i] is not None]
+        when = f"{min(flipped)}/{statistics.median(flipped):g}/{max(flipped)}" if flipped else "-"
+        lines.append(f"{block:28} {len(indices):>4} {first_subject:>9} {last_style:>9} {len(flipped):>5}  {when}")
+    share = codes.eq(1).float().mean(dim=1)
+    lines += [
+        "",
+        "share of projections on the subject LoRA, by step: "
+        + " ".join(f"{int(round(100 * float(s)))}" for s in share)
+        + " (%)",
+    ]
+    return "\n".join(lines)
+
+
+def heatmap(plan: Plan, path: str | os.PathLike) -> None:
+    """Draw the plan: one row per projection grouped by block, one column per step, colour = LoRA used."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .outputs import atomic_path
+
+    codes = choices(plan)
+    groups = blocks(plan)
+    row_h, gap, label_w, top, bottom = 2, 6, 230, 40, 44
+    col_w = max(4, min(24, 720 // plan.steps))
+    width = label_w + col_w * plan.steps + 20
+    height = top + row_h * len(plan.layers) + gap * (len(groups) - 1) + bottom
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    draw.text((8, 8), headline(plan), fill="black", font=font)
+    palette = torch.tensor([COLOURS[name] for name in CODE_NAMES], dtype=torch.uint8)
+
+    y = top
+    for block, indices in groups:
+        pixels = palette[codes[:, indices].long()]  # (steps, rows, 3)
+        pixels = pixels.permute(1, 0, 2).repeat_interleave(row_h, 0).repeat_interleave(col_w, 1)
+        image.paste(Image.fromarray(pixels.numpy()), (label_w, y))
+        label_y = y + row_h * len(indices) // 2 - 6
+        draw.text((8, label_y), f"{block} ({len(indices)})", fill="black", font=font)
+        y += row_h * len(indices) + gap
+
+    for step in range(0, plan.steps, max(1, plan.steps // 10)):
+        draw.text((label_w + step * col_w, y - gap + 4), str(step), fill="black", font=font)
+    x = 8
+    for name in ("subject", "style", "both", "none"):
+        draw.rectangle((x, height - 18, x + 12, height - 6), fill=COLOURS[name])
+        draw.text((x + 16, height - 20), name, fill="black", font=font)
+        x += 90
+    draw.text((x + 10, height - 20), "x: denoising step", fill="black", font=font)
+    with atomic_path(path) as staging:
+        image.save(staging, format="PNG")

@@ -1,0 +1,80 @@
+"""Scores of one LoRA projection, pure tensor math (no diffusers): energy, L1 norm, top-k sum, gamma.
+
+delta W = s * B @ A, with B (out x rank), A (rank x in), s = alpha / rank. The energy needs only the
+two rank x rank Gram matrices; the L1 norm and the top-k sum need the dense delta W, which is built
+in row chunks (fp32, a bounded number of elements at a time) and never kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .lora import LoraFactors
+
+# Dense delta W is built this many elements at a time (16 MB of fp32).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _scale(factors: LoraFactors, raw: bool) -> float:
+    # raw: the research code's form, B @ A without alpha / rank (identical when alpha == rank).
+    return 1.0 if raw else factors.scale
+
+
+def energy(factors: LoraFactors, raw: bool = False) -> float:
+    """E = ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)) (EST-LoRA's E), from r x r Gram matrices."""
+    down, up = factors.down.double(), factors.up.double()
+    gram_up, gram_down = up.T @ up, down @ down.T
+    return _scale(factors, raw) ** 2 * float((gram_up * gram_down).sum())
+
+
+def _dense_chunks(factors: LoraFactors, raw: bool):
+    """Row blocks of |delta W| in fp32, each at most CHUNK_ELEMENTS elements."""
+    down = factors.down.float()
+    up = factors.up.float() * _scale(factors, raw)
+    rows = max(1, CHUNK_ELEMENTS // max(1, factors.in_features))
+    for start in range(0, factors.out_features, rows):
+        yield (up[start : start + rows] @ down).abs_()
+
+
+def l1_norm(factors: LoraFactors, raw: bool = False) -> float:
+    """||s B A||_1, the sum of absolute entries (K-LoRA's gamma uses its ratio)."""
+    return math.fsum(float(chunk.sum(dtype=torch.float64)) for chunk in _dense_chunks(factors, raw))
+
+
+def topk_sum(factors: LoraFactors, k: int, raw: bool = False) -> float:
+    """Sum of the k largest |delta W| entries (K-LoRA's score S, with k = rank_c * rank_s).
+
+    A running top-k: each chunk contributes only the entries above the current k-th largest, so
+    the full top-k runs on a handful of candidates instead of on every chunk.
+    """
+    best = torch.empty(0)
+    for chunk in _dense_chunks(factors, raw):
+        flat = chunk.flatten()
+        if best.numel() >= k:
+            flat = flat[flat > best[-1]]
+        if flat.numel():
+            merged = torch.cat([best, flat])
+            best = merged.topk(min(k, merged.numel()), sorted=True).values
+    return float(best.sum(dtype=torch.float64))
+
+
+def gamma_reference(ratios: list[float]) -> float:
+    """K-LoRA's gamma: mean of per-projection L1 ratios after dropping those >= 3 x the mean.
+
+    Ratios that are not finite (a style projection with a zero update) carry no balance
+    information and are left out before the mean.
+    """
+    finite = [r for r in ratios if math.isfinite(r)]
+    if not finite:
+        return 1.0
+    mean = math.fsum(finite) / len(finite)
+    kept = [r for r in finite if r < 3 * mean]
+    return math.fsum(kept) / len(kept) if kept else mean
+
+
+def gamma_energy(energies_subject: list[float], energies_style: list[float]) -> float:
+    """Energy-consistent gamma: sum E_c / sum E_s over the shared projections."""
+    total_style = math.fsum(energies_style)
+    return math.fsum(energies_subject) / total_style if total_style > 0 else 1.0
