@@ -3,8 +3,8 @@
 They are random but shaped like real ones: a rank-4 "subject" LoRA that is stronger in the down
 blocks and a rank-8, alpha 4 "style" LoRA that is stronger in the up blocks, with a spread per
 projection, so a fusion plan has projections staying with each LoRA and flipping at many steps.
-They are written by diffusers' own `save_lora_weights`, the layout its DreamBooth scripts write. Refer to them as `example:subject` and
-`example:style` wherever a LoRA path is accepted.
+They are written by diffusers' own `save_lora_weights`, the layout its DreamBooth scripts write.
+Refer to them as `example:subject` and `example:style` wherever a LoRA path is accepted.
 """
 
 from __future__ import annotations
