@@ -7,6 +7,7 @@ LoRA against SDXL costs a config read, not a 5 GB load.
 from __future__ import annotations
 
 import os
+import warnings
 from functools import lru_cache
 
 from .errors import BaseModelError
@@ -45,7 +46,9 @@ def unet_config(base: str | os.PathLike) -> dict:
     from diffusers import UNet2DConditionModel
 
     try:
-        return dict(UNet2DConditionModel.load_config(str(base), subfolder="unet"))
+        with warnings.catch_warnings():  # diffusers 0.42 passes a deprecated argument to the hub client
+            warnings.simplefilter("ignore")
+            return dict(UNet2DConditionModel.load_config(str(base), subfolder="unet"))
     except Exception as exc:
         if str(base) in KNOWN_UNET_CONFIGS:  # offline, but we know its shapes
             return dict(KNOWN_UNET_CONFIGS[str(base)])

@@ -176,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # invalid option combinations from the config dataclasses
         print(f"estlora: error: {exc}", file=sys.stderr)
         return 2
-        print(f"estlora: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("estlora: interrupted", file=sys.stderr)
         return 130

@@ -126,7 +126,7 @@ def _lora_in_folder(folder: Path) -> Path:
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise LoraNotFoundError(folder, f"holds several .safetensors files ({names}); name one")
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise PickleRefusedError(folder / pickles[0], _pickle_reason())
     raise LoraNotFoundError(folder, "folder holds no .safetensors file")
@@ -383,11 +383,13 @@ FAMILY_BY_CROSS_DIM = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 def guess_family(projections: dict[str, LoraFactors]) -> str:
     """Guess the base model from module names and widths (cross-attention key/value input width)."""
     cross = {f.in_features for name, f in projections.items() if re.search(r"attn2\.to_[kv]$", name)}
-    sdxl_layout = any(
-        re.match(r"(down_blocks\.2\.attentions|mid_block\.attentions\.0\.transformer_blocks\.[1-9])", n)
+    # SDXL stacks 2 or 10 transformer blocks per attention block; SD 1.x/2.x have one each, and have
+    # attention in down_blocks.0 and up_blocks.2/3, which SDXL has not.
+    sdxl_layout = any(re.search(r"\.transformer_blocks\.[1-9]", n) for n in projections)
+    sd1_layout = any(
+        n.startswith(("down_blocks.0.attentions", "up_blocks.2.attentions", "up_blocks.3.attentions"))
         for n in projections
     )
-    sd1_layout = any(n.startswith(("down_blocks.0.attentions", "up_blocks.3.attentions")) for n in projections)
     if len(cross) == 1:
         width = next(iter(cross))
         family = FAMILY_BY_CROSS_DIM.get(width)

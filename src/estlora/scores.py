@@ -23,10 +23,14 @@ def _scale(factors: LoraFactors, raw: bool) -> float:
 
 
 def energy(factors: LoraFactors, raw: bool = False) -> float:
-    """E = ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)) (EST-LoRA's E), from r x r Gram matrices."""
-    down, up = factors.down.double(), factors.up.double()
+    """E = ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)) (EST-LoRA's E), from r x r Gram matrices.
+
+    The Grams are fp32 (relative error ~1e-6, like the dense fp32 delta W the research code uses);
+    their r x r product is summed in fp64.
+    """
+    down, up = factors.down.float(), factors.up.float()
     gram_up, gram_down = up.T @ up, down @ down.T
-    return _scale(factors, raw) ** 2 * float((gram_up * gram_down).sum())
+    return _scale(factors, raw) ** 2 * float((gram_up * gram_down).sum(dtype=torch.float64))
 
 
 def _dense_chunks(factors: LoraFactors, raw: bool):
@@ -40,7 +44,9 @@ def _dense_chunks(factors: LoraFactors, raw: bool):
 
 def l1_norm(factors: LoraFactors, raw: bool = False) -> float:
     """||s B A||_1, the sum of absolute entries (K-LoRA's gamma uses its ratio)."""
-    return math.fsum(float(chunk.sum(dtype=torch.float64)) for chunk in _dense_chunks(factors, raw))
+    # fp32 sums within a chunk (torch sums pairwise; an fp64 sum here costs 3x the whole pass),
+    # exact summation across chunks.
+    return math.fsum(float(chunk.sum()) for chunk in _dense_chunks(factors, raw))
 
 
 def topk_sum(factors: LoraFactors, k: int, raw: bool = False) -> float:

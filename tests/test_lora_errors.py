@@ -1,0 +1,322 @@
+"""Bad input: one clear line naming the file and the problem, exit code 2 from the CLI (no traceback),
+and a typed exception from the Python API. Every bad file here is made by hand, in the diffusers/peft
+key layout (`unet.<module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank)).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from estlora import cli
+from estlora.base import SDXL_UNET_CONFIG, projection_shapes
+from estlora.errors import (
+    BaseModelMismatchError,
+    LoraFormatError,
+    LoraNotFoundError,
+    LoraShapeError,
+    LoraValueError,
+    PickleRefusedError,
+)
+from estlora.lora import load_lora
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SD15_UNET_CONFIG = {  # SD 1.5's UNet shapes: four blocks, cross-attention from CLIP-L (768)
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "layers_per_block": 2,
+    "sample_size": 64,
+}
+Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+MODULES = (Q, K2, "up_blocks.1.attentions.2.transformer_blocks.1.attn1.to_out.0")
+SD15_LORA = {  # module -> (out, in), as an SD 1.5 LoRA has them
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": (320, 768),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
+}
+SDXL_WIDE_LORA = {"down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k": (1280, 2048)}
+MARKER = "UNPICKLED"  # created in tmp_path if any test file is ever unpickled
+
+
+class _Trap:
+    """Unpickling this creates the marker file: proof of whether a checkpoint was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------- writers
+
+
+def lora_state(shapes, rank=2):
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for module, (out, inp) in shapes.items():
+        state[f"unet.{module}.lora_A.weight"] = torch.randn(rank, inp, generator=generator)
+        state[f"unet.{module}.lora_B.weight"] = torch.randn(out, rank, generator=generator)
+    return state
+
+
+def write(path, state):
+    save_file(state, str(path))
+    return path
+
+
+def good(tmp, shapes, name="lora.safetensors"):
+    return write(tmp / name, lora_state({m: shapes[m] for m in MODULES}))
+
+
+def edited(tmp, shapes, edit):
+    state = lora_state({m: shapes[m] for m in MODULES}, rank=4)
+    edit(state)
+    return write(tmp / "lora.safetensors", state)
+
+
+def raw(tmp, data, name="lora.safetensors"):
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def torch_pickle(tmp, name, where=None, legacy=False):
+    """A real torch.save checkpoint of a LoRA-like dict that also carries the trap (marker in tmp).
+
+    legacy: torch's old format, a raw pickle stream instead of a zip archive.
+    """
+    where = where or tmp
+    state = {**lora_state({Q: (64, 64)}), "trap": _Trap(tmp / MARKER)}
+    torch.save(state, where / name, _use_new_zipfile_serialization=not legacy)
+    return where / name
+
+
+def folder(tmp, shapes, *files):
+    (tmp / "lora").mkdir()
+    for name in files:
+        torch_pickle(tmp, name, tmp / "lora") if name.endswith(".bin") else good(tmp / "lora", shapes, name)
+    return tmp / "lora"
+
+
+def patched(tmp, shapes, transform):
+    return raw(tmp, transform(good(tmp, shapes, "whole.safetensors").read_bytes()))
+
+
+def put(key, value):
+    return lambda state: state.__setitem__(key, value)
+
+
+def poison(part, value):
+    return lambda state: state[f"unet.{Q}.lora_{part}.weight"].view(-1)[0:1].fill_(value)
+
+
+def pickle_as_safetensors(tmp, protocol):
+    return raw(tmp, pickle.dumps({"trap": _Trap(tmp / MARKER)}, protocol=protocol))
+
+
+NAN, INF = float("nan"), float("inf")
+A_KEY, B_KEY = f"unet.{Q}.alpha", f"unet.{Q}.lora_B.weight"
+# (exception class, words the message must hold), shared by several cases
+NOT_ST = (LoraFormatError, "not a safetensors")
+CUT = (LoraFormatError, "truncated or corrupt")
+PKL = (PickleRefusedError, "pickle")
+# id -> (exception class, words the message must hold, builder(tmp_path, tiny_shapes) -> source)
+CASES = {
+    "missing-file": (LoraNotFoundError, "no such file", lambda t, s: t / "nope.safetensors"),
+    "missing-hub-id": (LoraNotFoundError, "hub download failed", lambda t, s: "no-such-user/no-such-lora"),
+    "text-renamed": (*NOT_ST, lambda t, s: raw(t, b"just some notes, not weights\n" * 4)),
+    "png-renamed": (*NOT_ST, lambda t, s: raw(t, b"\x89PNG\r\n\x1a\n" + bytes(64))),
+    "three-bytes": (*NOT_ST, lambda t, s: raw(t, b"abc")),
+    "pickle-bin": (*PKL, lambda t, s: torch_pickle(t, "lora.bin")),
+    "pickle-ckpt": (*PKL, lambda t, s: torch_pickle(t, "lora.ckpt")),
+    "pickle-pt": (*PKL, lambda t, s: torch_pickle(t, "lora.pt")),
+    "pickle-as-safetensors": (*PKL, lambda t, s: torch_pickle(t, "lora.safetensors")),
+    "legacy-pickle-as-safetensors": (*PKL, lambda t, s: torch_pickle(t, "lora.safetensors", legacy=True)),
+    "raw-pickle-as-safetensors": (*PKL, lambda t, s: pickle_as_safetensors(t, 4)),
+    # Protocol 0 has no 0x80 opcode, so it is not recognised as pickle; it is still refused, unread.
+    "protocol-0-pickle-as-safetensors": (*NOT_ST, lambda t, s: pickle_as_safetensors(t, 0)),
+    "folder-with-only-bin": (*PKL, lambda t, s: folder(t, s, "model.bin")),
+    "truncated": (*CUT, lambda t, s: patched(t, s, lambda b: b[: len(b) // 2])),
+    "header-too-long": (*CUT, lambda t, s: patched(t, s, lambda b: struct.pack("<Q", len(b)) + b[8:])),
+    "garbled-header": (*CUT, lambda t, s: patched(t, s, lambda b: b[:9] + b"\xff\x00junk" + b[15:])),
+    "no-lora-keys": (
+        LoraFormatError,
+        "no LoRA keys",
+        lambda t, s: write(t / "model.safetensors", {"conv.weight": torch.ones(4, 4, 3, 3)}),
+    ),
+    "empty-safetensors": (LoraFormatError, "no tensors", lambda t, s: write(t / "empty.safetensors", {})),
+    "text-encoder-only": (
+        LoraFormatError,
+        "no LoRA weights for UNet attention",
+        lambda t, s: write(t / "te.safetensors", {"text_encoder.q_proj.lora_A.weight": torch.ones(2, 8)}),
+    ),
+    "nan-down": (LoraValueError, "NaN", lambda t, s: edited(t, s, poison("A", NAN))),
+    "inf-down": (LoraValueError, "infinite", lambda t, s: edited(t, s, poison("A", INF))),
+    "nan-up": (LoraValueError, "NaN", lambda t, s: edited(t, s, poison("B", NAN))),
+    "inf-up": (LoraValueError, "infinite", lambda t, s: edited(t, s, poison("B", -INF))),
+    "nan-alpha": (LoraValueError, "alpha is nan", lambda t, s: edited(t, s, put(A_KEY, torch.tensor(NAN)))),
+    "rank-mismatch": (
+        LoraShapeError,
+        "rank mismatch",
+        lambda t, s: edited(t, s, put(B_KEY, torch.ones(64, 3))),
+    ),
+    "up-factor-missing": (
+        LoraShapeError,
+        "up (B) factor missing",
+        lambda t, s: edited(t, s, lambda d: d.pop(B_KEY)),
+    ),
+    "two-safetensors-in-folder": (
+        LoraNotFoundError,
+        "several .safetensors",
+        lambda t, s: folder(t, s, "a.safetensors", "b.safetensors"),
+    ),
+    "empty-folder": (LoraNotFoundError, "no .safetensors", lambda t, s: folder(t, s)),
+}
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loader tried to unpickle a file")
+
+    for owner, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+
+
+def assert_clear(message, source, words):
+    assert str(source) in message
+    assert words in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_api_raises_typed_error_naming_file_and_problem(case, tmp_path, tiny_shapes, no_unpickling):
+    error, words, build = CASES[case]
+    source = build(tmp_path, tiny_shapes)
+    with pytest.raises(error) as info:
+        load_lora(source)
+    assert_clear(str(info.value), source, words)
+    assert info.value.path is not None and str(source) in info.value.path
+    assert not (tmp_path / MARKER).exists(), "the checkpoint was unpickled"
+
+
+def test_trap_fires_when_unpickled(tmp_path):
+    """The pickles above are live: unpickling one runs code, so their refusal means something."""
+    for path, unsafe_load in (
+        (torch_pickle(tmp_path, "a.pt"), torch.load),
+        (pickle_as_safetensors(tmp_path, 0), None),
+    ):
+        (tmp_path / MARKER).unlink(missing_ok=True)
+        with open(path, "rb") as handle:
+            unsafe_load(handle, weights_only=False) if unsafe_load else pickle.load(handle)
+        assert (tmp_path / MARKER).exists()
+
+
+# ---------------------------------------------------------------- another base model
+
+
+def test_sd15_lora_against_sdxl_is_a_mismatch(tmp_path):
+    path = write(tmp_path / "sd15.safetensors", lora_state(SD15_LORA))
+    assert load_lora(path).family() == "SD 1.x"
+    with pytest.raises(BaseModelMismatchError) as info:
+        load_lora(path, base_shapes=projection_shapes(SDXL_UNET_CONFIG), base_name=SDXL_BASE)
+    assert_clear(str(info.value), path, "another base model")
+    assert "SD 1.x" in str(info.value) and SDXL_BASE in str(info.value)
+
+
+def test_shape_mismatch_on_a_module_both_bases_have(tmp_path):
+    path = write(tmp_path / "sd15.safetensors", lora_state({K2: (640, 768)}))
+    with pytest.raises(BaseModelMismatchError) as info:
+        load_lora(path, base_shapes=projection_shapes(SDXL_UNET_CONFIG), base_name=SDXL_BASE)
+    assert_clear(str(info.value), path, "768->640 in the LoRA but 2048->640")
+
+
+def test_sdxl_lora_fits_sdxl(tmp_path):
+    shapes = projection_shapes(SDXL_UNET_CONFIG)
+    path = write(tmp_path / "sdxl.safetensors", lora_state(shapes, rank=1))
+    lora = load_lora(path, base_shapes=shapes, base_name=SDXL_BASE)
+    assert len(lora.projections) == len(shapes) == 560
+    assert lora.family() == "SDXL"
+
+
+def test_full_sd15_lora_family_is_sd1(tmp_path):
+    """All 128 SD 1.5 projections, down_blocks.2 included: still recognised as SD 1.x."""
+    path = write(tmp_path / "sd15.safetensors", lora_state(projection_shapes(SD15_UNET_CONFIG), rank=1))
+    assert load_lora(path).family() == "SD 1.x"
+
+
+# ---------------------------------------------------------------- the CLI: one line on stderr, exit 2
+
+
+def assert_cli_error(code, out, err, source, words):
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("estlora: error: ")
+    assert_clear(lines[0], source, words)
+
+
+CLI_CASES = (
+    "missing-file text-renamed pickle-bin pickle-as-safetensors truncated no-lora-keys nan-up rank-mismatch "
+    "two-safetensors-in-folder empty-folder"
+).split()
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_in_process(case, tmp_path, tiny_shapes, capsys, no_unpickling):
+    _, words, build = CASES[case]
+    source = build(tmp_path, tiny_shapes)
+    code = cli.main(["inspect", str(source)])
+    assert_cli_error(code, *capsys.readouterr(), source, words)
+
+
+def mismatch_source(tmp, which, tiny_dir):
+    """(LoRA file, --base): SD 1.5 LoRA vs the SDXL hub id, or SDXL-wide LoRA vs the tiny model."""
+    lora, base = (SD15_LORA, SDXL_BASE) if which == "sd15-vs-sdxl-id" else (SDXL_WIDE_LORA, str(tiny_dir))
+    return write(tmp / "lora.safetensors", lora_state(lora)), base
+
+
+@pytest.mark.parametrize("which", ["sd15-vs-sdxl-id", "sdxl-vs-tiny-folder"])
+def test_cli_base_mismatch_in_process(which, tmp_path, tiny_dir, capsys):
+    path, base = mismatch_source(tmp_path, which, tiny_dir)
+    code = cli.main(["inspect", str(path), "--base", base])
+    assert_cli_error(code, *capsys.readouterr(), path, "another base model")
+
+
+def test_cli_base_hub_id_prints_no_warning(tmp_path, tiny_dir):
+    """diffusers' load_config warns about a deprecated hub argument; the user must not see it."""
+    path, base = mismatch_source(tmp_path, "sd15-vs-sdxl-id", tiny_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["inspect", str(path), "--base", base]) == 2
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("case", ["pickle-as-safetensors", "truncated", "sdxl-vs-tiny-folder"])
+def test_cli_subprocess(case, tmp_path, tiny_shapes, tiny_dir):
+    """The real command: no traceback and no stray warnings, only the error line."""
+    if case in CASES:
+        (_, words, build), extra = CASES[case], []
+        source = build(tmp_path, tiny_shapes)
+    else:
+        source, base = mismatch_source(tmp_path, case, tiny_dir)
+        words, extra = "another base model", ["--base", base]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "estlora.cli", "inspect", str(source), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert_cli_error(done.returncode, done.stdout, done.stderr, source, words)
+    assert not (tmp_path / MARKER).exists()
