@@ -30,7 +30,6 @@ def random_lora(shapes, rank: int, seed: int) -> Lora:
             torch.randn(rank, n, generator=generator) / n**0.5,
             torch.randn(o, rank, generator=generator) * 0.01,
             float(rank),
-            1.0,
         )
         for name, (o, n) in shapes.items()
     }

@@ -45,7 +45,6 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, see
             down=torch.randn(rank, n, generator=generator),
             up=torch.randn(o, rank, generator=generator) * float(torch.rand((), generator=generator) + 0.1),
             alpha=alpha,
-            scale=alpha / rank,
         )
         for module, (o, n) in shapes.items()
     }

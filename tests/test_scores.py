@@ -13,7 +13,7 @@ from estlora.lora import LoraFactors
 
 def factors(out=48, inp=40, rank=6, alpha=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return LoraFactors(torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g), alpha, alpha / rank)
+    return LoraFactors(torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g), alpha)
 
 
 def dense(f, raw=False):

@@ -54,11 +54,23 @@ class LoraFactors:
     down: torch.Tensor  # A: (rank, in_features)
     up: torch.Tensor  # B: (out_features, rank)
     alpha: float
-    scale: float  # alpha / rank (alpha / sqrt(rank) for rank-stabilised LoRA)
+    rslora: bool = False  # rank-stabilised LoRA divides alpha by sqrt(rank)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def denominator(self) -> float:
+        return math.sqrt(self.rank) if self.rslora else float(self.rank)
+
+    def scale_at(self, weight: float = 1.0) -> float:
+        """weight * alpha / denominator, computed in peft's order so that results match it bit for bit."""
+        return weight * self.alpha / self.denominator
+
+    @property
+    def scale(self) -> float:
+        return self.scale_at(1.0)
 
     @property
     def in_features(self) -> int:
@@ -317,8 +329,7 @@ def normalise(
             alpha = meta_alpha if meta_alpha is not None else float(rank)
         if not math.isfinite(alpha):
             raise LoraValueError(path, f"{module}: alpha is {alpha}")
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        projections[module] = LoraFactors(down=down, up=up, alpha=alpha, scale=scale)
+        projections[module] = LoraFactors(down=down, up=up, alpha=alpha, rslora=rslora)
 
     if not projections:
         raise LoraFormatError(path, "holds no LoRA weights for UNet attention projections " + _counted(other))

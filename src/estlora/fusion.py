@@ -1,0 +1,164 @@
+"""`estlora.fuse`: EST-LoRA (or a baseline) inside a diffusers pipeline the user already has.
+
+    fusion = estlora.fuse(pipe, subject="dog.safetensors", style="watercolor.safetensors", beta=0.6)
+    image = pipe("a sks dog in szn style", num_inference_steps=30).images[0]
+    fusion.set(method="merge")          # re-plans; the LoRAs are not reloaded
+    fusion.remove()                     # the pipeline is exactly as before
+
+Both LoRAs are loaded and checked against the pipeline's UNet once. The plan for a step count is
+built (from cached scores) the first time the pipeline runs with that many steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+from .lora import Lora, check_against_base, check_pair, load_lora, unet_order
+from .plan import FusionConfig, Plan, build_plan, cached_pair_scores
+from .routing import RoutedLinear, Router, denoising_step
+
+LoraSource = str | os.PathLike | Lora
+
+
+def unet_projection_shapes(unet) -> dict[str, tuple[int, int]]:
+    """(out, in) of every attention projection of a live UNet (routed or not)."""
+    from .lora import ATTENTION_PROJECTION
+
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in unet.named_modules()
+        if ATTENTION_PROJECTION.search(name) and hasattr(module, "in_features")
+    }
+
+
+class Fusion:
+    """Two LoRAs routed into one pipeline's UNet by a fusion plan."""
+
+    def __init__(self, pipe, subject: Lora, style: Lora, config: FusionConfig, beta_source: str | None = None):
+        shapes = unet_projection_shapes(pipe.unet)
+        base_name = getattr(pipe, "name_or_path", None) or "the pipeline's UNet"
+        for lora in (subject, style):
+            check_against_base(lora, shapes, base_name)
+        check_pair(subject, style)
+        self.pipe, self.subject, self.style = pipe, subject, style
+        self.config, self.beta_source = config, beta_source
+        self._plans: dict[int, Plan] = {}
+        self._scores = None
+        self.layers = sorted(set(subject.projections) | set(style.projections), key=unet_order)  # = the plan's
+        self.router = Router(len(self.layers))
+        self._install()
+
+    # ------------------------------------------------------------ plans
+
+    @property
+    def scores(self):
+        if self._scores is None or not _scores_cover(self._scores, self.config):
+            self._scores = cached_pair_scores(self.subject, self.style, self.config)
+        return self._scores
+
+    def plan_for(self, steps: int) -> Plan:
+        """The plan for a run of `steps` denoising steps (built once per step count and config)."""
+        if steps not in self._plans:
+            hashes = (self.subject.sha256, self.style.sha256)
+            self._plans[steps] = build_plan(self.scores, self.config, steps, hashes, self.beta_source)
+        return self._plans[steps]
+
+    def set(self, beta_source: str | None = None, **changes) -> Fusion:
+        """Change method, beta, alpha, pattern, strengths...: re-plans, never reloads the LoRAs."""
+        self.config = replace(self.config, **changes)
+        if "beta" in changes:
+            self.beta_source = beta_source or ("given" if changes["beta"] is not None else None)
+        self._reset()
+        return self
+
+    def _reset(self) -> None:
+        self._plans.clear()
+        self.router.rows, self.router.step = [], None
+
+    @contextlib.contextmanager
+    def using(self, **changes) -> Iterator[Fusion]:
+        """Temporarily another config (e.g. method="subject" for a reference render)."""
+        saved = (self.config, self.beta_source)
+        self.set(**changes)
+        try:
+            yield self
+        finally:
+            self.config, self.beta_source = saved
+            self._reset()
+
+    # ------------------------------------------------------------ the pipeline side
+
+    def _install(self) -> None:
+        unet = self.pipe.unet
+        self._originals = {}
+        for index, name in enumerate(self.layers):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name)
+            original = getattr(parent, child)
+            self._originals[name] = original
+            routed = RoutedLinear(
+                original, index, self.router, self.subject.projections.get(name), self.style.projections.get(name)
+            )
+            setattr(parent, child, routed)
+        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+
+    def _on_unet_call(self, module, args, kwargs) -> None:
+        scheduler = self.pipe.scheduler
+        if getattr(scheduler, "num_inference_steps", None) is None:
+            self.router.row, self.router.step = self.router.idle, None  # not inside a sampling loop
+            return
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        step, steps = denoising_step(scheduler, timestep)
+        if len(self.router.rows) != steps:
+            self.router.rows = [tuple(map(tuple, row)) for row in self.plan_for(steps).weights.tolist()]
+            self.router.step = None
+        if step != self.router.step:
+            self.router.row, self.router.step = self.router.rows[step], step
+
+    def remove(self) -> None:
+        """Put the original projections back and drop the hook: the pipeline is as it was."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        unet = self.pipe.unet
+        for name, original in self._originals.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name), child, original)
+        self._originals = {}
+
+    def __enter__(self) -> Fusion:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _scores_cover(scores, config: FusionConfig) -> bool:
+    from .plan import needs
+
+    need = needs(config)
+    return (
+        scores.raw == config.raw_energy
+        and (scores.l1 is not None or not need["need_l1"])
+        and (scores.topk is not None or not need["need_topk"])
+    )
+
+
+def fuse(
+    pipe, subject: LoraSource, style: LoraSource, method: str = "est", beta: float | None = None, **options
+) -> Fusion:
+    """Route a subject and a style LoRA into `pipe` (a diffusers SDXL pipeline) by a fusion plan.
+
+    `subject`/`style`: a .safetensors file, a folder holding one, a hub id, or an already loaded
+    `estlora.lora.Lora`. `method`: est (default), klora, merge, switch, subject, style. `beta`: the
+    time offset; for est, measure it with `estlora.discrepancy` (CLI: `--beta auto`), else K-LoRA's
+    0.5 is used. Other options are `FusionConfig` fields (alpha, pattern, gamma_rule, subject_scale,
+    style_scale, raw_energy, switch_every).
+    """
+    loras = [s if isinstance(s, Lora) else load_lora(s) for s in (subject, style)]
+    config = FusionConfig(method=method, beta=beta, **options)
+    return Fusion(pipe, *loras, config, beta_source="given" if beta is not None else None)

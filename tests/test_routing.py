@@ -1,0 +1,210 @@
+"""Routing exactness on the tiny SDXL (fp32, CPU): every comparison is bit for bit (torch.equal).
+
+References are plain diffusers runs: `load_lora_weights` + `set_adapters`, and for per-step changes
+the documented recipe (`callback_on_step_end` calling `set_adapters` for the next step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import estlora
+from estlora import fusion as fusion_module
+from estlora.lora import load_lora
+
+PROMPT = "a photo of sks dog in szn style"
+
+
+def load_pipe(folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return load_pipe(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def ref_pipe(tiny_dir):
+    """A second copy of the same model, for diffusers' own LoRA path."""
+    pipe = load_pipe(tiny_dir)
+    pipe.load_lora_weights(str(load_lora("example:subject").path), adapter_name="subject")
+    pipe.load_lora_weights(str(load_lora("example:style").path), adapter_name="style")
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def loras():
+    return load_lora("example:subject"), load_lora("example:style")
+
+
+def run(pipe, steps=4, seed=0, **kwargs):
+    kwargs.setdefault("guidance_scale", 5.0)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+    return out.images
+
+
+def test_subject_plan_equals_diffusers_subject_adapter(pipe, ref_pipe, loras):
+    ref_pipe.set_adapters(["subject"], [1.0])
+    expected = run(ref_pipe)
+    with estlora.fuse(pipe, *loras, method="subject"):
+        got = run(pipe)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "weights, kwargs",
+    [((1.0, 1.0), {}), ((0.7, 0.45), {}), ((0.5, 1.25), {"guidance_scale": 1.0, "num_images_per_prompt": 2})],
+    ids=["1-1", "0.7-0.45", "no-guidance-batch-2"],
+)
+def test_merge_plan_equals_set_adapters(pipe, ref_pipe, loras, weights, kwargs):
+    ref_pipe.set_adapters(["subject", "style"], list(weights))
+    expected = run(ref_pipe, **kwargs)
+    with estlora.fuse(pipe, *loras, method="merge", subject_scale=weights[0], style_scale=weights[1]):
+        got = run(pipe, **kwargs)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("steps, every", [(6, 2), (5, 3)])
+def test_switch_plan_equals_per_step_recipe(pipe, ref_pipe, loras, steps, every):
+    """diffusers' documented per-step schedule: callback_on_step_end sets the adapters for the next step."""
+
+    def adapter_for(step):
+        return "subject" if (step // every) % 2 == 0 else "style"
+
+    def callback(p, step, timestep, callback_kwargs):
+        if step + 1 < steps:
+            p.set_adapters([adapter_for(step + 1)], [1.0])
+        return callback_kwargs
+
+    ref_pipe.set_adapters([adapter_for(0)], [1.0])
+    expected = run(ref_pipe, steps=steps, callback_on_step_end=callback)
+    with estlora.fuse(pipe, *loras, method="switch", switch_every=every):
+        got = run(pipe, steps=steps)
+    assert torch.equal(got, expected)
+
+
+def test_remove_restores_the_pipeline(pipe, loras):
+    before = run(pipe)
+    originals = {name: m for name, m in pipe.unet.named_modules()}
+    fusion = estlora.fuse(pipe, *loras, method="est", beta=0.5)
+    fused = run(pipe)
+    fusion.remove()
+    after = run(pipe)
+    assert not torch.equal(fused, before)
+    assert torch.equal(after, before)
+    assert {name: m for name, m in pipe.unet.named_modules()} == originals  # the very same modules
+    assert not pipe.unet._forward_pre_hooks
+
+
+def test_est_routes_each_projection_per_step(pipe, loras, monkeypatch):
+    """Spy on every routed projection: at step i it applies exactly the plan's row i."""
+    from estlora.routing import RoutedLinear
+
+    seen = {}
+    original = RoutedLinear.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.setdefault(self.router.step, {})[self.index] = self.router.row[self.index]
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(RoutedLinear, "forward", spy)
+    with estlora.fuse(pipe, *loras, method="est", beta=0.3) as fusion:
+        run(pipe, steps=7)
+        plan = fusion.plan_for(7)
+    assert sorted(seen) == list(range(7))
+    for step, applied in seen.items():
+        assert len(applied) == 560
+        assert [applied[i] for i in range(560)] == [tuple(w) for w in plan.weights[step].tolist()]
+    flips = sum(f is not None for f in plan.flip_steps())
+    assert flips > 50, "the example pair should make many projections flip"
+
+
+@pytest.mark.parametrize(
+    "scheduler, kwargs, expected",
+    [
+        ("EulerDiscreteScheduler", {}, list(range(6))),
+        ("DPMSolverMultistepScheduler", {}, list(range(6))),
+        ("DDIMScheduler", {}, list(range(6))),
+        ("HeunDiscreteScheduler", {}, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]),
+        ("EulerDiscreteScheduler", {"strength": 0.5}, [3, 4, 5]),
+    ],
+    ids=["euler", "dpm-multistep", "ddim", "heun-2nd-order", "img2img-strength-0.5"],
+)
+def test_step_comes_from_the_pipelines_progress(tiny_dir, loras, monkeypatch, scheduler, kwargs, expected):
+    import diffusers
+
+    seen = []
+    real = fusion_module.denoising_step
+
+    def spy(sched, timestep):
+        result = real(sched, timestep)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(fusion_module, "denoising_step", spy)
+    pipe = load_pipe(tiny_dir)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    if "strength" in kwargs:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {**kwargs, "image": torch.rand(1, 3, 64, 64)}
+    with estlora.fuse(pipe, *loras, method="est", beta=0.5):
+        for _ in range(2):  # repeated calls carry no state
+            seen.clear()
+            run(pipe, steps=6, **kwargs)
+            assert [step for step, _ in seen] == expected
+            assert {n for _, n in seen} == {6}
+
+
+def test_repeated_calls_with_other_step_counts(pipe, ref_pipe, loras):
+    ref_pipe.set_adapters(["subject", "style"], [1.0, 1.0])
+    with estlora.fuse(pipe, *loras, method="merge"):
+        for steps in (3, 5, 3):
+            assert torch.equal(run(pipe, steps=steps), run(ref_pipe, steps=steps))
+
+
+def test_switching_method_does_not_reload(pipe, loras, monkeypatch):
+    fusion = estlora.fuse(pipe, *loras, method="est", beta=0.5)
+    try:
+        calls = []
+        monkeypatch.setattr(fusion_module, "load_lora", lambda *a, **k: calls.append(a))
+        est = run(pipe)
+        fusion.set(method="style")
+        style = run(pipe)
+        with fusion.using(method="subject"):
+            subject = run(pipe)
+        again = run(pipe)
+        assert calls == []
+        assert torch.equal(again, style)
+        assert not torch.equal(est, style) and not torch.equal(subject, style)
+    finally:
+        fusion.remove()
+
+
+def test_lora_for_another_base_is_refused(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    from estlora.errors import BaseModelMismatchError
+
+    name = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file(
+        {f"{name}.lora_A.weight": torch.ones(2, 2048), f"{name}.lora_B.weight": torch.ones(1280, 2)},
+        str(tmp_path / "sdxl.safetensors"),
+    )
+    with pytest.raises(BaseModelMismatchError, match="another base model"):
+        estlora.fuse(pipe, tmp_path / "sdxl.safetensors", "example:style")
+    assert not any(type(m).__name__ == "RoutedLinear" for m in pipe.unet.modules())
