@@ -13,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from .base import DEFAULT_BASE  # noqa: E402
+from .discrepancy import DEFAULT_DINO  # noqa: E402
 from .errors import EstloraError  # noqa: E402
 
 
@@ -46,17 +48,6 @@ def _base_shapes(base: str | None):
     return projection_shapes(unet_config(base))
 
 
-def load_pair(subject: str, style: str, base: str | None = None):
-    """Both LoRAs, validated against the base (when given) and against each other."""
-    from .lora import check_pair, load_lora
-
-    shapes = _base_shapes(base)
-    name = base or "the base model"
-    pair = load_lora(subject, base_shapes=shapes, base_name=name), load_lora(style, base_shapes=shapes, base_name=name)
-    check_pair(*pair)
-    return pair
-
-
 def fusion_config(args: argparse.Namespace):
     from .plan import FusionConfig
 
@@ -74,10 +65,11 @@ def fusion_config(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from .lora import load_pair
     from .plan import build_plan, cached_pair_scores
     from .plan_view import heatmap, summary
 
-    subject, style = load_pair(args.subject, args.style, args.base)
+    subject, style = load_pair(args.subject, args.style, _base_shapes(args.base), args.base or "the base model")
     config = fusion_config(args)
     plan = build_plan(cached_pair_scores(subject, style, config), config, args.steps, (subject.sha256, style.sha256))
     if args.png:
@@ -95,14 +87,64 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"heatmap: {args.png}")
 
 
-def add_fusion_options(parser: argparse.ArgumentParser) -> None:
+def beta_value(text: str) -> float | None:
+    """--beta: a number, or "auto" (None: measured for est, K-LoRA's default for klora)."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"beta must be a number or auto, not {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import Request, generate
+
+    request = Request(
+        subject=args.subject,
+        style=args.style,
+        prompt=args.prompt,
+        base=args.base,
+        negative_prompt=args.negative_prompt,
+        method=args.method,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        num_images=args.num_images,
+        beta=args.beta,
+        beta_probe_steps=args.beta_probe_steps,
+        dino_model=args.dino_model,
+        alpha=args.alpha,
+        pattern=args.pattern,
+        gamma_rule=args.gamma_rule,
+        subject_scale=args.subject_scale,
+        style_scale=args.style_scale,
+        raw_energy=args.raw_energy,
+        switch_every=args.switch_every,
+        device=args.device,
+        dtype=args.dtype,
+        cpu_offload=args.cpu_offload,
+        out=args.out,
+    )
+    generate(request)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, num_images=args.num_images, device=args.device)
+
+
+def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
     """Options shared by every command that fuses (plan, generate, ...)."""
     from .plan import GAMMA_RULES, METHODS, PATTERNS
 
     group = parser.add_argument_group("fusion")
     group.add_argument("--method", choices=METHODS, default="est", help="fusion method (default est)")
     group.add_argument("--alpha", type=float, default=1.5, help="time-scale slope alpha (default 1.5)")
-    group.add_argument("--beta", type=float, help="time-scale offset beta (default: measured for est, 0.5 for klora)")
+    group.add_argument("--beta", type=beta_value, default=None, help=beta_help)
     group.add_argument("--pattern", choices=PATTERNS, default="s", help="time pattern: s (rising) or s* (wrapping)")
     group.add_argument(
         "--gamma-rule",
@@ -161,8 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--base", help="check both LoRAs fit this base model (folder or hub id)")
     plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     plan.add_argument("--png", help="also draw the plan as a heatmap PNG")
-    add_fusion_options(plan)
+    add_fusion_options(plan, "time-scale offset beta (default auto: K-LoRA's 0.5 here; generate measures it)")
     plan.set_defaults(func=cmd_plan)
+
+    gen = commands.add_parser("generate", help="render the subject in the style with a fusion method")
+    gen.add_argument("--subject", required=True, help="subject LoRA (file, folder, hub id or example:subject)")
+    gen.add_argument("--style", required=True, help="style LoRA (file, folder, hub id or example:style)")
+    gen.add_argument("--prompt", required=True, help='e.g. "a sks dog in szn style"')
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--base", default=DEFAULT_BASE, help=f"SDXL base: folder or hub id (default {DEFAULT_BASE})")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
+    gen.add_argument("--height", type=int, help="image height (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--beta-probe-steps", type=int, help="steps of the beta probe renders (default: --steps)")
+    gen.add_argument("--dino-model", default=DEFAULT_DINO, help="DINO model for beta (id or folder)")
+    gen.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
+    gen.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU"
+    )
+    gen.add_argument("--cpu-offload", action="store_true", help="keep only the running model on the GPU")
+    gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    add_fusion_options(gen, "time-scale offset beta, or auto (default: measured by style discrepancy for est)")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="run everything on the built-in tiny model and example LoRAs")
+    demo.add_argument("--out", default="estlora-demo", help="output folder (default ./estlora-demo)")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--num-images", type=int, default=2)
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

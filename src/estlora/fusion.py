@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import torch
 
 from .lora import Lora, check_against_base, check_pair, load_lora, unet_order
 from .plan import FusionConfig, Plan, build_plan, cached_pair_scores
@@ -32,6 +34,16 @@ def unet_projection_shapes(unet) -> dict[str, tuple[int, int]]:
         for name, module in unet.named_modules()
         if ATTENTION_PROJECTION.search(name) and hasattr(module, "in_features")
     }
+
+
+@dataclass
+class BetaProbe:
+    """A measured beta, whether it came from the cache, and the two reference renders if made now."""
+
+    beta: float
+    cached: bool
+    images: dict | None
+    key: dict
 
 
 class Fusion:
@@ -88,6 +100,47 @@ class Fusion:
         finally:
             self.config, self.beta_source = saved
             self._reset()
+
+    # ------------------------------------------------------------ beta from style discrepancy
+
+    def measure_beta(
+        self, prompt: str, *, seed: int = 0, dino_model: str | None = None, use_cache: bool = True, **pipe_kwargs
+    ) -> BetaProbe:
+        """EST-LoRA's S: render subject-only and style-only (seed 0, the run's settings), beta = 1 - DINO cos.
+
+        `pipe_kwargs` are the final run's pipeline settings (num_inference_steps, guidance_scale,
+        width, height, negative_prompt...); give fewer steps for a cheaper probe. The result is
+        cached on disk under (base, both LoRA hashes, prompt, settings, DINO model) and becomes this
+        fusion's beta.
+        """
+        from . import discrepancy
+
+        dino_model = dino_model or discrepancy.DEFAULT_DINO
+        key = {
+            "v": 1,
+            "base": str(getattr(self.pipe, "name_or_path", "")),
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "dtype": str(self.pipe.unet.dtype),
+            "subject": self.subject.sha256,
+            "style": self.style.sha256,
+            "prompt": prompt,
+            "seed": seed,
+            "settings": {k: v for k, v in sorted(pipe_kwargs.items()) if isinstance(v, str | int | float | None)},
+            "dino": dino_model,
+        }
+        beta = discrepancy.cached_beta(key) if use_cache else None
+        images = None
+        if beta is None:
+            images = {}
+            for method in ("subject", "style"):
+                with self.using(method=method):
+                    generator = torch.Generator("cpu").manual_seed(seed)
+                    images[method] = self.pipe(prompt, generator=generator, **pipe_kwargs).images[0]
+            embedder = discrepancy.DinoEmbedder(dino_model, device=self.pipe.unet.device)
+            beta = discrepancy.style_discrepancy(images["subject"], images["style"], embedder)
+            discrepancy.store_beta(key, beta, {"prompt": prompt})
+        self.set(beta=beta, beta_source="measured")
+        return BetaProbe(beta=beta, cached=images is None, images=images, key=key)
 
     # ------------------------------------------------------------ the pipeline side
 

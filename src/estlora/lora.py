@@ -465,6 +465,18 @@ def load_lora(
     return lora
 
 
+def load_pair(
+    subject: str | os.PathLike,
+    style: str | os.PathLike,
+    base_shapes: dict[str, tuple[int, int]] | None = None,
+    base_name: str = "the base model",
+) -> tuple[Lora, Lora]:
+    """Subject and style LoRAs, each checked against the base (when given) and against each other."""
+    pair = (load_lora(subject, base_shapes, base_name), load_lora(style, base_shapes, base_name))
+    check_pair(*pair)
+    return pair
+
+
 def summary(lora: Lora) -> str:
     """The human-readable report `estlora inspect` prints."""
 

@@ -1,0 +1,156 @@
+"""`estlora generate` and `estlora demo` end to end on the tiny SDXL, offline."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from estlora import discrepancy
+from estlora.cli import main
+
+PROMPT = "a photo of sks dog in szn style"
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    from estlora.tiny_encoders import write_tiny_dino
+
+    return write_tiny_dino(tmp_path_factory.mktemp("dino") / "dino")
+
+
+def gen_args(tiny_dir, out, *extra):
+    return [
+        "generate",
+        "--base",
+        str(tiny_dir),
+        "--subject",
+        "example:subject",
+        "--style",
+        "example:style",
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_generate_writes_images_with_settings(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(gen_args(tiny_dir, out, "--num-images", "2", "--seed", "5", "--beta", "0.7")) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == [f"a-photo-of-sks-dog-in-szn-style-est-seed{s}.png" for s in (5, 6)]
+    for seed, png in zip((5, 6), pngs, strict=True):
+        sidecar = json.loads(png.with_suffix(".json").read_text())
+        assert json.loads(Image.open(png).text["estlora"]) == sidecar
+        settings = sidecar["settings"]
+        assert (settings["seed"], settings["steps"], settings["method"], sidecar["beta"]) == (seed, 3, "est", 0.7)
+        assert sidecar["beta_source"] == "given"
+        assert len(sidecar["plan_hash"]) == 16 and sidecar["gamma"] > 0
+        assert pixels(png).shape == (64, 64, 3)
+    assert not pixels(pngs[0]).tolist() == pixels(pngs[1]).tolist()
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_regenerates_bit_for_bit_from_metadata(tiny_dir, tmp_path):
+    first = tmp_path / "first"
+    assert main(gen_args(tiny_dir, first, "--method", "klora", "--seed", "3", "--subject-scale", "0.8")) == 0
+    (png,) = first.glob("*.png")
+    command = json.loads(png.with_suffix(".json").read_text())["command"]
+    words = shlex.split(command)
+    assert words[:2] == ["estlora", "generate"]
+    assert main(words[1:] + ["--out", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(pixels(png), pixels(again))
+
+
+def test_beta_auto_is_measured_then_cached(tiny_dir, tiny_dino, tmp_path, monkeypatch, capsys):
+    args = gen_args(tiny_dir, tmp_path / "a", "--dino-model", str(tiny_dino), "--beta-probe-steps", "2")
+    assert main(args) == 0
+    assert "style discrepancy)" in capsys.readouterr().out
+    (png,) = (tmp_path / "a").glob("*.png")
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["beta_source"] == "measured"
+    assert 0 <= meta["beta"] <= 2
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("beta was measured again instead of read from the cache")
+
+    monkeypatch.setattr(discrepancy, "DinoEmbedder", no_embedding)
+    args[args.index(str(tmp_path / "a"))] = str(tmp_path / "b")
+    assert main(args) == 0
+    assert "cached" in capsys.readouterr().out
+    (again,) = (tmp_path / "b").glob("*.png")
+    assert json.loads(again.with_suffix(".json").read_text())["beta"] == meta["beta"]
+    assert np.array_equal(pixels(png), pixels(again))
+
+
+def test_interrupted_write_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    def crash(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    out = tmp_path / "out"
+    assert main(gen_args(tiny_dir, out, "--beta", "0.5")) == 130
+    assert not list(out.glob("*.png")) and not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("problem", ["pickle", "other-base"])
+def test_bad_lora_is_one_line_exit_2(tiny_dir, tmp_path, problem):
+    import torch
+    from safetensors.torch import save_file
+
+    if problem == "pickle":
+        bad = tmp_path / "subject.ckpt"
+        torch.save({"a": torch.zeros(1)}, bad)
+    else:  # real SDXL widths on the tiny model
+        bad = tmp_path / "subject.safetensors"
+        name = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k"
+        save_file(
+            {f"{name}.lora_A.weight": torch.ones(2, 2048), f"{name}.lora_B.weight": torch.ones(1280, 2)}, str(bad)
+        )
+    out = tmp_path / "out"
+    args = gen_args(tiny_dir, out, "--beta", "0.5")
+    args[args.index("example:subject")] = str(bad)
+    done = subprocess.run([sys.executable, "-m", "estlora.cli", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("estlora: error: ") and str(bad) in lines[0]
+    assert not out.exists()
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--num-images", "1"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        [
+            "fused-est-seed0.json",
+            "fused-est-seed0.png",
+            "plan.png",
+            "style-only-seed0.json",
+            "style-only-seed0.png",
+            "subject-only-seed0.json",
+            "subject-only-seed0.png",
+            "summary.md",
+        ]
+    )
+    page = (out / "summary.md").read_text()
+    assert "beta = " in page and "560 projections" in page
+    assert json.loads((out / "subject-only-seed0.json").read_text())["settings"]["method"] == "subject"
+    assert str(out.resolve()) in capsys.readouterr().out
