@@ -99,12 +99,16 @@ def main() -> None:
         ("research code's way, one step", step_s),
         (f"research code's way, {args.steps} steps (one image)", research_s),
     ]
-    print(f"SDXL shapes: {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
-          f"ranks {rank_c}/{rank_s}; {torch.get_num_threads()} threads; medians of {args.repeats}")
+    print(
+        f"SDXL shapes: {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
+        f"ranks {rank_c}/{rank_s}; {torch.get_num_threads()} threads; medians of {args.repeats}"
+    )
     for label, seconds in rows:
         print(f"  {label:58} {seconds:9.3f} s")
-    print(f"  research way / est plan: {results['research_over_est_plan']:.0f}x per image "
-          f"(and the plan is computed once per pair, not per image)")
+    print(
+        f"  research way / est plan: {results['research_over_est_plan']:.0f}x per image "
+        f"(and the plan is computed once per pair, not per image)"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)

@@ -1,0 +1,276 @@
+"""Generation speed and memory: no LoRA, one LoRA, direct merge, est, klora, and the research code's way.
+
+Interleaved repeats (every repeat runs every configuration once, in a shuffled order), medians and
+ratios against one LoRA, from one run. Two models:
+
+    --model tiny   the built-in tiny SDXL (560 projections), CPU, 64 x 64 (default)
+    --model sdxl   SDXL's real UNet config with random weights (speed does not depend on the values),
+                   fp16, 1024 x 1024, GPU; no network and no weights needed
+
+Configurations: `none` (base), `single` (subject LoRA via diffusers/peft), `merge` (both via
+`set_adapters`), `est` and `klora` (estlora routing), `research` (a re-creation, for measurement
+only, of the research code's way: every projection rebuilds both dense delta W, scores them and
+applies the winner densely, on every call, with a global call counter for time).
+
+    .venv/bin/python benchmarks/generation.py --model tiny --repeats 15 --steps 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import estlora
+from estlora.fusion import unet_projection_shapes
+from estlora.lora import Lora, LoraFactors
+
+CONFIGS = ("none", "single", "merge", "est", "klora", "research")
+
+
+# ---------------------------------------------------------------- the research code's way (measurement only)
+
+
+class ResearchCounter:
+    calls = 0
+
+
+class ResearchLinear(nn.Module):
+    """Per call: both dense delta W from the factors, their energies, a host-synced choice, a dense apply."""
+
+    def __init__(self, base: nn.Linear, subject: LoraFactors, style: LoraFactors, counter, total_calls: int):
+        super().__init__()
+        self.base, self.counter, self.total = base, counter, total_calls
+        device = base.weight.device
+        self.factors = [(f.up.to(device, torch.float32), f.down.to(device, torch.float32)) for f in (subject, style)]
+
+    def forward(self, x, *args, **kwargs):
+        self.counter.calls += 1
+        p = (self.counter.calls % self.total) / self.total
+        (up_c, down_c), (up_s, down_s) = self.factors
+        delta_c, delta_s = up_c @ down_c, up_s @ down_s
+        use_subject = bool(delta_c.pow(2).sum() > delta_s.pow(2).sum() * (1.5 * p + 0.5))  # host sync
+        delta = delta_c if use_subject else delta_s
+        return self.base(x, *args, **kwargs) + F.linear(x, delta.to(x.dtype))
+
+
+def install_research(unet, subject: Lora, style: Lora, steps: int):
+    counter, originals = ResearchCounter(), {}
+    names = list(subject.projections)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name)
+        originals[name] = getattr(parent, child)
+        wrapped = ResearchLinear(
+            originals[name], subject.projections[name], style.projections[name], counter, steps * len(names)
+        )
+        setattr(parent, child, wrapped)
+
+    def remove():
+        for name, module in originals.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name), child, module)
+
+    return remove
+
+
+# ---------------------------------------------------------------- models
+
+
+def random_lora(shapes, rank: int, seed: int, name: str) -> Lora:
+    generator = torch.Generator().manual_seed(seed)
+    projections = {
+        module: LoraFactors(
+            torch.randn(rank, n, generator=generator) / n**0.5,
+            torch.randn(o, rank, generator=generator) * 0.02 * (1 + i % 3),
+            float(rank),
+        )
+        for i, (module, (o, n)) in enumerate(shapes.items())
+    }
+    return Lora(source=name, path=name, layout="random", projections=projections, sha256=f"bench-{name}-{rank}")
+
+
+def peft_state(lora: Lora) -> dict:
+    state = {}
+    for module, f in lora.projections.items():
+        state[f"unet.{module}.lora_A.weight"] = f.down
+        state[f"unet.{module}.lora_B.weight"] = f.up
+    return state
+
+
+def build(model: str, device: str):
+    """(pipeline, call kwargs, dtype) with prompt embeddings prepared, so only denoising is timed."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if model == "tiny":
+        from estlora.tiny_model import builtin_tiny_sdxl
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(builtin_tiny_sdxl()).to(device)
+        embeds = pipe.encode_prompt("a photo of sks dog in szn style", device=device, do_classifier_free_guidance=True)
+        size = 64
+    else:
+        from estlora.base import SDXL_UNET_CONFIG
+
+        dtype = torch.float16
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        pipe.vae_scale_factor = 8
+        g = torch.Generator(device).manual_seed(0)
+        embeds = (
+            torch.randn(1, 77, 2048, generator=g, device=device, dtype=dtype),
+            torch.randn(1, 77, 2048, generator=g, device=device, dtype=dtype),
+            torch.randn(1, 1280, generator=g, device=device, dtype=dtype),
+            torch.randn(1, 1280, generator=g, device=device, dtype=dtype),
+        )
+        size = 1024
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+        pooled_prompt_embeds=embeds[2],
+        negative_pooled_prompt_embeds=embeds[3],
+        height=size,
+        width=size,
+        guidance_scale=5.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--ranks", default="8,64")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    configs = args.configs.split(",")
+
+    pipe, kwargs = build(args.model, args.device)
+    shapes = unet_projection_shapes(pipe.unet)
+    rank_c, rank_s = (int(r) for r in args.ranks.split(","))
+    subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")
+
+    # diffusers/peft adapters live on a copy of the UNet, so estlora's routing runs on an untouched one.
+    plain_unet = pipe.unet
+    peft_unet = copy.deepcopy(plain_unet)
+    pipe.unet = peft_unet
+    pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
+    pipe.load_lora_weights(peft_state(style), adapter_name="style")
+    pipe.unet = plain_unet
+
+    hook_seconds = []
+
+    def setup(config: str):
+        if config in ("single", "merge"):
+            pipe.unet = peft_unet
+            pipe.set_adapters(["subject"] if config == "single" else ["subject", "style"])
+            return lambda: setattr(pipe, "unet", plain_unet)
+        if config in ("est", "klora"):
+            fusion = estlora.fuse(pipe, subject, style, method=config, beta=0.5)
+            real = fusion._on_unet_call
+
+            def timed_hook(*a):
+                start = time.perf_counter()
+                real(*a)
+                hook_seconds.append(time.perf_counter() - start)
+
+            fusion._hook.remove()
+            fusion._hook = pipe.unet.register_forward_pre_hook(timed_hook, with_kwargs=True)
+            fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
+            return fusion.remove
+        if config == "research":
+            return install_research(pipe.unet, subject, style, args.steps)
+        return lambda: None
+
+    def run_once() -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {c: [] for c in configs}
+    peak = {}
+    for c in configs:  # warm-up, and peak memory of each configuration on the GPU
+        teardown = setup(c)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        run_once()
+        if args.device.startswith("cuda"):
+            peak[c] = torch.cuda.max_memory_allocated() / 2**20
+        teardown()
+    for _ in range(args.repeats):
+        for c in random.sample(configs, len(configs)):
+            teardown = setup(c)
+            times[c].append(run_once())
+            teardown()
+
+    base = statistics.median(times["single"]) if "single" in times else None
+    print(
+        f"model {args.model}, {len(shapes)} projections, ranks {rank_c}/{rank_s}, {args.steps} steps, "
+        f"device {args.device}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
+    )
+    print(
+        f"{'config':10} {'median s':>9} {'ms/step':>8} {'vs single':>9} {'min s':>8}" + ("  peak MiB" if peak else "")
+    )
+    results = {
+        "model": args.model,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "ranks": [rank_c, rank_s],
+        "configs": {},
+    }
+    for c in configs:
+        med = statistics.median(times[c])
+        ratio = med / base if base else float("nan")
+        line = f"{c:10} {med:9.3f} {1000 * med / args.steps:8.1f} {ratio:9.3f} {min(times[c]):8.3f}"
+        print(line + (f"  {peak[c]:8.0f}" if peak else ""))
+        results["configs"][c] = {
+            "median_s": med,
+            "min_s": min(times[c]),
+            "ratio_vs_single": ratio,
+            "times_s": times[c],
+            "peak_mib": peak.get(c),
+        }
+    if hook_seconds:
+        hook_us = 1e6 * statistics.median(hook_seconds)
+        results["routing_hook_us_per_unet_call"] = hook_us
+        print(f"routing hook: median {hook_us:.1f} us per UNet call (one call per step with CFG)")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
