@@ -282,3 +282,16 @@ def test_same_factors_and_scale_as_diffusers(tmp_path, tiny_pipe, truth, writer)
             assert layer.scaling["ref"] == pytest.approx(factors.scale, rel=1e-6), module
     finally:
         tiny_pipe.delete_adapters("ref")
+
+
+def test_dora_is_refused(tmp_path, truth):
+    from estlora.errors import LoraFormatError
+
+    module, (down, up, _) = next(iter(truth.items()))
+    state = {
+        f"unet.{module}.lora_A.weight": down,
+        f"unet.{module}.lora_B.weight": up,
+        f"unet.{module}.lora_magnitude_vector": torch.ones(up.shape[0]),
+    }
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        load_lora(write(tmp_path / "dora.safetensors", state))

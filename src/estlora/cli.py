@@ -137,6 +137,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, steps=args.steps, num_images=args.num_images, device=args.device)
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from .ui import launch
+
+    launch(base=args.base, host=args.host, port=args.port)
+
+
 def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
     """Options shared by every command that fuses (plan, generate, ...)."""
     from .plan import GAMMA_RULES, METHODS, PATTERNS
@@ -235,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-images", type=int, default=2)
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=cmd_demo)
+
+    ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
+    ui.add_argument("--base", help="SDXL base folder or hub id (default: the built-in tiny model)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -291,6 +291,9 @@ def normalise(
     """(layout, attention projections, other keys) from a file's raw tensors."""
     from peft.utils.other import get_pattern_key
 
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in tensors):
+        # DoRA rescales W + BA by a magnitude vector: its update is not s * B @ A, so energies would lie.
+        raise LoraFormatError(path, "DoRA weights (dora_scale / lora_magnitude_vector) are not supported")
     layout = detect_layout(list(tensors))
     if layout is None:
         raise LoraFormatError(path, _no_lora_reason(tensors))
