@@ -6,7 +6,9 @@ reference gamma from one chunked dense pass, then the (steps x projections) plan
 code's way: at every step, in every projection, rebuild both dense delta W and take their norms.
 One full step of that is measured and multiplied by the step count.
 
-    .venv/bin/python benchmarks/plan_speed.py [--steps 30] [--repeats 3] [--json out.json]
+    .venv/bin/python benchmarks/plan_speed.py [--steps 30] [--pairs 8,64 64,64 128,128] [--json out.json]
+
+It also times the beta probe (two renders + DINO) on the tiny SDXL, new and from the cache.
 """
 
 from __future__ import annotations
@@ -54,65 +56,106 @@ def research_step(subject: Lora, style: Lora) -> None:
             torch.linalg.matrix_norm(delta) ** 2
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ranks", default="8,64", help="subject,style ranks")
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-
-    shapes = projection_shapes(SDXL_UNET_CONFIG)
-    rank_c, rank_s = (int(r) for r in args.ranks.split(","))
+def measure_pair(shapes, rank_c: int, rank_s: int, steps: int, repeats: int, topk: bool) -> dict:
     subject, style = random_lora(shapes, rank_c, 1), random_lora(shapes, rank_s, 2)
-    elements = sum(o * n for o, n in shapes.values())
     config = P.FusionConfig(method="est", beta=0.5)
-
-    energies_s, _ = timed(lambda: P.pair_scores(subject, style, need_l1=False), args.repeats)
-    scores_s, scores = timed(lambda: P.pair_scores(subject, style), args.repeats)
-    build_s, plan = timed(lambda: P.build_plan(scores, config, args.steps), args.repeats)
-    topk_s, _ = timed(lambda: P.pair_scores(subject, style, need_l1=False, need_topk=True), 1)
-    step_s, _ = timed(lambda: research_step(subject, style), args.repeats)
-    research_s = step_s * args.steps
-
-    results = {
-        "threads": torch.get_num_threads(),
-        "projections": len(shapes),
-        "dense_elements_per_lora": elements,
+    energies_s, _ = timed(lambda: P.pair_scores(subject, style, need_l1=False), repeats)
+    scores_s, scores = timed(lambda: P.pair_scores(subject, style), repeats)
+    build_s, plan = timed(lambda: P.build_plan(scores, config, steps), repeats)
+    assert plan.weights.shape == (steps, len(shapes), 2)
+    topk_s = timed(lambda: P.pair_scores(subject, style, need_l1=False, need_topk=True), 1)[0] if topk else None
+    step_s, _ = timed(lambda: research_step(subject, style), repeats)
+    return {
         "ranks": [rank_c, rank_s],
-        "steps": args.steps,
         "energies_s": energies_s,
         "est_plan_s": scores_s + build_s,
         "est_plan_energy_gamma_s": energies_s + build_s,
         "build_from_cached_scores_s": build_s,
         "klora_topk_scores_s": topk_s,
         "research_one_step_s": step_s,
-        "research_per_image_s": research_s,
-        "research_over_est_plan": research_s / (scores_s + build_s),
+        "research_per_image_s": step_s * steps,
+        "research_over_est_plan": step_s * steps / (scores_s + build_s),
+        "research_over_est_plan_cached": step_s * steps / build_s,
     }
-    rows = [
-        ("energies (Gram matrices), both LoRAs", energies_s),
-        ("est plan, reference gamma (energies + L1 pass + plan)", scores_s + build_s),
-        ("est plan, energy gamma (no dense pass)", energies_s + build_s),
-        ("plan from cached scores", build_s),
-        ("klora top-k scores (dense pass), both LoRAs", topk_s),
-        ("research code's way, one step", step_s),
-        (f"research code's way, {args.steps} steps (one image)", research_s),
-    ]
+
+
+def measure_probe(steps: int) -> dict:
+    """The beta probe on the tiny SDXL: two renders + DINO when new, a file read when cached."""
+    import estlora
+    from estlora.pipelines import load_pipeline
+    from estlora.tiny_encoders import builtin_tiny_dino
+    from estlora.tiny_model import builtin_tiny_sdxl
+
+    pipe = load_pipeline(builtin_tiny_sdxl(), "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    with estlora.fuse(pipe, "example:subject", "example:style") as fusion:
+        kwargs = dict(dino_model=str(builtin_tiny_dino()), num_inference_steps=steps)
+        fusion.measure_beta("warm-up", **kwargs, use_cache=False)
+        cold, _ = timed(lambda: fusion.measure_beta("a sks dog in szn style", **kwargs, use_cache=False), 3)
+        fusion.measure_beta("a sks dog in szn style", **kwargs)  # fills the cache
+        warm, _ = timed(lambda: fusion.measure_beta("a sks dog in szn style", **kwargs), 3)
+    return {"steps": steps, "probe_s": cold, "cached_probe_s": warm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", nargs="+", default=["8,64", "64,64", "128,128"], help="subject,style ranks")
+    parser.add_argument("--no-topk", action="store_true", help="skip klora's (slow) top-k scores")
+    parser.add_argument("--no-probe", action="store_true", help="skip the beta probe timing")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    shapes = projection_shapes(SDXL_UNET_CONFIG)
+    elements = sum(o * n for o, n in shapes.values())
     print(
         f"SDXL shapes: {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
-        f"ranks {rank_c}/{rank_s}; {torch.get_num_threads()} threads; medians of {args.repeats}"
+        f"{torch.get_num_threads()} threads; medians of {args.repeats}; research way at {args.steps} steps"
     )
-    for label, seconds in rows:
-        print(f"  {label:58} {seconds:9.3f} s")
-    print(
-        f"  research way / est plan: {results['research_over_est_plan']:.0f}x per image "
-        f"(and the plan is computed once per pair, not per image)"
+    header = (
+        "ranks",
+        "energies",
+        "est plan",
+        "energy-gamma plan",
+        "from cache",
+        "klora top-k",
+        "research/img",
+        "research/plan",
     )
+    print("  ".join(f"{h:>12}" for h in header))
+    results = {
+        "threads": torch.get_num_threads(),
+        "projections": len(shapes),
+        "dense_elements_per_lora": elements,
+        "steps": args.steps,
+        "pairs": [],
+    }
+    for pair in args.pairs:
+        rank_c, rank_s = (int(r) for r in pair.split(","))
+        r = measure_pair(shapes, rank_c, rank_s, args.steps, args.repeats, not args.no_topk)
+        results["pairs"].append(r)
+        cells = [
+            pair,
+            f"{r['energies_s']:.3f} s",
+            f"{r['est_plan_s']:.3f} s",
+            f"{r['est_plan_energy_gamma_s']:.3f} s",
+            f"{1000 * r['build_from_cached_scores_s']:.2f} ms",
+            "-" if r["klora_topk_scores_s"] is None else f"{r['klora_topk_scores_s']:.1f} s",
+            f"{r['research_per_image_s']:.1f} s",
+            f"{r['research_over_est_plan']:.0f}x",
+        ]
+        print("  ".join(f"{c:>12}" for c in cells))
+    if not args.no_probe:
+        probe = measure_probe(steps=20)
+        results["beta_probe_tiny"] = probe
+        print(
+            f"beta probe on the tiny SDXL (20 steps, 2 renders + DINO): {probe['probe_s']:.2f} s new, "
+            f"{1000 * probe['cached_probe_s']:.1f} ms cached"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
-    assert plan.weights.shape == (args.steps, len(shapes), 2)
 
 
 if __name__ == "__main__":

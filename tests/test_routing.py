@@ -208,3 +208,10 @@ def test_lora_for_another_base_is_refused(pipe, tmp_path):
     with pytest.raises(BaseModelMismatchError, match="another base model"):
         estlora.fuse(pipe, tmp_path / "sdxl.safetensors", "example:style")
     assert not any(type(m).__name__ == "RoutedLinear" for m in pipe.unet.modules())
+
+
+def test_second_fusion_on_the_same_pipeline_is_refused(pipe, loras):
+    with estlora.fuse(pipe, *loras, beta=0.5):
+        with pytest.raises(ValueError, match="already has an estlora fusion"):
+            estlora.fuse(pipe, *loras)
+    estlora.fuse(pipe, *loras, beta=0.5).remove()  # fine again once removed

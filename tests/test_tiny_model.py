@@ -89,3 +89,11 @@ def test_example_loras_fit_the_tiny_model(tiny_dir, name):
     expected_rank, expected_alpha = {"subject": (4, 4.0), "style": (8, 4.0)}[name]
     assert set(lora.ranks) == {expected_rank}
     assert {f.scale for f in lora.projections.values()} == {expected_alpha / expected_rank}
+
+
+def test_example_loras_are_byte_identical_when_rewritten(tmp_path):
+    from estlora.examples import write_example_lora
+
+    for name in ("subject", "style"):
+        first = write_example_lora(name, tmp_path / "a").read_bytes()
+        assert write_example_lora(name, tmp_path / "b").read_bytes() == first  # the sha256 keys caches

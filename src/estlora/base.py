@@ -41,10 +41,18 @@ SDXL_UNET_CONFIG = {
 KNOWN_UNET_CONFIGS = {DEFAULT_BASE: SDXL_UNET_CONFIG}
 
 
+def check_local_path(base: str | os.PathLike) -> None:
+    """A base spelled as a path must exist (else the hub client reports a confusing repo-id error)."""
+    text = str(base)
+    if text.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(text)):
+        raise BaseModelError(base, "no such folder")
+
+
 def unet_config(base: str | os.PathLike) -> dict:
     """The UNet config of a diffusers pipeline folder or hub id."""
     from diffusers import UNet2DConditionModel
 
+    check_local_path(base)
     try:
         with warnings.catch_warnings():  # diffusers 0.42 passes a deprecated argument to the hub client
             warnings.simplefilter("ignore")

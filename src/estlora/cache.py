@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .outputs import write_text
-from .tiny_model import cache_dir
+
+
+def cache_dir() -> Path:
+    """estlora's cache: built-in models, pair scores, measured betas ($ESTLORA_CACHE to move it)."""
+    return Path(os.environ.get("ESTLORA_CACHE", Path.home() / ".cache" / "estlora"))
 
 
 def entry_path(kind: str, key: dict) -> Path:

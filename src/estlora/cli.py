@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from .base import DEFAULT_BASE  # noqa: E402
 from .discrepancy import DEFAULT_DINO  # noqa: E402
 from .errors import EstloraError  # noqa: E402
+from .metrics import DEFAULT_CLIP  # noqa: E402
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -137,6 +138,44 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, steps=args.steps, num_images=args.num_images, device=args.device)
 
 
+def cmd_grid(args: argparse.Namespace) -> None:
+    import torch
+
+    from .grid import GridSpec, load_spec, run_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.spec:
+        spec = load_spec(args.spec)
+    else:
+        if not (args.subjects and args.styles):
+            raise EstloraError(None, "give a spec file, or --subjects and --styles")
+        data = {
+            "subjects": [{"name": _stem(p), "lora": p} for p in args.subjects],
+            "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
+        }
+        spec = GridSpec.from_dict(data, "flags")
+    for key in ("base", "prompts", "seeds", "methods", "steps", "beta"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(spec, key, value)
+    done = run_grid(spec, args.out, device=args.device)
+    print(f"grid: {done} images rendered by this process into {args.out}")
+
+
+def _stem(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).stem.replace(":", "-")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+
+    report = evaluate(args.run_dir, args.clip_model, args.dino_model, args.device, args.batch_size)
+    print(f"wrote {report}, report.html, scores.csv and summary.json in {args.run_dir}")
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from .ui import launch
 
@@ -241,6 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-images", type=int, default=2)
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=cmd_demo)
+
+    grid = commands.add_parser("grid", help="subjects x styles x prompts x seeds x methods, resumable")
+    grid.add_argument("spec", nargs="?", help="grid spec, YAML or JSON (see estlora.grid)")
+    grid.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
+    grid.add_argument("--subjects", nargs="+", help="subject LoRAs (instead of a spec file)")
+    grid.add_argument("--styles", nargs="+", help="style LoRAs (instead of a spec file)")
+    grid.add_argument("--base", help="override the spec's base model")
+    grid.add_argument("--prompts", nargs="+", help='prompt templates, e.g. "a {subject} in {style} style"')
+    grid.add_argument("--seeds", nargs="+", type=int)
+    grid.add_argument("--methods", nargs="+")
+    grid.add_argument("--steps", type=int)
+    grid.add_argument("--beta", type=float, help="fixed beta instead of measuring it per pair and prompt")
+    grid.add_argument("--device", default="auto", help="device for a single process (accelerate picks its own)")
+    grid.add_argument("--threads", type=int, help="CPU threads per process (numerics depend on it)")
+    grid.set_defaults(func=cmd_grid)
+
+    ev = commands.add_parser("eval", help="score a finished grid: scores.csv, summary.json, report")
+    ev.add_argument("run_dir", help="the grid's --out folder")
+    ev.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP model id or folder")
+    ev.add_argument("--dino-model", default=DEFAULT_DINO, help="DINO model id or folder")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=cmd_eval)
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
     ui.add_argument("--base", help="SDXL base folder or hub id (default: the built-in tiny model)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -24,33 +25,59 @@ class ImageEmbedderError(EstloraError, OSError):
 
 
 @functools.lru_cache(maxsize=4)
-def _load(model_id: str, device: torch.device):
-    """Load once per (model, device): probes embed many image pairs and must not reload each time."""
-    from transformers import AutoImageProcessor, AutoModel
+def _load(model_id: str, device: torch.device, processor_class: str):
+    """Load once per (model, device): probes and metric grids embed many images and must not reload each time."""
+    import transformers
 
     try:
-        model = AutoModel.from_pretrained(model_id)  # first: its errors say more (offline, not a model)
-        processor = AutoImageProcessor.from_pretrained(model_id)
+        model = transformers.AutoModel.from_pretrained(model_id)  # first: its errors say more (offline, not a model)
+        processor = getattr(transformers, processor_class).from_pretrained(model_id)
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ImageEmbedderError(model_id, f"cannot load the image model ({reason}); give a local folder") from None
     return model.to(device=device, dtype=torch.float32).eval(), processor
 
 
-class DinoEmbedder:
-    """DINO's CLS embedding of images: the feature space in which EST-LoRA measures style distance."""
+class PretrainedEmbedder:
+    """A pretrained model and its processor, loaded once, run in fp32 on one device a batch at a time.
 
-    def __init__(self, model_id: str | os.PathLike = DEFAULT_DINO, device: str | torch.device = "cpu"):
+    Batches bound the memory a large grid of images needs; results do not depend on the batch size beyond rounding.
+    """
+
+    processor_class = "AutoImageProcessor"
+
+    def __init__(self, model_id: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model_id = str(model_id)
         self.device = torch.device(device)
-        self.model, self.processor = _load(self.model_id, self.device)
+        self.batch_size = batch_size
+        self.model, self.processor = _load(self.model_id, self.device, self.processor_class)
 
     @torch.inference_mode()
-    def embed(self, images: list[Image.Image]) -> torch.Tensor:
-        """(n, hidden) fp32 CLS vectors on the CPU, all images in one forward pass."""
+    def _batched(self, items: list, forward: Callable[[list], torch.Tensor]) -> torch.Tensor:
+        """forward over batch_size items at a time, concatenated as (n, d) fp32 on the CPU."""
+        if not items:
+            raise ValueError("nothing to embed")
+        batches = (items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size))
+        return torch.cat([forward(batch).float().cpu() for batch in batches])
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        pixel_values = pixels["pixel_values"].to(device=self.device, dtype=torch.float32)
-        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0].float().cpu()
+        return pixels["pixel_values"].to(device=self.device, dtype=torch.float32)
+
+
+class DinoEmbedder(PretrainedEmbedder):
+    """DINO's CLS embedding of images: the feature space in which EST-LoRA measures style distance."""
+
+    def __init__(
+        self, model_id: str | os.PathLike = DEFAULT_DINO, device: str | torch.device = "cpu", batch_size: int = 16
+    ):
+        super().__init__(model_id, device, batch_size)
+
+    def embed(self, images: list[Image.Image]) -> torch.Tensor:
+        """(n, hidden) fp32 CLS vectors on the CPU."""
+        return self._batched(images, lambda batch: self.model(pixel_values=self._pixels(batch)).last_hidden_state[:, 0])
 
 
 def style_discrepancy(subject_image: Image.Image, style_image: Image.Image, embedder: DinoEmbedder) -> float:

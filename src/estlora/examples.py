@@ -3,18 +3,20 @@
 They are random but shaped like real ones: a rank-4 "subject" LoRA that is stronger in the down
 blocks and a rank-8, alpha 4 "style" LoRA that is stronger in the up blocks, with a spread per
 projection, so a fusion plan has projections staying with each LoRA and flipping at many steps.
-They are written by diffusers' own `save_lora_weights`, the layout its DreamBooth scripts write.
+They are written in the layout diffusers' DreamBooth scripts write (`save_lora_weights`).
 Refer to them as `example:subject` and `example:style` wherever a LoRA path is accepted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from .tiny_model import TINY_MODEL_VERSION, cache_dir
+from .cache import cache_dir
+from .tiny_model import TINY_MODEL_VERSION
 
 EXAMPLES = {
     # name: (seed, rank, alpha, relative strength in down / mid / up blocks)
@@ -42,24 +44,24 @@ def example_state_dict(name: str, shapes: dict[str, tuple[int, int]]) -> tuple[d
 
 
 def write_example_lora(name: str, directory: str | os.PathLike) -> Path:
-    """Write one example LoRA for the tiny model as `<directory>/<name>.safetensors`."""
-    from diffusers import StableDiffusionXLPipeline
+    """Write one example LoRA for the tiny model as `<directory>/<name>.safetensors`, atomically.
+
+    Keys and adapter metadata as diffusers' `save_lora_weights` writes them, but with a single
+    metadata entry: safetensors stores metadata as a hash map, so with two entries the header's
+    order (and the file's sha256, which keys caches) would change from run to run.
+    """
+    from safetensors.torch import save_file
 
     from .base import projection_shapes
+    from .outputs import atomic_path
     from .tiny_model import tiny_unet
 
-    shapes = projection_shapes(dict(tiny_unet().config))
-    state, metadata = example_state_dict(name, shapes)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / f".{name}.partial"
-    staging.mkdir(exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(
-        staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=f"{name}.safetensors"
-    )
-    target = directory / f"{name}.safetensors"
-    os.replace(staging / f"{name}.safetensors", target)
-    staging.rmdir()
+    state, config = example_state_dict(name, projection_shapes(dict(tiny_unet().config)))
+    tensors = {f"unet.{key}": value.contiguous() for key, value in state.items()}
+    metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)}
+    target = Path(directory) / f"{name}.safetensors"
+    with atomic_path(target) as staging:
+        save_file(tensors, str(staging), metadata=metadata)
     return target
 
 

@@ -50,6 +50,8 @@ class Fusion:
     """Two LoRAs routed into one pipeline's UNet by a fusion plan."""
 
     def __init__(self, pipe, subject: Lora, style: Lora, config: FusionConfig, beta_source: str | None = None):
+        if any(isinstance(m, RoutedLinear) for m in pipe.unet.modules()):
+            raise ValueError("this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first")
         shapes = unet_projection_shapes(pipe.unet)
         base_name = getattr(pipe, "name_or_path", None) or "the pipeline's UNet"
         for lora in (subject, style):

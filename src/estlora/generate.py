@@ -73,11 +73,14 @@ class Request:
         return kwargs
 
 
-def render(fusion: Fusion, request: Request, seed: int, label: str = ""):
-    """One image at `seed` with the fusion's current config (CPU generator: same noise on any device)."""
+def render(fusion: Fusion, request: Request, seed: int, label: str = "", **extra):
+    """One image at `seed` with the fusion's current config (CPU generator: same noise on any device).
+
+    `extra` goes to the pipeline call as is (e.g. `callback_on_step_end` for a progress display).
+    """
     fusion.pipe.set_progress_bar_config(desc=label or None, leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
-    return fusion.pipe(request.prompt, generator=generator, **request.pipe_kwargs()).images[0]
+    return fusion.pipe(request.prompt, generator=generator, **request.pipe_kwargs(), **extra).images[0]
 
 
 def metadata(request: Request, fusion: Fusion, seed: int) -> dict:

@@ -107,12 +107,13 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
     groups = blocks(plan)
     row_h, gap, label_w, top, bottom = 2, 6, 230, 40, 44
     col_w = max(4, min(24, 720 // plan.steps))
-    width = label_w + col_w * plan.steps + 20
+    font = ImageFont.load_default(size=12)
+    title = headline(plan)
+    width = max(label_w + col_w * plan.steps + 20, int(font.getlength(title)) + 16, 480)
     height = top + row_h * len(plan.layers) + gap * (len(groups) - 1) + bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=12)
-    draw.text((8, 8), headline(plan), fill="black", font=font)
+    draw.text((8, 8), title, fill="black", font=font)
     palette = torch.tensor([COLOURS[name] for name in CODE_NAMES], dtype=torch.uint8)
 
     y = top

@@ -9,11 +9,12 @@ planning and routing can be tested end to end on a CPU.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .cache import cache_dir
+from .outputs import cached_folder, write_folder
 
 TINY_SEED = 0
 # Bump when the weights or the layout change, so cached copies are rebuilt.
@@ -119,38 +120,10 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
 
 
 def write_tiny_sdxl(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
-    """Write the tiny pipeline as a diffusers folder (safetensors), atomically.
-
-    The folder appears complete or not at all, so an interrupted write never leaves a half model
-    that a later `from_pretrained` would half-load.
-    """
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target}: folder exists and is not empty")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build_tiny_sdxl(seed).save_pretrained(staging, safe_serialization=True)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ESTLORA_CACHE", Path.home() / ".cache" / "estlora"))
+    """Write the tiny pipeline as a diffusers folder (safetensors), atomically."""
+    return write_folder(directory, lambda staging: build_tiny_sdxl(seed).save_pretrained(staging))
 
 
 def builtin_tiny_sdxl() -> Path:
     """The built-in tiny model's folder, written to the cache on first use."""
-    folder = cache_dir() / f"tiny-sdxl-v{TINY_MODEL_VERSION}"
-    if not (folder / "model_index.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            write_tiny_sdxl(folder)
-        except FileExistsError:  # another process won the race; its folder is complete
-            pass
-    return folder
+    return cached_folder(cache_dir() / f"tiny-sdxl-v{TINY_MODEL_VERSION}", "model_index.json", write_tiny_sdxl)

@@ -1,0 +1,94 @@
+"""Peak memory per configuration: peak RSS on the CPU, peak allocated on the GPU.
+
+Each configuration runs in a fresh process holding one UNet and only the LoRAs it needs (single:
+the subject LoRA; merge, est, klora, research: both), so peaks are comparable.
+
+    .venv/bin/python benchmarks/memory.py --model tiny [--steps 8] [--json out.json]
+    .venv/bin/python benchmarks/memory.py --model sdxl --steps 30      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+from generation import CONFIGS, build, install_research, peft_state, random_lora
+
+import estlora
+from estlora.fusion import unet_projection_shapes
+
+
+def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str) -> dict:
+    pipe, kwargs = build(model, device)
+    shapes = unet_projection_shapes(pipe.unet)
+    subject, style = random_lora(shapes, ranks[0], 1, "subject"), random_lora(shapes, ranks[1], 2, "style")
+    if config in ("single", "merge"):
+        pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
+        if config == "merge":
+            pipe.load_lora_weights(peft_state(style), adapter_name="style")
+            pipe.set_adapters(["subject", "style"])
+    elif config in ("est", "klora"):
+        estlora.fuse(pipe, subject, style, method=config, beta=0.5)
+    elif config == "research":
+        install_research(pipe.unet, subject, style, steps)
+    del subject, style
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"config": config, "peak_mib": peak, "kind": "GPU peak allocated" if cuda else "CPU peak RSS"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--ranks", default="8,64")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration in this process
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    if args.one:
+        print(json.dumps(one(args.one, args.model, args.steps, ranks, args.device)))
+        return
+
+    results = []
+    for config in args.configs.split(","):
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            config,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--ranks",
+            args.ranks,
+            "--device",
+            args.device,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    single = next((r["peak_mib"] for r in results if r["config"] == "single"), None)
+    print(f"model {args.model}, ranks {args.ranks}, {args.steps} steps, {results[0]['kind']} (fresh process each)")
+    for r in results:
+        ratio = f"{r['peak_mib'] / single:.3f}" if single else "-"
+        print(f"  {r['config']:10} {r['peak_mib']:9.0f} MiB   vs single {ratio}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"model": args.model, "steps": args.steps, "ranks": ranks, "results": results}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

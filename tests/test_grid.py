@@ -1,0 +1,196 @@
+"""`estlora grid` and `estlora eval` end to end on the tiny SDXL: resumable, multi-process, scored."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from estlora.cli import main
+from estlora.evaluation import bootstrap_ci
+from estlora.grid import GridSpec, jobs, manifest_entries, share
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    from estlora.tiny_encoders import builtin_tiny_clip, builtin_tiny_dino
+
+    return str(builtin_tiny_clip()), str(builtin_tiny_dino())
+
+
+@pytest.fixture
+def spec_file(tmp_path, tiny_dir, encoders):
+    rng = np.random.default_rng(0)
+    for folder, count in (("refs/dog", 3), ("refs/cat", 2), ("refs/wc", 1), ("refs/oil", 1)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    spec = {
+        "base": str(tiny_dir),
+        "subjects": [
+            {"name": "dog", "lora": "example:subject", "token": "sks", "class": "dog", "references": "refs/dog"},
+            {"name": "cat", "lora": "example:style", "token": "sbu", "class": "cat", "references": "refs/cat"},
+        ],
+        "styles": [
+            {"name": "wc", "lora": "example:style", "token": "szn", "class": "watercolor", "references": "refs/wc"},
+            {
+                "name": "oil",
+                "lora": "example:subject",
+                "token": "zkz",
+                "class": "oil painting",
+                "references": "refs/oil/0.png",
+            },
+        ],
+        "seeds": [0, 1],
+        "methods": ["est", "merge"],
+        "steps": 3,
+        "dino_model": encoders[1],
+        "beta_probe_steps": 2,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def pngs(run):
+    return sorted(p.relative_to(run).as_posix() for p in run.rglob("*.png") if p.parent.name != "report")
+
+
+def test_grid_then_eval(spec_file, tmp_path, encoders, capsys):
+    run = tmp_path / "run"
+    assert main(["grid", str(spec_file), "--out", str(run)]) == 0
+    expected = sorted(job.relpath for job in jobs(GridSpec.from_dict(yaml.safe_load(spec_file.read_text()))))
+    assert len(expected) == 16 and pngs(run) == expected
+    assert sorted(e["path"] for e in manifest_entries(run)) == expected
+    meta = json.loads((run / "images/dog/wc/est/p0-seed1.json").read_text())
+    assert meta["settings"]["prompt"] == "a sks dog in szn style"
+    assert meta["grid"]["neutral_prompt"] == "a dog in watercolor style"
+    assert meta["beta_source"] == "measured"
+    assert json.loads((run / "images/dog/wc/merge/p0-seed1.json").read_text())["beta_source"] == "unused"
+
+    assert main(["grid", str(spec_file), "--out", str(run)]) == 0  # rerun: nothing to do
+    assert "grid: 0 images rendered" in capsys.readouterr().out
+
+    clip, dino = encoders
+    assert main(["eval", str(run), "--clip-model", clip, "--dino-model", dino, "--batch-size", "3"]) == 0
+    rows = list(csv.DictReader((run / "scores.csv").open()))
+    assert len(rows) == 16
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["methods"]) == {"est", "merge"} and summary["methods"]["est"]["n"] == 8
+    for name in ("report.md", "report.html", "report/bars.png", "report/scatter.png", "report/grid-est.png"):
+        assert (run / name).is_file(), name
+    # one row against a direct computation with the metrics module
+    from estlora.metrics import Scorer, load_reference_images
+
+    row = next(r for r in rows if r["path"] == "images/cat/oil/merge/p0-seed0.png")
+    scorer = Scorer(clip, dino)
+    direct = scorer.score(
+        [Image.open(run / row["path"]).convert("RGB")],
+        ["a cat in oil painting style"],
+        scorer.embed_refs(load_reference_images(tmp_path / "refs/cat")),
+        scorer.embed_refs(load_reference_images(tmp_path / "refs/oil/0.png")),
+    )
+    for metric in ("style_clip", "subject_dino", "subject_clip", "text_clip"):
+        assert float(row[metric]) == pytest.approx(direct[metric][0], abs=1e-6)  # batch of 8 vs 1
+    means = [float(r["style_clip"]) for r in rows if r["method"] == "est"]
+    assert summary["methods"]["est"]["style_clip"]["mean"] == pytest.approx(sum(means) / len(means))
+
+
+def test_killed_grid_resumes_without_duplicates_or_gaps(spec_file, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "estlora.cli", "grid", str(spec_file), "--out", str(run), "--beta", "0.6"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(pngs(run)) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(pngs(run))
+    assert 3 <= done_before < 16, "the kill should land mid-run"
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    paths = [e["path"] for e in manifest_entries(run)]
+    assert len(paths) == len(set(paths)) == 16
+    assert pngs(run) == sorted(paths)
+    assert not [p for p in run.rglob(".*") if p.is_file()], "temporary files left behind"
+
+
+def test_two_processes_make_the_same_images(spec_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    args = ["grid", str(spec_file), "--beta", "0.6", "--threads", "1", "--seeds", "0", "--out"]
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "estlora.cli", *args, str(single)], env=env, capture_output=True, timeout=300
+        ).returncode
+        == 0
+    )
+    double = tmp_path / "double"
+    launch = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "estlora.cli",
+        *args,
+        str(double),
+    ]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("grid: 4 images rendered by this process") == 2  # 8 images, split 4 + 4
+    assert pngs(single) == pngs(double) and len(pngs(single)) == 8
+    for rel in pngs(single):
+        assert np.array_equal(np.asarray(Image.open(single / rel)), np.asarray(Image.open(double / rel))), rel
+
+
+def test_share_deals_whole_groups():
+    spec = GridSpec.from_dict(
+        {
+            "subjects": [{"name": s, "lora": "x"} for s in "abc"],
+            "styles": [{"name": "t", "lora": "y"}],
+            "seeds": [0, 1],
+            "methods": ["est", "merge"],
+        }
+    )
+    everything = jobs(spec)
+    parts = [share(everything, rank, 2) for rank in range(2)]
+    assert sorted(parts[0] + parts[1], key=everything.index) == everything
+    assert not {j.group for j in parts[0]} & {j.group for j in parts[1]}
+
+
+def test_bad_specs(tmp_path, spec_file, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("subjects: []\nstyles: [{name: t, lora: y}]\n")
+    assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2
+    bad.write_text("subjects: [{name: s, lora: x}]\nstyles: [{name: t, lora: y}]\nsteeps: 3\n")
+    assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown grid settings: steeps" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"version": 1, "spec": {"other": True}}))
+    assert main(["grid", str(spec_file), "--out", str(run)]) == 2
+    assert "holds another grid" in capsys.readouterr().err
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    mean, low, high = bootstrap_ci([0.0, 1.0, math.nan, 2.0, 3.0])
+    assert mean == 1.5 and 0.0 <= low < 1.5 < high <= 3.0
+    assert all(math.isnan(v) for v in bootstrap_ci([math.nan]))

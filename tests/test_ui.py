@@ -1,0 +1,232 @@
+"""Browser tests of `estlora ui`: Playwright drives Debian's Chromium (headless) against the app on the tiny model.
+
+The app runs in this process on 127.0.0.1 and a free port. Screenshots go to test-artifacts/ui/ at the
+repository root. Without Chromium, Playwright or Gradio the browser tests are skipped, except in CI
+(CI set), where they must run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from estlora.examples import example_lora_path
+
+CHROMIUM = "/usr/bin/chromium"
+# Flags for this closed, loopback-only network (no sandbox as root, no background calls home).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
+STEPS = "3"
+TIMEOUT_MS = 120_000  # the first request also builds the tiny model's caches
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before anything imports gradio: no calls home
+
+
+def _missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} not found (apt-get install chromium)"
+    for module in ("playwright", "gradio"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} not installed (pip install -e '.[dev,ui]')"
+    return None
+
+
+MISSING = _missing()
+if MISSING is None:
+    from playwright.sync_api import Page, expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+
+
+def test_ui_without_gradio_says_how_to_install(monkeypatch):
+    from estlora import ui
+    from estlora.errors import EstloraError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    with pytest.raises(EstloraError, match=r"pip install 'estlora\[ui\]'"):
+        ui.launch()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from estlora import ui
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ui.OUT_ENV, str(tmp_path_factory.mktemp("ui-outputs")))
+        env.setenv(ui.MAX_UPLOAD_ENV, "2")  # MiB: the example LoRAs (1.3 MB) fit, the "too large" file does not
+        app = ui.launch(None, "127.0.0.1", free_port(), block=False)
+        yield app.local_url
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if MISSING is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser tests must run in CI: {MISSING}", pytrace=False)
+        pytest.skip(MISSING)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url) -> Page:
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.locator("#generate").wait_for()
+    set_number(page, "#steps", STEPS)
+    yield page
+    page.close()
+
+
+def set_number(page: Page, component: str, value: str) -> None:
+    field = page.locator(f"{component} input[type=number]")
+    field.fill(value)
+    field.press("Enter")
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def upload(page: Page, role: str, path: Path) -> None:
+    page.locator(f"#{role}-file input[type=file]").set_input_files(path)
+
+
+def clear_upload(page: Page, role: str) -> None:
+    page.locator(f"#{role}-file button[aria-label='Clear']").click()
+    expect(page.locator(f"#{role}-choice input")).to_have_value(f"example:{role}")
+
+
+def expect_error(page: Page, text: str) -> None:
+    toast = page.locator(".toast-body", has_text=text)
+    expect(toast).to_be_visible()
+    toast.locator(".toast-close").click()
+
+
+def png_settings(page: Page, src: str) -> dict:
+    """The `estlora` text chunk of the PNG as the browser downloads it (the settings survive serving)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(page.request.get(src).body()))
+    return json.loads(image.text["estlora"])
+
+
+def test_load_generate_shows_image_beta_and_heatmap(page):
+    page.locator("#load").click()
+    expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the built-in tiny SDXL")
+    expect(page.locator("#lora-info")).to_contain_text("example:subject")
+
+    page.locator("#generate").click()
+    image = page.locator("#gallery img")
+    expect(image).to_have_count(1)
+    expect(image).to_have_attribute("alt", "est · seed 0")
+    expect(page.locator("#heatmaps img").first).to_be_visible()
+    expect(page.locator("#result")).to_contain_text("beta = ")
+    expect(page.locator("#result")).to_contain_text("measured")
+    expect(page.locator("#plan-summary")).to_contain_text("method est, 3 steps")
+    expect(page.locator("#files a[href$='/est-seed0.json']")).to_have_count(1)
+    shot(page, "generate")
+
+    meta = png_settings(page, image.get_attribute("src"))
+    assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
+    assert meta["beta_source"] == "measured" and meta["command"].startswith("estlora generate")
+
+
+def test_compare_two_methods_side_by_side(page):
+    page.locator("#compare-methods label", has_text="klora").uncheck()
+    page.locator("#compare-methods label", has_text="merge").check()
+    page.locator("#compare").click()
+    images = page.locator("#gallery img")
+    expect(images).to_have_count(2)
+    expect(page.locator("#gallery .caption-label")).to_have_text(["est · seed 0", "merge · seed 0"])
+    expect(page.locator("#result")).to_contain_text("merge: beta not used")
+    shot(page, "compare")
+    methods = [png_settings(page, images.nth(i).get_attribute("src"))["settings"]["method"] for i in range(2)]
+    assert methods == ["est", "merge"]
+
+
+def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(1000))
+    pickled = tmp_path / "renamed-pickle.safetensors"
+    torch.save({"lora": torch.zeros(4)}, pickled)
+    too_large = tmp_path / "too-large.safetensors"
+    too_large.write_bytes(os.urandom(3 * 2**20))
+    not_safetensors = tmp_path / "weights.bin"
+    not_safetensors.write_bytes(os.urandom(100))
+
+    upload(page, "subject", garbage)
+    expect(page.locator(".toast-body", has_text="garbage.safetensors: not a safetensors file")).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "bad-upload.png")  # the viewport: where the message is pinned
+    expect_error(page, "subject LoRA garbage.safetensors: not a safetensors file")
+    clear_upload(page, "subject")
+
+    upload(page, "style", pickled)
+    expect_error(page, "style LoRA renamed-pickle.safetensors: this is a pickle checkpoint")
+    clear_upload(page, "style")
+
+    upload(page, "subject", too_large)
+    expect_error(page, "exceed the maximum allowed size")
+    clear_upload(page, "subject")
+
+    upload(page, "subject", not_safetensors)
+    expect_error(page, "Only .safetensors allowed")
+
+    # Still alive: a good upload loads, and a render with it succeeds.
+    mine = tmp_path / "my-subject.safetensors"
+    shutil.copy(example_lora_path("example:subject"), mine)
+    upload(page, "subject", mine)
+    expect(page.locator("#subject-choice input")).to_have_value("upload")
+    expect(page.locator("#lora-info")).to_contain_text("my-subject.safetensors")
+    page.locator("#method label", has_text="merge").click()
+    page.locator("#generate").click()
+    expect(page.locator("#gallery img")).to_have_attribute("alt", "merge · seed 0")
+    shot(page, "after-bad-upload")
+
+
+def test_second_request_waits_in_the_queue(browser, page, app_url):
+    other = browser.new_page(viewport={"width": 1400, "height": 1100})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(app_url)
+    other.locator("#generate").wait_for()
+    set_number(page, "#steps", "20")  # long enough for the second request to find the first still running
+    set_number(other, "#steps", STEPS)
+    page.locator("#method label", has_text="klora").click()
+    page.locator("#generate").click()
+    expect(page.locator("#gallery")).to_contain_text(re.compile(r"[1-9]\d*/20 steps"))  # the progress bar
+    other.locator("#generate").click()
+    expect(other.locator("#gallery")).to_contain_text("queue")
+    shot(page, "progress")
+    shot(other, "queued")
+    expect(page.locator("#gallery img")).to_have_attribute("alt", "klora · seed 0")
+    expect(other.locator("#gallery img")).to_have_attribute("alt", "est · seed 0")
+    other.close()
