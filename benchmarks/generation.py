@@ -105,7 +105,7 @@ def peft_state(lora: Lora) -> dict:
     return state
 
 
-def build(model: str, device: str):
+def build(model: str, device: str, size: int | None = None):
     """(pipeline, call kwargs, dtype) with prompt embeddings prepared, so only denoising is timed."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -114,20 +114,14 @@ def build(model: str, device: str):
 
         pipe = StableDiffusionXLPipeline.from_pretrained(builtin_tiny_sdxl()).to(device)
         embeds = pipe.encode_prompt("a photo of sks dog in szn style", device=device, do_classifier_free_guidance=True)
-        size = 64
+        size = size or 64
     else:
-        from estlora.base import SDXL_UNET_CONFIG
+        from estlora.base import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
 
         dtype = torch.float16
         with torch.device(device):
             unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
         pipe = StableDiffusionXLPipeline(
             vae=None,
             text_encoder=None,
@@ -145,7 +139,7 @@ def build(model: str, device: str):
             torch.randn(1, 1280, generator=g, device=device, dtype=dtype),
             torch.randn(1, 1280, generator=g, device=device, dtype=dtype),
         )
-        size = 1024
+        size = size or 1024
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(
         prompt_embeds=embeds[0],
@@ -168,11 +162,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="8,64")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
     parser.add_argument("--json")
     args = parser.parse_args()
     configs = args.configs.split(",")
 
-    pipe, kwargs = build(args.model, args.device)
+    pipe, kwargs = build(args.model, args.device, args.size)
     shapes = unet_projection_shapes(pipe.unet)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
     subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")

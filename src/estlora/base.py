@@ -39,6 +39,14 @@ SDXL_UNET_CONFIG = {
     "use_linear_projection": True,
 }
 KNOWN_UNET_CONFIGS = {DEFAULT_BASE: SDXL_UNET_CONFIG}
+# SDXL base 1.0's default sampler settings.
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
 
 
 def check_local_path(base: str | os.PathLike) -> None:

@@ -52,17 +52,14 @@ def _base_shapes(base: str | None):
 def fusion_config(args: argparse.Namespace):
     from .plan import FusionConfig
 
-    return FusionConfig(
-        method=args.method,
-        alpha=args.alpha,
-        beta=args.beta,
-        pattern=args.pattern,
-        gamma_rule=args.gamma_rule,
-        subject_scale=args.subject_scale,
-        style_scale=args.style_scale,
-        raw_energy=args.raw_energy,
-        switch_every=args.switch_every,
-    )
+    return FusionConfig(method=args.method, beta=args.beta, **fusion_options(args))
+
+
+def fusion_options(args: argparse.Namespace) -> dict:
+    """The `add_fusion_options` flags other than method and beta, as FusionConfig / Request fields."""
+    from .plan import FUSION_OPTIONS
+
+    return {name: getattr(args, name) for name in FUSION_OPTIONS}
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -117,15 +114,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         beta=args.beta,
         beta_probe_steps=args.beta_probe_steps,
         dino_model=args.dino_model,
-        alpha=args.alpha,
-        pattern=args.pattern,
-        gamma_rule=args.gamma_rule,
-        subject_scale=args.subject_scale,
-        style_scale=args.style_scale,
-        raw_energy=args.raw_energy,
-        switch_every=args.switch_every,
         device=args.device,
         dtype=args.dtype,
+        **fusion_options(args),
         cpu_offload=args.cpu_offload,
         out=args.out,
     )

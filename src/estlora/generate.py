@@ -55,15 +55,9 @@ class Request:
     out: str = "outputs"
 
     def config_options(self) -> dict:
-        return {
-            "alpha": self.alpha,
-            "pattern": self.pattern,
-            "gamma_rule": self.gamma_rule,
-            "subject_scale": self.subject_scale,
-            "style_scale": self.style_scale,
-            "raw_energy": self.raw_energy,
-            "switch_every": self.switch_every,
-        }
+        from .plan import FUSION_OPTIONS
+
+        return {name: getattr(self, name) for name in FUSION_OPTIONS}
 
     def pipe_kwargs(self, steps: int | None = None) -> dict:
         kwargs = {"num_inference_steps": steps or self.steps, "guidance_scale": self.guidance}

@@ -34,6 +34,8 @@ GAMMA_RULES = ("reference", "energy")
 # K-LoRA's hand-set betas; also est's beta until one is measured (by `generate --beta auto`).
 DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
 SCORES_VERSION = 1
+# FusionConfig fields other than method and beta: the options every fusing command passes through.
+FUSION_OPTIONS = ("alpha", "pattern", "gamma_rule", "subject_scale", "style_scale", "raw_energy", "switch_every")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .base import SDXL_SCHEDULER_CONFIG
 from .cache import cache_dir
 from .outputs import cached_folder, write_folder
 
@@ -101,13 +102,7 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
