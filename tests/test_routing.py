@@ -128,7 +128,12 @@ def test_est_routes_each_projection_per_step(pipe, loras, monkeypatch):
     assert sorted(seen) == list(range(7))
     for step, applied in seen.items():
         assert len(applied) == 560
-        assert [applied[i] for i in range(560)] == [tuple(w) for w in plan.weights[step].tolist()]
+        expected = []
+        for name, (w_c, w_s) in zip(plan.layers, plan.weights[step].tolist(), strict=True):
+            c, s = loras[0].projections[name], loras[1].projections[name]
+            expected.append((w_c * c.alpha / c.rank if w_c else 0.0, w_s * s.alpha / s.rank if w_s else 0.0))
+        assert [applied[i] for i in range(560)] == expected
+        assert all((a > 0) != (b > 0) for a, b in expected)  # est: exactly one LoRA per projection
     flips = sum(f is not None for f in plan.flip_steps())
     assert flips > 50, "the example pair should make many projections flip"
 

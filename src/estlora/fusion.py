@@ -168,10 +168,23 @@ class Fusion:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         step, steps = denoising_step(scheduler, timestep)
         if len(self.router.rows) != steps:
-            self.router.rows = [tuple(map(tuple, row)) for row in self.plan_for(steps).weights.tolist()]
-            self.router.step = None
+            self.router.rows, self.router.step = self.scale_rows(self.plan_for(steps)), None
         if step != self.router.step:
             self.router.row, self.router.step = self.router.rows[step], step
+
+    def scale_rows(self, plan: Plan) -> list[list[tuple[float, float]]]:
+        """Per step and projection, (w_c * alpha_c / r_c, w_s * alpha_s / r_s): what each LoRA is multiplied by.
+
+        Worked out in peft's order of operations (`LoraFactors.scale_at`), so results match it bit for bit.
+        """
+        factors = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
+        return [
+            [
+                (c.scale_at(w_c) if c and w_c else 0.0, s.scale_at(w_s) if s and w_s else 0.0)
+                for (w_c, w_s), (c, s) in zip(row, factors, strict=True)
+            ]
+            for row in plan.weights.tolist()
+        ]
 
     def remove(self) -> None:
         """Put the original projections back and drop the hook: the pipeline is as it was."""

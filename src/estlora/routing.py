@@ -2,7 +2,7 @@
 
 Mechanism (shared/design/environment.md section 4, "M3"): every projection that either LoRA touches
 is replaced by a `RoutedLinear` that owns the original `nn.Linear` and both LoRAs' factors, and
-reads its (w_subject, w_style) from one shared `Router`. One forward pre-hook on the UNet asks the
+reads its two LoRA scales for this step from one shared `Router`. One forward pre-hook on the UNet asks the
 scheduler which denoising step is running and points the router at that step's row of the plan.
 
 Why this one: the per-step work is one list lookup whatever the number of projections (nothing is
@@ -22,7 +22,10 @@ from .lora import LoraFactors
 
 
 class Router:
-    """The current step's weights, one (w_subject, w_style) pair per routed projection."""
+    """The current step's LoRA scales, one (subject, style) pair per routed projection.
+
+    A scale is the plan weight times alpha / rank, worked out once per plan (not per call).
+    """
 
     def __init__(self, layers: int):
         self.idle = [(0.0, 0.0)] * layers  # outside a pipeline call: the base model alone
@@ -41,7 +44,6 @@ class RoutedLinear(nn.Module):
         self.base = base
         self.index = index
         self.router = router
-        self.factors = (subject, style)  # kept for alpha / rank; tensors live in the buffers below
         device, dtype = base.weight.device, base.weight.dtype
         for name, lora in (("subject", subject), ("style", style)):
             down = None if lora is None else lora.down.to(device=device, dtype=dtype)
@@ -63,11 +65,11 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
-        w_subject, w_style = self.router.row[self.index]
-        if w_subject:
-            result = result + self._delta(x, self.subject_down, self.subject_up) * self.factors[0].scale_at(w_subject)
-        if w_style:
-            result = result + self._delta(x, self.style_down, self.style_up) * self.factors[1].scale_at(w_style)
+        scale_subject, scale_style = self.router.row[self.index]
+        if scale_subject:
+            result = result + self._delta(x, self.subject_down, self.subject_up) * scale_subject
+        if scale_style:
+            result = result + self._delta(x, self.style_down, self.style_up) * scale_style
         return result
 
     @staticmethod
