@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "estlora-demo", steps: int = 20, num_images: int 
                 f"Prompt: `{PROMPT}`; base: the built-in tiny SDXL (random weights: it draws noise, the point is",
                 "the machinery); subject and style: the built-in example LoRAs.",
                 "",
-                f"beta = {probe.beta:.4f}, measured as 1 - DINO cosine between the subject-only and style-only",
+                f"beta = {probe.beta:.4g}, measured as 1 - DINO cosine between the subject-only and style-only",
                 "renders below (seed 0, same settings).",
                 "",
                 "| image | file |",
@@ -74,5 +74,5 @@ def run_demo(out: str | Path = "estlora-demo", steps: int = 20, num_images: int 
             ]
         )
         write_text(out / "summary.md", page)
-    print(f"demo written to {out.resolve()}: {len(files)} images, plan.png, summary.md (beta {probe.beta:.4f})")
+    print(f"demo written to {out.resolve()}: {len(files)} images, plan.png, summary.md (beta {probe.beta:.4g})")
     return out

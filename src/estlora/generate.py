@@ -161,7 +161,7 @@ def generate(request: Request, pipe=None) -> list[Path]:
     with fuse(pipe, subject, style, method=request.method, beta=request.beta, **options) as fusion:
         if request.method == "est" and request.beta is None:
             probe = measure_beta(fusion, request)
-            print(f"beta = {probe.beta:.4f} (style discrepancy{', cached' if probe.cached else ''})")
+            print(f"beta = {probe.beta:.4g} (style discrepancy{', cached' if probe.cached else ''})")
         out = Path(request.out)
         paths = []
         for k in range(request.num_images):
