@@ -268,13 +268,16 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
                     from .generate import measure_beta
 
                     beta = measure_beta(fusion, request).beta
-                for job in prompt_jobs:
-                    measured = job.method == "est" and spec.beta is None
-                    fusion.set(
-                        method=job.method,
-                        beta=beta if job.method == "est" else spec.beta,
-                        beta_source="measured" if measured else None,
-                    )
+                planned = None
+                for job in prompt_jobs:  # methods are contiguous: re-plan once per method, not per image
+                    if job.method != planned:
+                        measured = job.method == "est" and spec.beta is None
+                        fusion.set(
+                            method=job.method,
+                            beta=beta if job.method == "est" else spec.beta,
+                            beta_source="measured" if measured else None,
+                        )
+                        planned = job.method
                     image = render(fusion, request, job.seed, f"{job.subject} x {job.style} {job.method}")
                     meta = metadata(request, fusion, job.seed)
                     meta["grid"] = {

@@ -44,7 +44,6 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ATTENTION_PROJECTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # kohya spells the same module paths with underscores (and SDXL's SGM block names).
 KOHYA_ATTENTION_PROJECTION = re.compile(r"^lora_unet_.*transformer_blocks_\d+_attn[12]_(to_q|to_k|to_v|to_out_0)$")
-LAYOUTS = ("diffusers-peft", "diffusers-legacy", "klora-research", "kohya")
 
 
 @dataclass(frozen=True)

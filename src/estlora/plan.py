@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -232,10 +232,6 @@ class Plan:
     beta: float | None
     beta_source: str  # "given", "measured", "default" (not measured), or "unused"
     hashes: tuple[str, str] = ("", "")
-    extra: dict = field(default_factory=dict)
-
-    def weights_at(self, step: int) -> torch.Tensor:
-        return self.weights[step]
 
     def flip_steps(self) -> list[int | None]:
         """Per projection, the first step whose choice differs from step 0 (None if it never changes)."""
@@ -318,10 +314,6 @@ def needs(config: FusionConfig) -> dict[str, bool]:
         "need_l1": config.gated and config.gamma_rule == "reference",
         "need_topk": config.method == "klora",
     }
-
-
-def with_beta(config: FusionConfig, beta: float) -> FusionConfig:
-    return replace(config, beta=beta)
 
 
 # ---------------------------------------------------------------- cached scores
