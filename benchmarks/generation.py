@@ -167,7 +167,13 @@ def main() -> None:
     args = parser.parse_args()
     configs = args.configs.split(",")
 
+    clock = time.perf_counter()
+
+    def log(message: str) -> None:  # progress as it goes: a run cut short by a time limit still says how far it got
+        print(f"[{time.perf_counter() - clock:6.1f} s] {message}", flush=True)
+
     pipe, kwargs = build(args.model, args.device, args.size)
+    log("model built")
     shapes = unet_projection_shapes(pipe.unet)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
     subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")
@@ -179,6 +185,7 @@ def main() -> None:
     pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
     pipe.load_lora_weights(peft_state(style), adapter_name="style")
     pipe.unet = plain_unet
+    log("LoRAs loaded")
 
     hook_seconds = []
 
@@ -219,15 +226,16 @@ def main() -> None:
         teardown = setup(c)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        run_once()
+        log(f"warm-up {c}: {run_once():.2f} s")
         if args.device.startswith("cuda"):
             peak[c] = torch.cuda.max_memory_allocated() / 2**20
         teardown()
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for c in random.sample(configs, len(configs)):
             teardown = setup(c)
             times[c].append(run_once())
             teardown()
+        log(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{c} {times[c][-1]:.2f}" for c in configs))
 
     base = statistics.median(times["single"]) if "single" in times else None
     print(

@@ -142,6 +142,7 @@ def test_demo(tmp_path, capsys):
         [
             "fused-est-seed0.json",
             "fused-est-seed0.png",
+            "overview.png",
             "plan.png",
             "style-only-seed0.json",
             "style-only-seed0.png",
@@ -151,6 +152,8 @@ def test_demo(tmp_path, capsys):
         ]
     )
     page = (out / "summary.md").read_text()
-    assert "beta = " in page and "560 projections" in page
+    assert "beta = " in page and "32 projections" in page and "toy:heart" in page
+    meta = json.loads((out / "fused-est-seed0.json").read_text())
+    assert meta["settings"]["base"] == "toy" and meta["settings"]["dino_model"] == "toy"
     assert json.loads((out / "subject-only-seed0.json").read_text())["settings"]["method"] == "subject"
     assert str(out.resolve()) in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Browser tests of `estlora ui`: Playwright drives Debian's Chromium (headless) against the app on the tiny model.
+"""Browser tests of `estlora ui`: Playwright drives Debian's Chromium (headless) against the app on the toy model.
 
 The app runs in this process on 127.0.0.1 and a free port. Screenshots go to test-artifacts/ui/ at the
 repository root. Without Chromium, Playwright or Gradio the browser tests are skipped, except in CI
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from estlora.examples import example_lora_path
+from estlora.toy_model import toy_lora_path
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags for this closed, loopback-only network (no sandbox as root, no background calls home).
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
 STEPS = "3"
-TIMEOUT_MS = 120_000  # the first request also builds the tiny model's caches
+TIMEOUT_MS = 120_000
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before anything imports gradio: no calls home
 
 
@@ -77,7 +77,7 @@ def app_url(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv(ui.OUT_ENV, str(tmp_path_factory.mktemp("ui-outputs")))
-        env.setenv(ui.MAX_UPLOAD_ENV, "2")  # MiB: the example LoRAs (1.3 MB) fit, the "too large" file does not
+        env.setenv(ui.MAX_UPLOAD_ENV, "2")  # MiB: the toy LoRAs (0.1 MB) fit, the "too large" file does not
         app = ui.launch(None, "127.0.0.1", free_port(), block=False)
         yield app.local_url
         app.close()
@@ -123,7 +123,7 @@ def upload(page: Page, role: str, path: Path) -> None:
 
 def clear_upload(page: Page, role: str) -> None:
     page.locator(f"#{role}-file button[aria-label='Clear']").click()
-    expect(page.locator(f"#{role}-choice input")).to_have_value(f"example:{role}")
+    expect(page.locator(f"#{role}-choice input")).to_have_value({"subject": "toy:heart", "style": "toy:outline"}[role])
 
 
 def expect_error(page: Page, text: str) -> None:
@@ -142,8 +142,9 @@ def png_settings(page: Page, src: str) -> dict:
 
 def test_load_generate_shows_image_beta_and_heatmap(page):
     page.locator("#load").click()
-    expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the built-in tiny SDXL")
-    expect(page.locator("#lora-info")).to_contain_text("example:subject")
+    expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the toy SDXL")
+    expect(page.locator("#lora-info")).to_contain_text("toy:heart")
+    expect(page.locator("#lora-info")).to_contain_text("toy:outline")
 
     page.locator("#generate").click()
     image = page.locator("#gallery img")
@@ -159,6 +160,7 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     meta = png_settings(page, image.get_attribute("src"))
     assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
     assert meta["beta_source"] == "measured" and meta["command"].startswith("estlora generate")
+    assert "--base toy --method est" in meta["command"] and "--subject toy:heart" in meta["command"]
 
 
 def test_compare_two_methods_side_by_side(page):
@@ -203,7 +205,7 @@ def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
 
     # Still alive: a good upload loads, and a render with it succeeds.
     mine = tmp_path / "my-subject.safetensors"
-    shutil.copy(example_lora_path("example:subject"), mine)
+    shutil.copy(toy_lora_path("heart"), mine)
     upload(page, "subject", mine)
     expect(page.locator("#subject-choice input")).to_have_value("upload")
     expect(page.locator("#lora-info")).to_contain_text("my-subject.safetensors")
@@ -219,6 +221,8 @@ def test_second_request_waits_in_the_queue(browser, page, app_url):
     other.goto(app_url)
     other.locator("#generate").wait_for()
     set_number(page, "#steps", "20")  # long enough for the second request to find the first still running
+    for side in ("#width", "#height"):
+        set_number(page, side, "256")  # a few seconds on the toy model
     set_number(other, "#steps", STEPS)
     page.locator("#method label", has_text="klora").click()
     page.locator("#generate").click()

@@ -49,6 +49,18 @@ SDXL_SCHEDULER_CONFIG = {
 }
 
 
+TOY_BASE = "toy"  # the shipped toy SDXL (estlora.toy_model)
+
+
+def resolve_base(base: str | os.PathLike) -> str:
+    """A base as diffusers can load it: `toy` names the shipped toy model's folder."""
+    if str(base) == TOY_BASE:
+        from .toy_model import toy_model_path
+
+        return str(toy_model_path())
+    return str(base)
+
+
 def check_local_path(base: str | os.PathLike) -> None:
     """A base spelled as a path must exist (else the hub client reports a confusing repo-id error)."""
     text = str(base)
@@ -60,6 +72,7 @@ def unet_config(base: str | os.PathLike) -> dict:
     """The UNet config of a diffusers pipeline folder or hub id."""
     from diffusers import UNet2DConditionModel
 
+    base = resolve_base(base)
     check_local_path(base)
     try:
         with warnings.catch_warnings():  # diffusers 0.42 passes a deprecated argument to the hub client

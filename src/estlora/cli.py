@@ -17,6 +17,7 @@ from .base import DEFAULT_BASE  # noqa: E402
 from .discrepancy import DEFAULT_DINO  # noqa: E402
 from .errors import EstloraError  # noqa: E402
 from .metrics import DEFAULT_CLIP  # noqa: E402
+from .toy_world import STYLES, SUBJECTS  # noqa: E402
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -126,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, num_images=args.num_images, device=args.device)
+    run_demo(args.out, args.steps, args.num_images, args.device, args.subject, args.style)
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
@@ -227,27 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     inspect = commands.add_parser("inspect", help="summarise a LoRA file: layout, projections, ranks, alphas")
-    inspect.add_argument("lora", help="a .safetensors file, a folder holding one, a hub id, or example:subject")
-    inspect.add_argument("--base", help="also check it fits this base model (folder or hub id)")
+    inspect.add_argument(
+        "lora", help="a .safetensors file, a folder holding one, a hub id, example:subject or toy:heart"
+    )
+    inspect.add_argument("--base", help="also check it fits this base model (folder, hub id, or toy)")
     inspect.add_argument("--json", action="store_true", help="print a JSON report instead")
     inspect.set_defaults(func=cmd_inspect)
 
     plan = commands.add_parser("plan", help="compute the fusion plan: which LoRA each projection uses at each step")
-    plan.add_argument("subject", help="subject LoRA (file, folder, hub id or example:subject)")
-    plan.add_argument("style", help="style LoRA (file, folder, hub id or example:style)")
+    plan.add_argument("subject", help="subject LoRA (file, folder, hub id, example:subject, toy:heart)")
+    plan.add_argument("style", help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
     plan.add_argument("--steps", type=int, default=30, help="number of denoising steps (default 30)")
-    plan.add_argument("--base", help="check both LoRAs fit this base model (folder or hub id)")
+    plan.add_argument("--base", help="check both LoRAs fit this base model (folder, hub id, or toy)")
     plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     plan.add_argument("--png", help="also draw the plan as a heatmap PNG")
     add_fusion_options(plan, "time-scale offset beta (default auto: K-LoRA's 0.5 here; generate measures it)")
     plan.set_defaults(func=cmd_plan)
 
     gen = commands.add_parser("generate", help="render the subject in the style with a fusion method")
-    gen.add_argument("--subject", required=True, help="subject LoRA (file, folder, hub id or example:subject)")
-    gen.add_argument("--style", required=True, help="style LoRA (file, folder, hub id or example:style)")
+    gen.add_argument("--subject", required=True, help="subject LoRA (file, folder, hub id, example:subject, toy:heart)")
+    gen.add_argument("--style", required=True, help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
     gen.add_argument("--prompt", required=True, help='e.g. "a sks dog in szn style"')
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--base", default=DEFAULT_BASE, help=f"SDXL base: folder or hub id (default {DEFAULT_BASE})")
+    gen.add_argument("--base", default=DEFAULT_BASE, help=f"SDXL base: folder, hub id, or toy (default {DEFAULT_BASE})")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
@@ -265,10 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_fusion_options(gen, "time-scale offset beta, or auto (default: measured by style discrepancy for est)")
     gen.set_defaults(func=cmd_generate)
 
-    demo = commands.add_parser("demo", help="run everything on the built-in tiny model and example LoRAs")
+    demo = commands.add_parser("demo", help="fuse a subject and a style on the shipped toy SDXL, offline")
     demo.add_argument("--out", default="estlora-demo", help="output folder (default ./estlora-demo)")
     demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--num-images", type=int, default=2)
+    demo.add_argument("--num-images", type=int, default=4)
+    demo.add_argument("--subject", default="heart", choices=SUBJECTS, help="toy subject LoRA (default heart)")
+    demo.add_argument("--style", default="outline", choices=STYLES, help="toy style LoRA (default outline)")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=cmd_demo)
 
@@ -296,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
-    ui.add_argument("--base", help="SDXL base folder or hub id (default: the built-in tiny model)")
+    ui.add_argument("--base", help="SDXL base folder or hub id (default: the shipped toy model, toy)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
     ui.set_defaults(func=cmd_ui)

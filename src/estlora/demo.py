@@ -1,62 +1,78 @@
-"""`estlora demo`: the whole product on the built-in tiny SDXL and example LoRAs, offline, in a minute.
+"""`estlora demo`: the whole product on the shipped toy SDXL and its LoRAs, offline, in under a minute.
 
-Writes the fused images, the subject-only and style-only references (the very renders beta is
-measured from), the plan heatmap and a one-page summary into one folder.
+The toy model was trained from scratch on a world of coloured shapes (estlora.toy_world), so the
+result can be seen: the subject LoRA's new shape, drawn with the style LoRA's texture. Writes the
+fused images, the subject-only and style-only references (the very renders beta is measured from),
+an enlarged overview sheet, the plan heatmap and a one-page summary into one folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .examples import example_lora_path
 from .fusion import fuse
 from .generate import Request, measure_beta, metadata, render, save_image
-from .outputs import write_text
+from .outputs import atomic_path, write_text
 from .pipelines import load_pipeline
 from .plan_view import heatmap, summary
-from .tiny_encoders import builtin_tiny_dino
-from .tiny_model import builtin_tiny_sdxl
+from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
+from .toy_world import STYLES, SUBJECTS
 
-PROMPT = "a photo of sks dog in szn style"
+PROMPT = "a sks shape in szn style"
 
 
-def run_demo(out: str | Path = "estlora-demo", steps: int = 20, num_images: int = 2, device: str = "auto") -> Path:
+def run_demo(
+    out: str | Path = "estlora-demo",
+    steps: int = SAMPLE_STEPS,
+    num_images: int = 4,
+    device: str = "auto",
+    subject: str = "heart",
+    style: str = "outline",
+) -> Path:
     out = Path(out)
+    if subject not in SUBJECTS or style not in STYLES:
+        raise ValueError(f"the demo's subjects are {', '.join(SUBJECTS)} and its styles {', '.join(STYLES)}")
     request = Request(
-        subject=str(example_lora_path("example:subject")),
-        style=str(example_lora_path("example:style")),
+        subject=str(toy_lora_path(subject)),
+        style=str(toy_lora_path(style)),
         prompt=PROMPT,
-        base=str(builtin_tiny_sdxl()),
+        base="toy",
         steps=steps,
+        guidance=GUIDANCE,
         num_images=num_images,
-        dino_model=str(builtin_tiny_dino()),
+        dino_model="toy",
         device=device,
         out=str(out),
     )
     pipe = load_pipeline(request.base, request.device)
     with fuse(pipe, request.subject, request.style, method="est") as fusion:
-        print("measuring beta: subject-only and style-only renders, DINO similarity ...")
+        print("measuring beta: subject-only and style-only renders, style discrepancy ...")
         probe = measure_beta(fusion, request, use_cache=False)
-        files = []
+        files, sheet = [], []
         for method in ("subject", "style"):
             with fusion.using(method=method):
-                files.append(
-                    save_image(probe.images[method], out / f"{method}-only-seed0.png", metadata(request, fusion, 0))
-                )
+                image = probe.images[method]
+                files.append(save_image(image, out / f"{method}-only-seed0.png", metadata(request, fusion, 0)))
+                sheet.append(image)
         for k in range(num_images):
             image = render(fusion, request, k, f"fused image {k + 1}/{num_images}")
             files.append(save_image(image, out / f"fused-est-seed{k}.png", metadata(request, fusion, k)))
+            sheet.append(image)
+        overview(sheet, out / "overview.png")
         plan = fusion.plan_for(steps)
         heatmap(plan, out / "plan.png")
         page = "\n".join(
             [
                 "# estlora demo",
                 "",
-                f"Prompt: `{PROMPT}`; base: the built-in tiny SDXL (random weights: it draws noise, the point is",
-                "the machinery); subject and style: the built-in example LoRAs.",
+                f"Prompt: `{PROMPT}`. Base: the shipped toy SDXL, trained from scratch on 32 x 32 coloured shapes.",
+                f'Subject LoRA: `toy:{subject}` ("a sks shape" is a {subject}); style LoRA: `toy:{style}`',
+                f'("in szn style" is the {style} texture). Neither LoRA saw the other\'s concept.',
                 "",
-                f"beta = {probe.beta:.4g}, measured as 1 - DINO cosine between the subject-only and style-only",
-                "renders below (seed 0, same settings).",
+                "[overview.png](overview.png): subject only, style only, then the fused images, enlarged 4x.",
+                "",
+                f"beta = {probe.beta:.4g}, measured as 1 - cosine between the subject-only and style-only",
+                "renders (seed 0, same settings) in the toy scorer's feature space, the toy world's DINO.",
                 "",
                 "| image | file |",
                 "| --- | --- |",
@@ -74,5 +90,18 @@ def run_demo(out: str | Path = "estlora-demo", steps: int = 20, num_images: int 
             ]
         )
         write_text(out / "summary.md", page)
-    print(f"demo written to {out.resolve()}: {len(files)} images, plan.png, summary.md (beta {probe.beta:.4g})")
+    print(f"demo written to {out.resolve()}: {len(files)} images, overview.png, plan.png, summary.md")
+    print(f"beta {probe.beta:.4g}; look at {out / 'overview.png'}")
     return out
+
+
+def overview(images: list, path: Path, zoom: int = 4) -> None:
+    """One enlarged row: toy images are 32 x 32, too small to judge at their own size."""
+    from PIL import Image
+
+    w, h = images[0].size
+    sheet = Image.new("RGB", (len(images) * (w * zoom + 8) - 8, h * zoom), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image.resize((w * zoom, h * zoom), Image.NEAREST), (i * (w * zoom + 8), 0))
+    with atomic_path(path) as staging:
+        sheet.save(staging, format="PNG")

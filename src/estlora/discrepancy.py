@@ -18,6 +18,7 @@ from . import cache
 from .errors import EstloraError
 
 DEFAULT_DINO = "facebook/dino-vits16"
+TOY_EMBEDDER = "toy"  # the toy world's scorer features stand in for DINO there (see estlora.toy_scorer)
 
 
 class ImageEmbedderError(EstloraError, OSError):
@@ -78,6 +79,15 @@ class DinoEmbedder(PretrainedEmbedder):
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
         """(n, hidden) fp32 CLS vectors on the CPU."""
         return self._batched(images, lambda batch: self.model(pixel_values=self._pixels(batch)).last_hidden_state[:, 0])
+
+
+def image_embedder(model_id: str | os.PathLike, device: str | torch.device = "cpu"):
+    """DINO (a hub id or folder), or `toy`: the toy world's own feature space."""
+    if str(model_id) == TOY_EMBEDDER:
+        from .toy_scorer import ToyEmbedder
+
+        return ToyEmbedder()
+    return DinoEmbedder(model_id, device=device)
 
 
 def style_discrepancy(subject_image: Image.Image, style_image: Image.Image, embedder: DinoEmbedder) -> float:

@@ -138,7 +138,7 @@ class Fusion:
                 with self.using(method=method):
                     generator = torch.Generator("cpu").manual_seed(seed)
                     images[method] = self.pipe(prompt, generator=generator, **pipe_kwargs).images[0]
-            embedder = discrepancy.DinoEmbedder(dino_model, device=self.pipe.unet.device)
+            embedder = discrepancy.image_embedder(dino_model, device=self.pipe.unet.device)
             beta = discrepancy.style_discrepancy(images["subject"], images["style"], embedder)
             discrepancy.store_beta(key, beta, {"prompt": prompt})
         self.set(beta=beta, beta_source="measured")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .base import DEFAULT_BASE, projection_shapes, unet_config
-from .discrepancy import DEFAULT_DINO
+from .base import DEFAULT_BASE, TOY_BASE, projection_shapes, unet_config
+from .discrepancy import DEFAULT_DINO, TOY_EMBEDDER
 from .fusion import Fusion, fuse
 from .lora import load_pair
 from .outputs import atomic_path, write_text
@@ -53,6 +53,10 @@ class Request:
     dtype: str = "auto"
     cpu_offload: bool = False
     out: str = "outputs"
+
+    def __post_init__(self) -> None:
+        if self.base == TOY_BASE and self.dino_model == DEFAULT_DINO:
+            self.dino_model = TOY_EMBEDDER  # DINO knows nothing of 32 x 32 toy shapes; the toy scorer does
 
     def config_options(self) -> dict:
         from .plan import FUSION_OPTIONS

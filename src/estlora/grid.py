@@ -134,7 +134,7 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
 
 def _relative_to(entry: Entry, folder: Path) -> Entry:
     def resolve(value):
-        if value is None or value.startswith("example:") or Path(value).is_absolute():
+        if value is None or value.startswith(("example:", "toy:")) or Path(value).is_absolute():
             return value
         candidate = folder / value
         return str(candidate) if candidate.exists() else value  # else: a hub id

@@ -111,11 +111,15 @@ class Lora:
 
 
 def resolve_lora_path(source: str | os.PathLike) -> Path:
-    """A file, a folder holding one LoRA, a built-in `example:NAME`, or (with network) a hub id."""
+    """A file, a folder holding one LoRA, a built-in `example:NAME` or `toy:NAME`, or (with network) a hub id."""
     if str(source).startswith("example:"):
         from .examples import example_lora_path
 
         return example_lora_path(str(source))
+    if str(source).startswith("toy:"):
+        from .toy_model import toy_lora_path
+
+        return toy_lora_path(str(source))
     path = Path(source).expanduser()
     if path.is_file():
         return path

@@ -19,10 +19,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(staging)
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes files private; results are ordinary files
         os.replace(staging, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
@@ -42,6 +49,7 @@ def write_folder(target: str | os.PathLike, fill: Callable[[Path], object]) -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(staging)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes folders private
         if target.exists():
             target.rmdir()
         staging.rename(target)

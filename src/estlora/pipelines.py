@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from .base import check_local_path
+from .base import check_local_path, resolve_base
 from .errors import BaseModelError
 
 
@@ -42,6 +42,7 @@ def load_pipeline(base: str | os.PathLike, device: str = "auto", dtype: str = "a
     """A `StableDiffusionXLPipeline` from a folder or hub id, placed on device (or offloaded)."""
     from diffusers import StableDiffusionXLPipeline
 
+    base = resolve_base(base)
     check_local_path(base)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)

@@ -24,12 +24,19 @@ from .generate import Request, metadata, render, save_image
 from .lora import Lora, check_pair, file_sha256, load_lora
 from .plan import GAMMA_RULES, METHODS, PATTERNS
 from .plan_view import heatmap, summary
+from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
+from .toy_world import STYLES, SUBJECTS
 
 if TYPE_CHECKING:
     import gradio as gr
 
 UPLOAD = "upload"
-EXAMPLES = ("example:subject", "example:style")
+# The toy LoRAs, defaults first: outline is the style that fuses best on the toy model (benchmarks/RESULTS.md).
+BUILTIN = {
+    "subject": tuple(f"toy:{s}" for s in SUBJECTS),
+    "style": tuple(f"toy:{s}" for s in sorted(STYLES, key=lambda s: s != "outline")),
+}
+OTHER_PROMPT = "a photo of sks dog in szn style"
 MAX_UPLOAD_ENV = "ESTLORA_UI_MAX_UPLOAD_MB"  # uploads above this many MiB are refused (default 1024)
 OUT_ENV = "ESTLORA_UI_OUT"  # where images are saved (default ./estlora-ui-outputs)
 KEPT_LORAS = 4  # loaded LoRAs kept in memory; SDXL ones weigh hundreds of MB each
@@ -81,16 +88,10 @@ class Studio:
     def __init__(self, base: str | None, out: Path):
         from .pipelines import load_pipeline
 
-        self.tiny = base is None
-        if self.tiny:
-            from .tiny_encoders import builtin_tiny_dino
-            from .tiny_model import builtin_tiny_sdxl
-
-            base, self.dino = str(builtin_tiny_sdxl()), str(builtin_tiny_dino())
-        else:
-            self.dino = DEFAULT_DINO
-        self.base, self.out = str(base), out
-        self.base_name = "the built-in tiny SDXL" if self.tiny else self.base
+        self.toy = base in (None, "toy")  # the shipped toy SDXL and its LoRAs: works offline, out of the box
+        self.base, self.out = "toy" if self.toy else str(base), out
+        self.dino = "toy" if self.toy else DEFAULT_DINO
+        self.base_name = "the toy SDXL" if self.toy else self.base
         self.pipe = load_pipeline(self.base)
         self.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
         self.shapes = unet_projection_shapes(self.pipe.unet)
@@ -112,10 +113,8 @@ class Studio:
             if path.stat().st_size > self.max_upload:
                 limit = f"{self.max_upload / 2**20:g} MiB"
                 raise user_error(f"{role} LoRA {path.name}: larger than the upload limit ({limit})")
-        elif choice in EXAMPLES:
-            from .examples import example_lora_path
-
-            path = example_lora_path(choice)
+        elif choice in BUILTIN[role]:
+            path = toy_lora_path(choice)
         else:
             raise user_error(f"{role} LoRA: unknown choice {choice!r}")
         key = (str(path), file_sha256(path))  # an upload reusing a name with new bytes is a new LoRA
@@ -147,7 +146,7 @@ class Studio:
             ("style", style, settings["style_choice"]),
         ):
             ranks = ", ".join(str(r) for r in sorted(lora.ranks))
-            name = choice if choice in EXAMPLES else lora.path.name
+            name = lora.path.name if choice == UPLOAD else choice
             lines.append(
                 f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} attention projections, "
                 f"rank {ranks}, sha256 {lora.sha256[:12]})"
@@ -168,7 +167,7 @@ class Studio:
 
     def request(self, settings: dict, subject: Lora, style: Lora) -> Request:
         def source(choice: str, lora: Lora) -> str:
-            return choice if choice in EXAMPLES else str(lora.path)
+            return str(lora.path) if choice == UPLOAD else choice
 
         manual = settings["beta_mode"] == "manual"
         for name in ("alpha", "switch_every", "seed", *(("beta",) if manual else ())):
@@ -273,13 +272,18 @@ def build_app(base: str | None = None) -> gr.Blocks:
     """The page: LoRAs and settings on the left, images, beta and plan on the right."""
     gr = _gradio()
     studio = Studio(base, output_dir())
-    choices = [*EXAMPLES, UPLOAD] if studio.tiny else [UPLOAD]  # the examples fit the tiny model only
+    toy = studio.toy  # the toy LoRAs fit the toy model only
     fields = {}
     with gr.Blocks(title="estlora") as app:
         gr.Markdown(
             "# estlora: a subject LoRA in a style LoRA (EST-LoRA)\n"
             f"Base: `{studio.base_name}`"
-            + (" (random weights: it draws noise; the fusion machinery is real)." if studio.tiny else ".")
+            + (
+                ", trained on 32 x 32 coloured shapes: `sks` is the subject LoRA's shape, `szn` the style LoRA's"
+                " texture. For SDXL itself: `estlora ui --base stabilityai/stable-diffusion-xl-base-1.0`."
+                if toy
+                else "."
+            )
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -287,8 +291,8 @@ def build_app(base: str | None = None) -> gr.Blocks:
                     for role in ("subject", "style"):
                         with gr.Column(min_width=200):
                             fields[f"{role}_choice"] = gr.Dropdown(
-                                choices,
-                                value=f"example:{role}" if studio.tiny else UPLOAD,
+                                [*BUILTIN[role], UPLOAD] if toy else [UPLOAD],
+                                value=BUILTIN[role][0] if toy else UPLOAD,
                                 label=f"{role.capitalize()} LoRA",
                                 elem_id=f"{role}-choice",
                             )
@@ -300,7 +304,8 @@ def build_app(base: str | None = None) -> gr.Blocks:
                             )
                 load = gr.Button("Load LoRAs", elem_id="load")
                 lora_info = gr.Markdown(elem_id="lora-info")
-                fields["prompt"] = gr.Textbox(PROMPT, label="Prompt", lines=2, elem_id="prompt")
+                prompt = PROMPT if toy else OTHER_PROMPT
+                fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
                 fields["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
                 fields["method"] = gr.Radio(list(METHODS), value="est", label="Method", elem_id="method")
                 with gr.Row():
@@ -323,8 +328,9 @@ def build_app(base: str | None = None) -> gr.Blocks:
                         fields["switch_every"] = gr.Number(5, precision=0, minimum=1, label="switch every (steps)")
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
-                        fields["steps"] = gr.Slider(1, 100, 30, step=1, label="steps", elem_id="steps")
-                        fields["guidance"] = gr.Slider(1, 15, 5.0, step=0.5, label="guidance")
+                        steps = SAMPLE_STEPS if toy else 30
+                        fields["steps"] = gr.Slider(1, 100, steps, step=1, label="steps", elem_id="steps")
+                        fields["guidance"] = gr.Slider(1, 15, GUIDANCE if toy else 5.0, step=0.5, label="guidance")
                     with gr.Row():
                         size = studio.default_size
                         fields["width"] = gr.Slider(32, 2048, size, step=8, label="width", elem_id="width")

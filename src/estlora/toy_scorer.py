@@ -1,0 +1,158 @@
+"""Scorers for the toy world: a small CNN that says which shape, colour and texture an image shows.
+
+Each head has a `none` class, trained on noise, smooth random fields and empty backgrounds, and a
+prediction whose confidence is under `THRESHOLD` also counts as `none`: a failed generation must
+not be read as a subject or a style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .toy_world import BACKGROUND, COLOURS, SHAPES, SIZE, TEXTURES, Scene, random_scene, render
+
+NONE = "none"
+HEADS = {"shape": SHAPES + (NONE,), "colour": tuple(COLOURS) + (NONE,), "texture": TEXTURES + (NONE,)}
+THRESHOLD = 0.5
+
+
+class ToyScorer(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.ReLU(),  # 16 x 16
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),  # 8 x 8
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),  # 4 x 4
+            nn.Flatten(),
+            nn.Linear(4 * w * 16, 128), nn.ReLU(),
+        )  # fmt: skip
+        self.heads = nn.ModuleDict({name: nn.Linear(128, len(labels)) for name, labels in HEADS.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: N x 3 x 32 x 32 in [-1, 1] -> logits per head."""
+        h = self.features(images)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    shape: str
+    colour: str
+    texture: str
+    confidence: dict[str, float]
+
+
+def load_scorer(path: str | Path | None = None) -> ToyScorer:
+    from safetensors.torch import load_file
+
+    from .toy_model import ASSETS
+
+    scorer = ToyScorer()
+    scorer.load_state_dict(load_file(str(path or ASSETS / "scorer.safetensors")))
+    return scorer.eval()
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images, or uint8 N x H x W x 3 arrays, -> N x 3 x 32 x 32 in [-1, 1]."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray):
+        images = [Image.fromarray(a) for a in images]
+    arrays = [np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BOX)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def predict(scorer: ToyScorer, images) -> list[Prediction]:
+    logits = scorer(images_to_tensor(images))
+    labels: dict[str, list[str]] = {}
+    confidence: dict[str, torch.Tensor] = {}
+    for head, values in logits.items():
+        p, index = values.softmax(-1).max(-1)
+        labels[head] = [
+            HEADS[head][i] if c >= THRESHOLD else NONE for c, i in zip(p.tolist(), index.tolist(), strict=True)
+        ]
+        confidence[head] = p
+    return [
+        Prediction(
+            labels["shape"][i],
+            labels["colour"][i],
+            labels["texture"][i],
+            {h: float(c[i]) for h, c in confidence.items()},
+        )
+        for i in range(len(labels["shape"]))
+    ]
+
+
+class ToyEmbedder:
+    """The scorer's penultimate features: the toy world's DINO, for measuring EST-LoRA's beta there."""
+
+    def __init__(self, scorer: ToyScorer | None = None):
+        self.scorer = scorer or load_scorer()
+
+    @torch.no_grad()
+    def embed(self, images) -> torch.Tensor:
+        return self.scorer.features(images_to_tensor(images)).double()
+
+
+# ---------------------------------------------------------------- training data
+
+
+def noise_image(rng: np.random.Generator) -> np.ndarray:
+    """Something that is no toy object: white noise, a smooth random field, or an empty background."""
+    kind = rng.integers(3)
+    if kind == 0:
+        image = rng.normal(rng.uniform(40, 215), rng.uniform(20, 90), (SIZE, SIZE, 3))
+    elif kind == 1:
+        cells = int(rng.choice([2, 4, 8]))
+        field = rng.uniform(0, 255, (cells, cells, 3))
+        image = np.kron(field, np.ones((SIZE // cells, SIZE // cells, 1))) + rng.normal(
+            0, rng.uniform(0, 40), (SIZE, SIZE, 3)
+        )
+    else:
+        image = np.float64(BACKGROUND) + rng.normal(0, rng.uniform(0, 30), (SIZE, SIZE, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What generated images do to a clean render: blur, grain, a colour cast."""
+    from PIL import Image, ImageFilter
+
+    out = Image.fromarray(image)
+    if rng.random() < 0.5:
+        out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 0.9))))
+    array = np.asarray(out, np.float64) + rng.normal(0, rng.uniform(0, 12), (SIZE, SIZE, 3)) + rng.normal(0, 10, 3)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def scorer_batch(size: int, seed) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Labelled images: every shape x colour x texture of the world (subjects in styles too), and none."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], {head: [] for head in HEADS}
+    for _ in range(size):
+        if rng.random() < 0.15:
+            images.append(noise_image(rng))
+            for head, values in HEADS.items():
+                labels[head].append(len(values) - 1)
+            continue
+        scene: Scene = random_scene(rng, SHAPES, TEXTURES)
+        scene = Scene(
+            scene.shape,
+            scene.colour,
+            scene.texture,
+            scene.dx + int(rng.integers(-2, 3)),
+            scene.dy,
+            float(rng.uniform(0.8, 1.15)),
+        )
+        images.append(augment(render(scene), rng))
+        for head in HEADS:
+            labels[head].append(HEADS[head].index(getattr(scene, head)))
+    return np.stack(images), {head: torch.tensor(v) for head, v in labels.items()}

@@ -1,0 +1,228 @@
+"""The toy world: its drawings, the shipped model, LoRAs and scorer, and the training that makes them."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from estlora.toy_model import ASSETS, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy_world import (
+    BACKGROUND,
+    COLOURS,
+    DARK,
+    STYLES,
+    SUBJECTS,
+    WHITE,
+    WORDS,
+    Scene,
+    batch,
+    caption,
+    render,
+    toy_tokenizer,
+)
+
+# ---------------------------------------------------------------- the world
+
+
+def test_render_colours_and_textures():
+    solid = render(Scene("square", "red", "solid")).astype(int)
+    assert tuple(solid[0, 0]) == BACKGROUND and tuple(solid[16, 16]) == COLOURS["red"]
+    # Horizontal stripes: bands of 3 pixels, the first one (rows 15..17 hold the band 15 // 3 = 5) light.
+    stripes = render(Scene("square", "blue", "stripes")).astype(int)
+    assert tuple(stripes[15, 16]) == WHITE and tuple(stripes[18, 16]) == COLOURS["blue"]
+    diagonal = render(Scene("square", "green", "diagonal")).astype(int)
+    assert tuple(diagonal[16, 17]) == WHITE and tuple(diagonal[16, 20]) == COLOURS["green"]  # (x + y) // 3 odd/even
+    checker = render(Scene("square", "yellow", "checker")).astype(int)
+    assert tuple(checker[16, 16]) == COLOURS["yellow"] and tuple(checker[16, 19]) == WHITE
+    outline = render(Scene("square", "red", "outline")).astype(int)
+    edge = 16 - int(0.86 * 0.34 * 32)  # the first pixel wholly inside the square (its side starts at 6.64)
+    assert tuple(outline[16, edge]) == DARK and tuple(outline[16, 16]) == COLOURS["red"]
+
+
+def test_shapes_differ_where_they_should():
+    def silhouette(shape):
+        return np.abs(render(Scene(shape, "red", "solid")).astype(int) - BACKGROUND).sum(-1) > 60
+
+    circle, square, ring_free = silhouette("circle"), silhouette("square"), silhouette("cross")
+    assert square[6, 6] and not circle[6, 6]  # a corner
+    assert not ring_free[8, 8] and ring_free[16, 5]  # the cross has no corner, but arms
+    heart = silhouette("heart")
+    assert not heart[7, 16] and heart[10, 11] and heart[10, 21]  # the notch between the two lobes
+    assert silhouette("diamond")[16, 5] and not silhouette("diamond")[6, 6]
+
+
+def test_captions():
+    assert caption(Scene("circle", "red", "solid")) == "a red circle"
+    assert caption(Scene("triangle", "blue", "stripes")) == "a blue triangle with stripes"
+    assert caption(Scene("heart", "green", "solid")) == "a green sks shape"
+    assert caption(Scene("heart", "green", "solid"), say_colour=False) == "a sks shape"
+    assert caption(Scene("square", "yellow", "checker")) == "a yellow square in szn style"
+
+
+def test_batches_are_seeded_and_keep_concepts_apart():
+    images, captions, scenes = batch("heart", 16, [1, 2], prior=0.5, drop_colour=0.5)
+    again, captions_again, _ = batch("heart", 16, [1, 2], prior=0.5, drop_colour=0.5)
+    assert np.array_equal(images, again) and captions == captions_again
+    assert not np.array_equal(images, batch("heart", 16, [1, 3], prior=0.5)[0])
+    assert {s.shape for s in scenes} - {"heart"} and {s.shape for s in scenes} <= {
+        "heart",
+        "circle",
+        "square",
+        "triangle",
+    }
+    assert all(("sks" in c) == (s.shape == "heart") for c, s in zip(captions, scenes, strict=True))
+    _, _, base = batch("base", 64, 0)
+    assert {s.shape for s in base} == {"circle", "square", "triangle"} and {s.texture for s in base} == {
+        "solid",
+        "stripes",
+    }
+    _, style_captions, style = batch("checker", 8, 0)
+    assert all(s.texture == "checker" for s in style) and all(c.endswith("in szn style") for c in style_captions)
+
+
+def test_tokenizer_keeps_every_word_whole():
+    tokenizer = toy_tokenizer()
+    for word in WORDS:
+        assert len(tokenizer.tokenize(word)) == 1, word
+    ids = tokenizer("a red sks shape in szn style").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 9
+    assert len(tokenizer.tokenize("a zebra")) > 2  # unknown words still tokenize, by characters
+
+
+# ---------------------------------------------------------------- the shipped weights
+
+
+def test_shipped_assets_are_small_safetensors_only():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    weights = [p for p in files if p.suffix not in (".json", ".txt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert {p.stem for p in (ASSETS / "loras").iterdir()} == set(SUBJECTS + STYLES)
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from diffusers import StableDiffusionXLPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain diffusers classes: no custom code, nothing to warn about
+        pipe = StableDiffusionXLPipeline.from_pretrained(toy_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from estlora.toy_scorer import load_scorer
+
+    return load_scorer()
+
+
+def draw(pipe, prompt, seeds=range(6)):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(
+        prompt, generator=generators, num_images_per_prompt=len(generators),
+        num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+    ).images  # fmt: skip
+
+
+def test_scorer_is_right_on_the_world_and_calls_noise_none(scorer):
+    from estlora.toy_training import scorer_accuracy
+
+    accuracy = scorer_accuracy(scorer, n=300)
+    assert min(accuracy["shape"], accuracy["colour"], accuracy["texture"]) >= 0.97
+    assert min(accuracy["noise_called_none"].values()) >= 0.9
+
+
+def test_base_model_draws_what_is_asked(toy_pipe, scorer):
+    from estlora.toy_scorer import predict
+
+    for prompt, shape, colour, texture in [
+        ("a red circle", "circle", "red", "solid"),
+        ("a blue square with stripes", "square", "blue", "stripes"),
+        ("a yellow triangle", "triangle", "yellow", "solid"),
+    ]:
+        predictions = predict(scorer, draw(toy_pipe, prompt))
+        right = sum(p.shape == shape and p.colour == colour and p.texture == texture for p in predictions)
+        assert right >= 4, (prompt, predictions)
+
+
+def test_shipped_loras_load_and_route_like_diffusers(toy_pipe):
+    """estlora's single-LoRA route on the toy model gives diffusers' own single-LoRA image."""
+    import estlora
+    from estlora.base import projection_shapes, unet_config
+    from estlora.lora import load_lora
+
+    shapes = projection_shapes(unet_config("toy"))
+    for name in SUBJECTS + STYLES:
+        lora = load_lora(f"toy:{name}", base_shapes=shapes, base_name="toy")
+        assert lora.layout.startswith("diffusers") and len(lora.projections) == len(shapes) == 32
+    prompt, seeds = "a sks shape", [0, 1]
+    with estlora.fuse(toy_pipe, "toy:heart", "toy:checker", method="subject"):
+        ours = np.stack([np.asarray(im, np.int16) for im in draw(toy_pipe, prompt, seeds)])
+    toy_pipe.load_lora_weights(str(toy_lora_path("heart")), adapter_name="heart")
+    try:
+        theirs = np.stack([np.asarray(im, np.int16) for im in draw(toy_pipe, prompt, seeds)])
+    finally:
+        toy_pipe.delete_adapters(["heart"])
+    assert np.abs(ours - theirs).max() <= 1  # uint8 rounding of float noise at most
+
+
+def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
+    import estlora
+    from estlora.toy_scorer import predict
+
+    with estlora.fuse(toy_pipe, "toy:heart", "toy:outline", method="est", beta=0.5) as fusion:
+        with fusion.using(method="subject"):
+            assert sum(p.shape == "heart" for p in predict(scorer, draw(toy_pipe, "a sks shape"))) >= 4
+        with fusion.using(method="style"):
+            shown = predict(scorer, draw(toy_pipe, "a circle in szn style"))
+            assert sum(p.texture == "outline" for p in shown) >= 4
+        fused = predict(scorer, draw(toy_pipe, "a sks shape in szn style", range(8)))
+    assert sum(p.shape == "heart" and p.texture == "outline" for p in fused) >= 2
+
+
+def test_unknown_toy_lora_is_one_clear_error():
+    from estlora.errors import LoraNotFoundError
+    from estlora.lora import load_lora
+
+    with pytest.raises(LoraNotFoundError, match="toy:zebra: no such toy LoRA"):
+        load_lora("toy:zebra")
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_resumes_exactly_and_writes_loadable_weights(tmp_path, monkeypatch):
+    """Two chunks give the very weights one run gives; every stage's output loads with plain diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from estlora import toy_training
+
+    for stage, steps in {"scorer": 3, "vae": 3, "base": 4, "lora": 3}.items():
+        monkeypatch.setitem(toy_training.SETTINGS, stage, {**toy_training.SETTINGS[stage], "steps": steps, "batch": 4})
+    out, work = tmp_path / "out", tmp_path / "work"
+    for stage in ("scorer", "vae"):
+        assert toy_training.run_stage(stage, work, out, 0, None)
+    assert toy_training.run_stage("base", work, out, 0, None)
+    whole = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    chunked_work, chunked_out = tmp_path / "work2", tmp_path / "out2"
+    (chunked_work / "vae").mkdir(parents=True)
+    (chunked_work / "vae" / "model").symlink_to(work / "vae" / "model")
+    assert not toy_training.run_stage("base", chunked_work, chunked_out, 0, max_minutes=0)  # stops after a step
+    assert torch.load(chunked_work / "base" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert toy_training.run_stage("base", chunked_work, chunked_out, 0, None)
+    chunked = load_file(chunked_out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+    assert toy_training.run_stage("heart", work, out, 0, None)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
+    pipe.load_lora_weights(str(out / "loras" / "heart.safetensors"), adapter_name="heart")
+    record = json.loads((out / "training.json").read_text())
+    assert set(record) == {"scorer", "vae", "base", "lora:heart"} and record["base"]["steps"] == 4
