@@ -47,9 +47,9 @@ def test_shapes_differ_where_they_should():
     def silhouette(shape):
         return np.abs(render(Scene(shape, "red", "solid")).astype(int) - BACKGROUND).sum(-1) > 60
 
-    circle, square, ring_free = silhouette("circle"), silhouette("square"), silhouette("cross")
+    circle, square, cross = silhouette("circle"), silhouette("square"), silhouette("cross")
     assert square[6, 6] and not circle[6, 6]  # a corner
-    assert not ring_free[8, 8] and ring_free[16, 5]  # the cross has no corner, but arms
+    assert not cross[8, 8] and cross[16, 5]  # the cross has no corner, but arms
     heart = silhouette("heart")
     assert not heart[7, 16] and heart[10, 11] and heart[10, 21]  # the notch between the two lobes
     assert silhouette("diamond")[16, 5] and not silhouette("diamond")[6, 6]

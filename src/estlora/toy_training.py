@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .outputs import atomic_path, write_text
-from .toy_model import ASSETS, LATENT_CHANNELS, LORA_RANK, LORA_TARGETS, build_toy_pipeline
+from .toy_model import ASSETS, LORA_RANK, LORA_TARGETS, build_toy_pipeline
 from .toy_world import SHAPES, SIZE, STYLES, SUBJECTS, TEXTURES, batch, random_scene, render, to_tensor
 
 STAGE_SEEDS = {"scorer": 1, "vae": 2, "base": 3, **{name: 10 + i for i, name in enumerate(SUBJECTS + STYLES)}}
@@ -400,8 +400,6 @@ def _finished(stage: str, out: Path) -> bool:
     key = stage if stage in STAGES else f"lora:{stage}"
     return path.exists() and key in json.loads(path.read_text())
 
-
-__all__ = ["LATENT_CHANNELS", "main", "run_stage"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
