@@ -84,27 +84,27 @@ def lora_table(pipe, scorer, seeds, steps, guidance) -> dict:
     for name in SUBJECTS + STYLES:
         pipe.load_lora_weights(str(toy_lora_path(name)), adapter_name=name)
         pipe.set_adapters([name])
-        own, colour_right = [], []
+        own, attribute = [], []
         if name in SUBJECTS:
             for colour in [None, *COLOURS]:
                 prompt = caption(Scene(name, colour or "red", "solid"), say_colour=colour is not None)
                 for p in predict(scorer, sample(pipe, prompt, seeds, steps, guidance)):
                     own.append(p.shape == name)
                     if colour:
-                        colour_right.append(p.colour == colour)
+                        attribute.append(p.colour == colour)
         else:
             for shape in BASE_SHAPES:
                 prompt = caption(Scene(shape, "red", name), say_colour=False)
                 for p in predict(scorer, sample(pipe, prompt, seeds, steps, guidance)):
                     own.append(p.texture == name)
-                    colour_right.append(p.shape == shape)  # for a style: the asked shape is kept
+                    attribute.append(p.shape == shape)  # for a style: the asked shape is kept
         kept = []
         for prompt in base_prompts:
             words = prompt.split()
             for p in predict(scorer, sample(pipe, prompt, seeds, steps, guidance)):
                 texture = "stripes" if "stripes" in words else "solid"
                 kept.append(p.shape in words and p.colour in words and p.texture == texture)
-        rows[name] = {"own": share(own), "attribute": share(colour_right), "base kept": share(kept)}
+        rows[name] = {"own": share(own), "attribute": share(attribute), "base kept": share(kept)}
         pipe.delete_adapters([name])
     return rows
 

@@ -28,6 +28,13 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory):
+    from estlora.tiny_encoders import write_tiny_dino
+
+    return write_tiny_dino(tmp_path_factory.mktemp("encoders") / "tiny-dino")
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes():
     from estlora.base import projection_shapes
     from estlora.tiny_model import tiny_unet

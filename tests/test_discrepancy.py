@@ -21,11 +21,6 @@ from estlora.tiny_encoders import builtin_tiny_dino, write_tiny_dino
 
 
 @pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    return write_tiny_dino(tmp_path_factory.mktemp("encoders") / "tiny-dino")
-
-
-@pytest.fixture(scope="module")
 def embedder(dino_dir):
     return DinoEmbedder(dino_dir)
 

@@ -18,7 +18,7 @@ from estlora.metrics import (
     neutral_prompt,
     paired_cosine,
 )
-from estlora.tiny_encoders import builtin_tiny_clip, write_tiny_clip, write_tiny_dino
+from estlora.tiny_encoders import builtin_tiny_clip, write_tiny_clip
 
 PROMPTS = ["a dog", "a dog in watercolor style", "a cat on a beach", "an oil painting of a dog", "x"]
 
@@ -26,11 +26,6 @@ PROMPTS = ["a dog", "a dog in watercolor style", "a cat on a beach", "an oil pai
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return write_tiny_clip(tmp_path_factory.mktemp("encoders") / "tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    return write_tiny_dino(tmp_path_factory.mktemp("encoders") / "tiny-dino")
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> floa
 
 
 def generator(*seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(seed) % 2**63 if len(seed) > 1 else seed[0])
+    """A generator for (stage, seed, step): a tuple of ints hashes the same in every process."""
+    return torch.Generator().manual_seed(hash(seed) % 2**63)
 
 
 def run_steps(
