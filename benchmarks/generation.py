@@ -163,7 +163,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
-    parser.add_argument("--json")
+    parser.add_argument("--json", help="write the results here (also after every repeat)")
+    parser.add_argument(
+        "--max-seconds", type=float, help="start no repeat that would end past this many seconds from launch"
+    )
     args = parser.parse_args()
     configs = args.configs.split(",")
 
@@ -230,49 +233,85 @@ def main() -> None:
         if args.device.startswith("cuda"):
             peak[c] = torch.cuda.max_memory_allocated() / 2**20
         teardown()
+    header = {
+        "model": args.model,
+        "steps": args.steps,
+        "size": kwargs["height"],
+        "device": args.device,
+        "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "threads": torch.get_num_threads(),
+        "ranks": [rank_c, rank_s],
+        "projections": len(shapes),
+    }
     for repeat in range(args.repeats):
+        started = time.perf_counter()
         for c in random.sample(configs, len(configs)):
             teardown = setup(c)
             times[c].append(run_once())
             teardown()
         log(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{c} {times[c][-1]:.2f}" for c in configs))
+        if args.json:  # after every repeat: a run cut short still leaves its numbers
+            write_json(args.json, summarise(header, times, peak, hook_seconds))
+        left = args.max_seconds - (time.perf_counter() - clock) if args.max_seconds else None
+        if left is not None and left < time.perf_counter() - started and repeat + 1 < args.repeats:
+            log(f"stopping after {repeat + 1} repeats: the next would pass --max-seconds {args.max_seconds:g}")
+            break
 
-    base = statistics.median(times["single"]) if "single" in times else None
+    results = summarise(header, times, peak, hook_seconds)
     print(
         f"model {args.model}, {len(shapes)} projections, ranks {rank_c}/{rank_s}, {args.steps} steps, "
-        f"device {args.device}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
+        f"{header['size']} x {header['size']}, device {header['card'] or args.device}, "
+        f"{torch.get_num_threads()} threads, {results['repeats']} interleaved repeats"
     )
-    print(
-        f"{'config':10} {'median s':>9} {'ms/step':>8} {'vs single':>9} {'min s':>8}" + ("  peak MiB" if peak else "")
-    )
-    results = {
-        "model": args.model,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "ranks": [rank_c, rank_s],
-        "configs": {},
-    }
-    for c in configs:
-        med = statistics.median(times[c])
-        ratio = med / base if base else float("nan")
-        line = f"{c:10} {med:9.3f} {1000 * med / args.steps:8.1f} {ratio:9.3f} {min(times[c]):8.3f}"
-        print(line + (f"  {peak[c]:8.0f}" if peak else ""))
+    print(table(results))
+    if args.json:
+        write_json(args.json, results)
+
+
+def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict:
+    """Medians, minimums and ratios against one LoRA (and est against merge and research), as JSON."""
+    done = min(len(t) for t in times.values())
+    median = {c: statistics.median(t) for c, t in times.items() if t}
+    results = {**header, "repeats": done, "configs": {}}
+    for c, t in times.items():
+        if not t:
+            continue
         results["configs"][c] = {
-            "median_s": med,
-            "min_s": min(times[c]),
-            "ratio_vs_single": ratio,
-            "times_s": times[c],
+            "median_s": median[c],
+            "min_s": min(t),
+            "ratio_vs_single": median[c] / median["single"] if "single" in median else None,
+            "times_s": t,
             "peak_mib": peak.get(c),
         }
+    if "est" in median:
+        results["est_vs"] = {c: median["est"] / median[c] for c in ("single", "merge") if c in median}
+        if "research" in median:
+            results["research_vs_est"] = median["research"] / median["est"]
     if hook_seconds:
-        hook_us = 1e6 * statistics.median(hook_seconds)
-        results["routing_hook_us_per_unet_call"] = hook_us
-        print(f"routing hook: median {hook_us:.1f} us per UNet call (one call per step with CFG)")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+        results["routing_hook_us_per_unet_call"] = 1e6 * statistics.median(hook_seconds)
+    return results
+
+
+def table(results: dict) -> str:
+    peaks = any(r["peak_mib"] for r in results["configs"].values())
+    lines = [f"{'config':10} {'median s':>9} {'ms/step':>8} {'vs single':>9} {'min s':>8}" + ("  peak MiB" * peaks)]
+    for c, r in results["configs"].items():
+        ratio = f"{r['ratio_vs_single']:9.3f}" if r["ratio_vs_single"] else f"{'-':>9}"
+        line = f"{c:10} {r['median_s']:9.3f} {1000 * r['median_s'] / results['steps']:8.1f} {ratio} {r['min_s']:8.3f}"
+        lines.append(line + (f"  {r['peak_mib']:8.0f}" if peaks else ""))
+    for name, value in results.get("est_vs", {}).items():
+        lines.append(f"est / {name}: {value:.3f}")
+    if "research_vs_est" in results:
+        lines.append(f"research / est: {results['research_vs_est']:.2f}")
+    if "routing_hook_us_per_unet_call" in results:
+        hook = results["routing_hook_us_per_unet_call"]
+        lines.append(f"routing hook: median {hook:.1f} us per UNet call (one call per step with CFG)")
+    return "\n".join(lines)
+
+
+def write_json(path: str, results: dict) -> None:
+    with open(path, "w") as out:
+        json.dump(results, out, indent=2)
 
 
 if __name__ == "__main__":

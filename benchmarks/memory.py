@@ -80,14 +80,15 @@ def main() -> None:
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{config}: {results[-1]['peak_mib']:.0f} MiB", flush=True)
+        if args.json:  # after every configuration: a run cut short still leaves its numbers
+            with open(args.json, "w") as out:
+                json.dump({"model": args.model, "steps": args.steps, "ranks": ranks, "results": results}, out, indent=2)
     single = next((r["peak_mib"] for r in results if r["config"] == "single"), None)
     print(f"model {args.model}, ranks {args.ranks}, {args.steps} steps, {results[0]['kind']} (fresh process each)")
     for r in results:
         ratio = f"{r['peak_mib'] / single:.3f}" if single else "-"
         print(f"  {r['config']:10} {r['peak_mib']:9.0f} MiB   vs single {ratio}")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"model": args.model, "steps": args.steps, "ranks": ranks, "results": results}, out, indent=2)
 
 
 if __name__ == "__main__":

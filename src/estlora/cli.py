@@ -176,7 +176,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
     """Options shared by every command that fuses (plan, generate, ...)."""
-    from .plan import GAMMA_RULES, METHODS, PATTERNS
+    from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
 
     group = parser.add_argument_group("fusion")
     group.add_argument("--method", choices=METHODS, default="est", help="fusion method (default est)")
@@ -195,6 +195,13 @@ def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
         "--raw-energy", action="store_true", help="score B @ A without alpha/rank, as the research code does"
     )
     group.add_argument("--switch-every", type=int, default=5, help="LoRA Switch period in steps (default 5)")
+    group.add_argument(
+        "--other-weights",
+        choices=OTHER_WEIGHTS,
+        default="ignore",
+        help="LoRA weights outside the attention projections (feed-forward, conv, text encoders): ignore them, "
+        "as the reference does (default), or merge them statically at each LoRA's strength",
+    )
 
 
 def inspect_report(lora) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .lora import Lora, check_against_base, check_pair, load_lora, unet_order
+from .other_weights import StaticAdapters
 from .plan import FusionConfig, Plan, build_plan, cached_pair_scores
 from .routing import RoutedLinear, Router, denoising_step
 
@@ -61,6 +62,8 @@ class Fusion:
         self.config, self.beta_source = config, beta_source
         self._plans: dict[int, Plan] = {}
         self._scores = None
+        self.static: StaticAdapters | None = None  # the LoRAs' weights outside attention, when merged
+        self._apply_other_weights(config)
         self.layers = sorted(set(subject.projections) | set(style.projections), key=unet_order)  # = the plan's
         self.router = Router(len(self.layers))
         self._install()
@@ -82,7 +85,9 @@ class Fusion:
 
     def set(self, beta_source: str | None = None, **changes) -> Fusion:
         """Change method, beta, alpha, pattern, strengths...: re-plans, never reloads the LoRAs."""
-        self.config = replace(self.config, **changes)
+        config = replace(self.config, **changes)
+        self._apply_other_weights(config)
+        self.config = config
         if "beta" in changes:
             self.beta_source = beta_source or ("given" if changes["beta"] is not None else None)
         self._reset()
@@ -101,7 +106,16 @@ class Fusion:
             yield self
         finally:
             self.config, self.beta_source = saved
+            self._apply_other_weights(self.config)
             self._reset()
+
+    def _apply_other_weights(self, config: FusionConfig) -> None:
+        """Weights outside the attention projections at the config's static strengths (loaded on first use)."""
+        subject, style = config.static_weights
+        if self.static is None and (subject or style) and (self.subject.other or self.style.other):
+            self.static = StaticAdapters(self.pipe, {"subject": self.subject, "style": self.style})
+        if self.static is not None:
+            self.static.set_weights({"subject": subject, "style": style})
 
     # ------------------------------------------------------------ beta from style discrepancy
 
@@ -129,6 +143,7 @@ class Fusion:
             "seed": seed,
             "settings": {k: v for k, v in sorted(pipe_kwargs.items()) if isinstance(v, str | int | float | None)},
             "dino": dino_model,
+            "other_weights": self.config.other_weights,
         }
         beta = discrepancy.cached_beta(key) if use_cache else None
         images = None
@@ -197,6 +212,9 @@ class Fusion:
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, original)
         self._originals = {}
+        if self.static is not None:
+            self.static.remove()
+            self.static = None
 
     def __enter__(self) -> Fusion:
         return self
@@ -225,7 +243,8 @@ def fuse(
     `estlora.lora.Lora`. `method`: est (default), klora, merge, switch, subject, style. `beta`: the
     time offset; for est, measure it with `estlora.discrepancy` (CLI: `--beta auto`), else K-LoRA's
     0.5 is used. Other options are `FusionConfig` fields (alpha, pattern, gamma_rule, subject_scale,
-    style_scale, raw_energy, switch_every).
+    style_scale, raw_energy, switch_every, other_weights: "ignore" the LoRAs' weights outside the
+    attention projections, as the reference does, or "merge" them statically).
     """
     loras = [s if isinstance(s, Lora) else load_lora(s) for s in (subject, style)]
     config = FusionConfig(method=method, beta=beta, **options)

@@ -19,6 +19,7 @@ from .base import DEFAULT_BASE, TOY_BASE, projection_shapes, unet_config
 from .discrepancy import DEFAULT_DINO, TOY_EMBEDDER
 from .fusion import Fusion, fuse
 from .lora import load_pair
+from .other_weights import describe
 from .outputs import atomic_path, write_text
 from .pipelines import load_pipeline
 
@@ -49,6 +50,7 @@ class Request:
     style_scale: float = 1.0
     raw_energy: bool = False
     switch_every: int = 5
+    other_weights: str = "ignore"
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
@@ -163,6 +165,11 @@ def generate(request: Request, pipe=None) -> list[Path]:
     pipe = pipe or load_pipeline(request.base, request.device, request.dtype, request.cpu_offload)
     options = request.config_options()
     with fuse(pipe, subject, style, method=request.method, beta=request.beta, **options) as fusion:
+        strengths = fusion.config.static_weights
+        for role, lora, strength in (("subject", subject, strengths[0]), ("style", style, strengths[1])):
+            line = describe(role, lora, strength, request.other_weights)
+            if line:
+                print(line)
         if request.method == "est" and request.beta is None:
             probe = measure_beta(fusion, request)
             print(f"beta = {probe.beta:.4g} (style discrepancy{', cached' if probe.cached else ''})")

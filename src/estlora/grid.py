@@ -19,10 +19,12 @@ Spec (YAML or JSON):
     seeds: [0, 1]
     methods: [est, merge]
     steps: 30
+    other_weights: ignore   # or merge: the LoRAs' feed-forward / conv / text-encoder weights, statically
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -66,6 +68,7 @@ class GridSpec:
     beta_probe_steps: int | None = None
     dino_model: str = DEFAULT_DINO
     dtype: str = "auto"
+    other_weights: str = "ignore"  # LoRA weights outside the attention projections: ignore or merge
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "spec") -> GridSpec:
@@ -81,11 +84,13 @@ class GridSpec:
         names = [e.name for e in data["subjects"] + data["styles"]]
         if len(set(names)) != len(names):
             raise EstloraError(where, "subject and style names must be unique")
-        from .plan import METHODS
+        from .plan import METHODS, OTHER_WEIGHTS
 
         bad = [m for m in data.get("methods", []) if m not in METHODS]
         if bad:
             raise EstloraError(where, f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        if data.get("other_weights", "ignore") not in OTHER_WEIGHTS:
+            raise EstloraError(where, f"other_weights must be one of {', '.join(OTHER_WEIGHTS)}")
         return cls(**data)
 
     def prompt(self, template: str, subject: Entry, style: Entry, neutral: bool = False) -> str:
@@ -201,6 +206,9 @@ def prepare_run_dir(spec: GridSpec, run_dir: Path) -> None:
     path = run_dir / "run.json"
     if path.exists():
         existing = json.loads(path.read_text())
+        with contextlib.suppress(EstloraError, TypeError, AttributeError):  # unreadable: another grid
+            # settings added since it was written take their defaults
+            existing["spec"] = asdict(GridSpec.from_dict(existing.get("spec"), str(path)))
         if existing != json.loads(json.dumps(record)):
             raise EstloraError(run_dir, "holds another grid (run.json differs); use a new --out folder")
         return
@@ -258,7 +266,9 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
 
     bar = tqdm(total=len(todo), desc=f"grid (process {rank + 1}/{world})", disable=not progress)
     for (subject, style), pair_jobs in groupby(todo, key=lambda j: (j.subject, j.style)):
-        with fuse(pipe, lora(subject), lora(style), method="est", beta=spec.beta) as fusion:
+        with fuse(
+            pipe, lora(subject), lora(style), method="est", beta=spec.beta, other_weights=spec.other_weights
+        ) as fusion:
             for prompt_index, prompt_jobs in groupby(pair_jobs, key=lambda j: j.prompt_index):
                 template = spec.prompts[prompt_index]
                 request = _request(spec, entries[subject], entries[style], template)
@@ -306,4 +316,5 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         beta_probe_steps=spec.beta_probe_steps,
         dino_model=spec.dino_model,
         dtype=spec.dtype,
+        other_weights=spec.other_weights,
     )

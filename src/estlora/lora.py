@@ -82,7 +82,11 @@ class LoraFactors:
 
 @dataclass
 class Lora:
-    """A loaded LoRA: attention-projection factors plus every other key, kept and counted."""
+    """A loaded LoRA: attention-projection factors plus every other key, kept and counted.
+
+    `other` holds the keys outside the attention projections under the names the file gives them,
+    and `metadata` the file's header, so diffusers can load that part as it would the whole file.
+    """
 
     source: str
     path: Path
@@ -90,6 +94,7 @@ class Lora:
     projections: dict[str, LoraFactors]
     other: dict[str, torch.Tensor] = field(default_factory=dict)
     sha256: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def ranks(self) -> Counter:
@@ -101,7 +106,7 @@ class Lora:
 
     def other_modules(self) -> Counter:
         """Non-attention modules by kind (text encoders, feed-forward, conv, ...), counted once each."""
-        return Counter(_other_kind(name) for name in {_module_of(key) for key in self.other})
+        return Counter(_other_kind(name) for name in {module_of(key) for key in self.other})
 
     def family(self) -> str:
         return guess_family(self.projections)
@@ -246,16 +251,27 @@ def _kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, to
 
 
 def _to_peft_names(layout: str, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Rename to `<prefix>.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`; return (lora, other)."""
+    """(attention keys renamed to `<prefix>.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`, other keys).
+
+    Other keys keep the names diffusers' loader reads (see `other_weights`); only the research
+    layout's extra `unet.` prefix is dropped from them.
+    """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if layout == "kohya":
         return _kohya_to_peft(tensors)
     if layout == "klora-research":
         tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
-    if layout in ("klora-research", "diffusers-legacy"):
-        tensors = convert_unet_state_dict_to_peft(tensors)
-    return tensors, {}
+    convert = layout in ("klora-research", "diffusers-legacy")
+    attention, other = {}, {}
+    for key, value in tensors.items():
+        name = next(iter(convert_unet_state_dict_to_peft({key: value}))) if convert else key
+        module, _ = _split_module(name)
+        if module and ATTENTION_PROJECTION.search(module) and not name.startswith("text_encoder"):
+            attention[name] = value
+        else:
+            other[key] = value
+    return attention, other
 
 
 def _split_module(key: str) -> tuple[str, str]:
@@ -300,15 +316,12 @@ def normalise(
     layout = detect_layout(list(tensors))
     if layout is None:
         raise LoraFormatError(path, _no_lora_reason(tensors))
-    renamed, other = _to_peft_names(layout, tensors)
+    attention, other = _to_peft_names(layout, tensors)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in renamed.items():
+    for key, value in attention.items():
         module, part = _split_module(key)
-        if module and ATTENTION_PROJECTION.search(module) and not key.startswith("text_encoder"):
-            parts.setdefault(module, {})[part] = value
-        else:
-            other[key] = value
+        parts.setdefault(module, {})[part] = value
 
     meta_alpha, alpha_pattern, rslora = _metadata_alphas(metadata)
     projections = {}
@@ -365,8 +378,16 @@ def _counted(other: dict) -> str:
     return f"({len(other)} other keys)" if other else ""
 
 
-def _module_of(key: str) -> str:
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha"):
+def module_of(key: str) -> str:
+    for suffix in (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".lora.down.weight",
+        ".lora.up.weight",
+        ".alpha",
+    ):
         if key.endswith(suffix):
             return key.removesuffix(suffix)
     return key.rsplit(".", 2)[0]
@@ -464,7 +485,13 @@ def load_lora(
     tensors, metadata = read_safetensors(path)
     layout, projections, other = normalise(path, tensors, metadata)
     lora = Lora(
-        source=str(source), path=path, layout=layout, projections=projections, other=other, sha256=file_sha256(path)
+        source=str(source),
+        path=path,
+        layout=layout,
+        projections=projections,
+        other=other,
+        sha256=file_sha256(path),
+        metadata=metadata,
     )
     if base_shapes is not None:
         check_against_base(lora, base_shapes, base_name)
@@ -505,7 +532,10 @@ def summary(lora: Lora) -> str:
     )
     others = lora.other_modules()
     kept = counted(others) if others else "none"
-    lines.append(f"other keys:  {len(lora.other)} tensors kept, not used for fusion: {kept}")
+    lines.append(
+        f"other keys:  {len(lora.other)} tensors kept, routed by no plan (--other-weights merge applies them "
+        f"statically): {kept}"
+    )
     return "\n".join(lines)
 
 

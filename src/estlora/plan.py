@@ -34,8 +34,20 @@ GAMMA_RULES = ("reference", "energy")
 # K-LoRA's hand-set betas; also est's beta until one is measured (by `generate --beta auto`).
 DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
 SCORES_VERSION = 1
+# What happens to LoRA weights outside the attention projections (feed-forward, convolutions, text
+# encoders): left out, as the reference does, or applied statically at each LoRA's strength.
+OTHER_WEIGHTS = ("ignore", "merge")
 # FusionConfig fields other than method and beta: the options every fusing command passes through.
-FUSION_OPTIONS = ("alpha", "pattern", "gamma_rule", "subject_scale", "style_scale", "raw_energy", "switch_every")
+FUSION_OPTIONS = (
+    "alpha",
+    "pattern",
+    "gamma_rule",
+    "subject_scale",
+    "style_scale",
+    "raw_energy",
+    "switch_every",
+    "other_weights",
+)
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,14 @@ class FusionConfig:
     style_scale: float = 1.0
     raw_energy: bool = False  # research-code compatibility: scores of B @ A without alpha / rank
     switch_every: int = 5
+    other_weights: str = "ignore"  # OTHER_WEIGHTS
 
     def __post_init__(self):
         for name, value, allowed in (
             ("method", self.method, METHODS),
             ("pattern", self.pattern, PATTERNS),
             ("gamma_rule", self.gamma_rule, GAMMA_RULES),
+            ("other_weights", self.other_weights, OTHER_WEIGHTS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
@@ -72,6 +86,19 @@ class FusionConfig:
     @property
     def gated(self) -> bool:
         return self.method in ("est", "klora")
+
+    @property
+    def static_weights(self) -> tuple[float, float]:
+        """(subject, style) strength of the weights outside the attention projections, for the whole run.
+
+        Zero for a LoRA the method leaves out (the other one's reference render) or when they are ignored.
+        """
+        if self.other_weights == "ignore":
+            return 0.0, 0.0
+        return (
+            0.0 if self.method == "style" else self.subject_scale,
+            0.0 if self.method == "subject" else self.style_scale,
+        )
 
 
 # ---------------------------------------------------------------- static scores of a pair
@@ -252,6 +279,7 @@ class Plan:
             "subject_scale": self.config.subject_scale,
             "style_scale": self.config.style_scale,
             "switch_every": self.config.switch_every,
+            "other_weights": self.config.other_weights,
             "subject_sha256": self.hashes[0],
             "style_sha256": self.hashes[1],
             "plan_hash": self.hash(),

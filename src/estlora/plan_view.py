@@ -55,6 +55,7 @@ def headline(plan: Plan) -> str:
     if cfg.method == "switch":
         parts.append(f"switch every {cfg.switch_every}")
     parts.append(f"strengths {cfg.subject_scale:g}/{cfg.style_scale:g}")
+    parts.append(f"other weights {cfg.other_weights}")
     return ", ".join(parts)
 
 

@@ -22,7 +22,7 @@ from .errors import EstloraError, LoraError
 from .fusion import Fusion, fuse, unet_projection_shapes
 from .generate import Request, metadata, render, save_image
 from .lora import Lora, check_pair, file_sha256, load_lora
-from .plan import GAMMA_RULES, METHODS, PATTERNS
+from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
 from .plan_view import heatmap, summary
 from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
 from .toy_world import STYLES, SUBJECTS
@@ -147,9 +147,15 @@ class Studio:
         ):
             ranks = ", ".join(str(r) for r in sorted(lora.ranks))
             name = lora.path.name if choice == UPLOAD else choice
+            other = f", {len(lora.other)} tensors outside them" if lora.other else ""
             lines.append(
-                f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} attention projections, "
+                f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} attention projections{other}, "
                 f"rank {ranks}, sha256 {lora.sha256[:12]})"
+            )
+        if subject.other or style.other:
+            lines.append(
+                "\nWeights outside the attention projections (feed-forward, conv, text encoders) are ignored, "
+                "as the reference does, unless *other weights* is set to merge (Fusion options)."
             )
         return "\n".join(lines)
 
@@ -194,6 +200,7 @@ class Studio:
             subject_scale=float(settings["subject_scale"]),
             style_scale=float(settings["style_scale"]),
             switch_every=int(settings["switch_every"]),
+            other_weights=settings["other_weights"],
         )
 
     def configure(self, fusion: Fusion, request: Request, steps: StepProgress) -> str:
@@ -326,6 +333,12 @@ def build_app(base: str | None = None) -> gr.Blocks:
                         fields["subject_scale"] = gr.Slider(0, 2, 1.0, step=0.05, label="subject strength")
                         fields["style_scale"] = gr.Slider(0, 2, 1.0, step=0.05, label="style strength")
                         fields["switch_every"] = gr.Number(5, precision=0, minimum=1, label="switch every (steps)")
+                    fields["other_weights"] = gr.Radio(
+                        list(OTHER_WEIGHTS),
+                        value="ignore",
+                        label="other weights",
+                        info="LoRA weights outside the attention projections: ignore (reference) or merge statically",
+                    )
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
                         steps = SAMPLE_STEPS if toy else 30

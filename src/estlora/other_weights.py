@@ -1,0 +1,128 @@
+"""LoRA weights outside the attention projections: left out (the reference) or applied statically.
+
+EST-LoRA routes the UNet's attention projections only. A kohya / Civitai LoRA, or one trained with
+`--train_text_encoder`, also changes feed-forward layers, convolutions and the text encoders. The
+reference ignores those parts (policy `ignore`). Under policy `merge` each LoRA's other part is
+loaded by diffusers' own loader, as a peft adapter, exactly as `load_lora_weights` would load it
+from the whole file, and applied for the whole run at that LoRA's strength, as `set_adapters` does.
+So `method="subject"` with `merge` gives what a plain diffusers run with the subject LoRA gives.
+
+The user's own adapters stay active at their own scales; ours are added to each layer's active set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from .errors import LoraFormatError
+from .lora import Lora, module_of
+
+
+def describe(role: str, lora: Lora, strength: float, policy: str) -> str | None:
+    """One line saying what happens to a LoRA's weights outside the attention projections (None if it has none)."""
+    if not lora.other:
+        return None
+    kinds = ", ".join(sorted(lora.other_modules()))
+    what = f"{role} LoRA: {len(lora.other)} tensors outside the attention projections ({kinds})"
+    if policy == "ignore":
+        return f"{what}: ignored, as the reference does (--other-weights merge applies them)"
+    return f"{what}: merged statically at strength {strength:g}"
+
+
+def tuner_layers(pipe) -> list:
+    """Every peft LoRA layer in the pipeline's UNet and text encoders."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    components = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
+    return [m for c in components if c is not None for m in c.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class StaticAdapters:
+    """Each LoRA's non-attention part as a peft adapter of the pipeline, at a strength set per run."""
+
+    def __init__(self, pipe, loras: dict[str, Lora]):
+        """`loras`: role ("subject", "style") -> LoRA; those without other weights are skipped."""
+        self.pipe = pipe
+        had_adapters = bool(tuner_layers(pipe))
+        self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
+        self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
+        self.names: dict[str, str] = {}
+        try:
+            for role, lora in loras.items():
+                if lora.other:
+                    self.names[role] = f"estlora-{role}-{lora.sha256[:8]}"
+                    _load(pipe, lora, self.names[role])
+        except BaseException:
+            self.remove()
+            raise
+        self.weights: dict[str, float] = {}
+        self.set_weights({})
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Strength per role; a LoRA at zero is left out of the active set, so nothing is computed for it."""
+        self.weights = {role: float(weights.get(role, 0.0)) for role in self.names}
+        active = self.user_adapters + [name for role, name in self.names.items() if self.weights[role]]
+        for layer in tuner_layers(self.pipe):
+            layer.set_adapter(active)
+            for role, name in self.names.items():
+                layer.set_scale(name, self.weights[role])
+
+    def remove(self) -> None:
+        """Delete our adapters; the user's adapters are active again as before, or peft is gone if it was."""
+        if self.names:
+            if self.restore_modules:
+                self.pipe.unload_lora_weights()
+            else:
+                loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
+                self.pipe.delete_adapters([name for name in self.names.values() if name in loaded])
+                for layer in tuner_layers(self.pipe):
+                    layer.set_adapter(self.user_adapters)
+        self.names = {}
+
+
+def _load(pipe, lora: Lora, name: str) -> None:
+    """diffusers' loader on the file minus its attention projections (same key names, same header)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="estlora-") as folder:
+        part = Path(folder) / "other.safetensors"
+        metadata = _narrowed(lora.metadata, lora.other)
+        save_file({k: v.contiguous() for k, v in lora.other.items()}, str(part), metadata=metadata or None)
+        diffusers_log = logging.getLogger("diffusers")
+        level = diffusers_log.level
+        diffusers_log.setLevel(logging.CRITICAL)  # it logs the failure at length; ours is the one-line error
+        try:
+            pipe.load_lora_weights(str(part), adapter_name=name)
+        except Exception as exc:
+            raise LoraFormatError(
+                lora.path,
+                f"diffusers could not load its weights outside the attention projections ({_reason(exc)}); "
+                "use --other-weights ignore",
+            ) from None
+        finally:
+            diffusers_log.setLevel(level)
+
+
+def _reason(exc: Exception) -> str:
+    """One line: the message's first line, and the next one too where the first only introduces it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
+def _narrowed(metadata: dict[str, str], other: dict) -> dict[str, str]:
+    """The header, with each component's peft `target_modules` cut down to the modules `other` holds.
+
+    diffusers builds the adapter config from this metadata, and its target list names the attention
+    projections too: left as is, peft would wrap those (with empty factors) under estlora's routing.
+    """
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return metadata
+    config = json.loads(raw)
+    for key in [k for k in config if k.rpartition(".")[2] == "target_modules"]:
+        prefix = key.removesuffix("target_modules")
+        config[key] = sorted({module_of(k).removeprefix(prefix) for k in other if k.startswith(prefix)})
+    return {**metadata, "lora_adapter_metadata": json.dumps(config)}
