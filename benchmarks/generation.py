@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import random
 import statistics
@@ -94,7 +95,10 @@ def random_lora(shapes, rank: int, seed: int, name: str) -> Lora:
         )
         for i, (module, (o, n)) in enumerate(shapes.items())
     }
-    return Lora(source=name, path=name, layout="random", projections=projections, sha256=f"bench-{name}-{rank}")
+    # The cache key for its scores: the same for the same factors, other for another model's shapes.
+    fingerprint = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    sha256 = f"bench-{name}-rank{rank}-seed{seed}-{fingerprint}"
+    return Lora(source=name, path=name, layout="random", projections=projections, sha256=sha256)
 
 
 def peft_state(lora: Lora) -> dict:
@@ -249,7 +253,12 @@ def main() -> None:
             teardown = setup(c)
             times[c].append(run_once())
             teardown()
-        log(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{c} {times[c][-1]:.2f}" for c in configs))
+        untimed = time.perf_counter() - started - sum(times[c][-1] for c in configs)
+        log(
+            f"repeat {repeat + 1}/{args.repeats}: "
+            + ", ".join(f"{c} {times[c][-1]:.2f}" for c in configs)
+            + f" (set-up and tear-down {untimed:.2f})"
+        )
         if args.json:  # after every repeat: a run cut short still leaves its numbers
             write_json(args.json, summarise(header, times, peak, hook_seconds))
         left = args.max_seconds - (time.perf_counter() - clock) if args.max_seconds else None

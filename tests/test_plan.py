@@ -138,18 +138,25 @@ def test_bad_config():
         P.FusionConfig(pattern="t")
 
 
-def test_scores_are_cached(pair, monkeypatch):
-    config = P.FusionConfig(method="klora")
-    first = P.cached_pair_scores(*pair, config)
+@pytest.mark.parametrize("order", [("klora",), ("est", "klora"), ("klora", "est")])
+def test_scores_are_cached(pair, monkeypatch, order):
+    """Each score is computed once per pair, whichever methods asked for it first (each adds to the entry)."""
+    from estlora import cache
+
+    monkeypatch.setenv("ESTLORA_CACHE", str(cache.cache_dir() / "-".join(order)))
+    first = {method: P.cached_pair_scores(*pair, P.FusionConfig(method=method)) for method in order}
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached score")
 
     monkeypatch.setattr(P.S, "l1_norm", fail)
     monkeypatch.setattr(P.S, "topk_sum", fail)
-    second = P.cached_pair_scores(*pair, config)
-    assert torch.equal(first.l1, second.l1) and torch.equal(first.topk, second.topk)
-    assert P.build_plan(first, config, 9).hash() == P.build_plan(second, config, 9).hash()
+    for method in ("est", "klora", "est"):
+        config = P.FusionConfig(method=method)
+        second = P.cached_pair_scores(*pair, config)
+        assert torch.equal(second.l1, first[order[0]].l1)
+        assert torch.equal(second.topk, first["klora"].topk)
+        assert P.build_plan(second, config, 9).hash() == P.build_plan(first["klora"], config, 9).hash()
 
 
 def test_cli_json(tmp_path, capsys):

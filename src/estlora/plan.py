@@ -382,11 +382,12 @@ def cached_pair_scores(subject: Lora, style: Lora, config: FusionConfig) -> Pair
     key = {"v": SCORES_VERSION, "subject": subject.sha256, "style": style.sha256, "raw": config.raw_energy}
     stored = cache.read("scores", key)
     cached = _scores_from_json(stored) if stored else None
+
+    def held(scores: PairScores | None) -> tuple:
+        return None if scores is None else (scores.l1 is not None, scores.topk is not None)
+
+    before = held(cached)  # taken now: pair_scores completes `cached` in place
     scores = pair_scores(subject, style, config.raw_energy, **needs(config), cached=cached)
-    if (
-        stored is None
-        or (scores.l1 is not None) != (cached.l1 is not None)
-        or ((scores.topk is not None) != (cached.topk is not None))
-    ):
+    if held(scores) != before:
         cache.write("scores", key, _scores_to_json(scores))
     return scores

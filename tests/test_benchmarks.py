@@ -1,0 +1,44 @@
+"""The benchmark scripts run (tiny model, one short repeat), so the GPU run is not the first to find them broken."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", *args],
+        capture_output=True,
+        text=True,
+        cwd=BENCHMARKS,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_generation_benchmark(tmp_path):
+    out = tmp_path / "generation.json"
+    said = run("generation.py", "--repeats", "2", "--steps", "2", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert list(results["configs"]) == ["none", "single", "merge", "est", "klora", "research"]
+    assert results["repeats"] == 2 and results["projections"] == 560
+    for config in results["configs"].values():
+        assert len(config["times_s"]) == 2 and config["min_s"] <= config["median_s"]
+    single = results["configs"]["single"]["median_s"]
+    assert results["est_vs"]["single"] == results["configs"]["est"]["median_s"] / single
+    assert "repeat 2/2" in said and f"est / single: {results['est_vs']['single']:.3f}" in said
+
+
+def test_memory_benchmark(tmp_path):
+    out = tmp_path / "memory.json"
+    said = run("memory.py", "--steps", "1", "--configs", "single,est", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in results] == ["single", "est"]
+    assert all(r["peak_mib"] > 100 and r["kind"] == "CPU peak RSS" for r in results)
+    assert "vs single 1.000" in said
