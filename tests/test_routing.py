@@ -65,6 +65,24 @@ def test_subject_plan_equals_diffusers_subject_adapter(pipe, ref_pipe, loras):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_equals_diffusers(tiny_dir, loras, dtype):
+    """Bit for bit in reduced precision too (CPU fp16 takes another matmul kernel for weights that need grad)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipes = []
+    for _ in range(2):
+        pipes.append(StableDiffusionXLPipeline.from_pretrained(tiny_dir, torch_dtype=dtype))
+        pipes[-1].set_progress_bar_config(disable=True)
+    ours, ref = pipes
+    for name, lora in zip(("subject", "style"), loras, strict=True):
+        ref.load_lora_weights(str(lora.path), adapter_name=name)
+    ref.set_adapters(["subject", "style"], [0.7, 0.45])
+    with estlora.fuse(ours, *loras, method="merge", subject_scale=0.7, style_scale=0.45):
+        assert torch.equal(run(ours, steps=2), run(ref, steps=2))
+    assert all(p.requires_grad for p in ours.unet.parameters())  # remove() unfroze what the fusion froze
+
+
 @pytest.mark.parametrize(
     "weights, kwargs",
     [((1.0, 1.0), {}), ((0.7, 0.45), {}), ((0.5, 1.25), {"guidance_scale": 1.0, "num_images_per_prompt": 2})],

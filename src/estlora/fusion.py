@@ -163,6 +163,12 @@ class Fusion:
 
     def _install(self) -> None:
         unet = self.pipe.unet
+        # Frozen, as peft freezes a UNet it loads adapters into: on CPU fp16 torch picks another matmul
+        # kernel for weights that require grad, so without this a fused run would differ from a
+        # diffusers LoRA run in the last bits there. remove() unfreezes them.
+        self._frozen = [p for p in unet.parameters() if p.requires_grad]
+        for parameter in self._frozen:
+            parameter.requires_grad_(False)
         self._originals = {}
         for index, name in enumerate(self.layers):
             parent_name, _, child = name.rpartition(".")
@@ -212,6 +218,9 @@ class Fusion:
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, original)
         self._originals = {}
+        for parameter in self._frozen:
+            parameter.requires_grad_(True)
+        self._frozen = []
         if self.static is not None:
             self.static.remove()
             self.static = None
