@@ -167,6 +167,11 @@ CASES = {
     "nan-up": (LoraValueError, "NaN", lambda t, s: edited(t, s, poison("B", NAN))),
     "inf-up": (LoraValueError, "infinite", lambda t, s: edited(t, s, poison("B", -INF))),
     "nan-alpha": (LoraValueError, "alpha is nan", lambda t, s: edited(t, s, put(A_KEY, torch.tensor(NAN)))),
+    "nan-text-encoder": (
+        LoraValueError,
+        "text_encoder.q_proj.lora_A.weight holds NaN",
+        lambda t, s: edited(t, s, put("text_encoder.q_proj.lora_A.weight", torch.full((2, 8), NAN))),
+    ),
     "rank-mismatch": (
         LoraShapeError,
         "rank mismatch",

@@ -352,6 +352,9 @@ def normalise(
 
     if not projections:
         raise LoraFormatError(path, "holds no LoRA weights for UNet attention projections " + _counted(other))
+    for key, tensor in other.items():  # not routed, but merged under --other-weights merge: a broken file either way
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraValueError(path, f"{key} holds NaN or infinite values")
     return layout, projections, other
 
 
