@@ -134,6 +134,25 @@ def test_bad_lora_is_one_line_exit_2(tiny_dir, tmp_path, problem):
     assert not out.exists()
 
 
+def test_a_lora_that_changes_nothing_is_named(tiny_dir, tmp_path, capsys):
+    """An untrained LoRA (B = 0, as initialised) still runs, with a warning saying so."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from estlora.lora import load_lora
+
+    state = load_file(str(load_lora("example:style").path))
+    zero = {k: torch.zeros_like(v) if "lora_B" in k or "lora.up" in k else v for k, v in state.items()}
+    assert any(not torch.equal(zero[k], state[k]) for k in state)
+    save_file(zero, str(tmp_path / "untrained.safetensors"))
+    args = gen_args(tiny_dir, tmp_path / "out", "--beta", "0.5")
+    args[args.index("example:style")] = str(tmp_path / "untrained.safetensors")
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "warning: the style LoRA changes nothing: its update is zero in every attention projection" in said
+    assert "subject LoRA changes nothing" not in said
+
+
 def test_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--num-images", "1"]) == 0

@@ -166,10 +166,15 @@ def generate(request: Request, pipe=None) -> list[Path]:
     options = request.config_options()
     with fuse(pipe, subject, style, method=request.method, beta=request.beta, **options) as fusion:
         strengths = fusion.config.static_weights
-        for role, lora, strength in (("subject", subject, strengths[0]), ("style", style, strengths[1])):
+        energies = fusion.scores.energy.sum(dim=0).tolist()
+        for role, lora, strength, energy in zip(
+            ("subject", "style"), (subject, style), strengths, energies, strict=True
+        ):
             line = describe(role, lora, strength, request.other_weights)
             if line:
                 print(line)
+            if energy == 0:
+                print(f"warning: the {role} LoRA changes nothing: its update is zero in every attention projection")
         if request.method == "est" and request.beta is None:
             probe = measure_beta(fusion, request)
             print(f"beta = {probe.beta:.4g} (style discrepancy{', cached' if probe.cached else ''})")
