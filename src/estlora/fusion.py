@@ -163,10 +163,10 @@ class Fusion:
 
     def _install(self) -> None:
         unet = self.pipe.unet
-        # Frozen, as peft freezes a UNet it loads adapters into: on CPU fp16 torch picks another matmul
-        # kernel for weights that require grad, so without this a fused run would differ from a
-        # diffusers LoRA run in the last bits there. remove() unfreezes them.
-        self._frozen = [p for p in unet.parameters() if p.requires_grad]
+        # Frozen as peft freezes a UNet it loads adapters into (every parameter but its `lora_` ones):
+        # on the CPU torch picks another matmul kernel for weights that require grad, so otherwise a
+        # fused run could differ from a diffusers LoRA run in the last bits. remove() unfreezes them.
+        self._frozen = [p for n, p in unet.named_parameters() if p.requires_grad and "lora_" not in n]
         for parameter in self._frozen:
             parameter.requires_grad_(False)
         self._originals = {}
