@@ -147,12 +147,19 @@ def layer_state(pipe, where: str):
     return list(layer.active_adapters), {k: round(v, 9) for k, v in layer.scaling.items()}
 
 
-def test_strengths_follow_the_method_and_remove_restores(pipe, kohya_path, peft_path):
-    untouched = run(pipe)
+def requires_grad(pipe) -> list[bool]:
+    return [p.requires_grad for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) for p in part.parameters()]
+
+
+@pytest.mark.parametrize("load_later", [False, True], ids=["merge-from-the-start", "merge-set-later"])
+def test_strengths_follow_the_method_and_remove_restores(pipe, kohya_path, peft_path, load_later):
+    untouched, flags = run(pipe), requires_grad(pipe)
     ff = KOHYA_OTHER["lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj"]
+    policy = "ignore" if load_later else "merge"
     fusion = estlora.fuse(
-        pipe, kohya_path, peft_path, method="est", beta=0.5, other_weights="merge", subject_scale=0.5, style_scale=0.8
+        pipe, kohya_path, peft_path, method="est", beta=0.5, other_weights=policy, subject_scale=0.5, style_scale=0.8
     )
+    fusion.set(other_weights="merge")
     subject, style = fusion.static.names["subject"], fusion.static.names["style"]
     assert layer_state(pipe, ff) == ([subject, style], {subject: 0.5 * 8 / 4})  # the style file has no such layer
     te_k = "text_encoder:encoder.layers.0.self_attn.k_proj"
@@ -165,6 +172,7 @@ def test_strengths_follow_the_method_and_remove_restores(pipe, kohya_path, peft_
     fusion.remove()
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.text_encoder.modules())
+    assert requires_grad(pipe) == flags and any(flags)
     assert torch.equal(run(pipe), untouched)
 
 
@@ -174,13 +182,14 @@ def test_the_users_own_adapters_stay_as_they_were(tiny_dir, kohya_path):
     pipe.set_adapters(["mine"], [0.3])
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.base_layer"
     ff = KOHYA_OTHER["lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj"]
-    before = run(pipe)
+    before, flags = run(pipe), requires_grad(pipe)
     mine = layer_state(pipe, q[: -len(".base_layer")])
     with estlora.fuse(pipe, kohya_path, "example:style", method="subject", other_weights="merge") as fusion:
         name = fusion.static.names["subject"]
         assert layer_state(pipe, ff)[0] == ["mine", name]
     assert pipe.get_list_adapters() == {"unet": ["mine"]}
     assert layer_state(pipe, q[: -len(".base_layer")]) == mine
+    assert requires_grad(pipe) == flags
     assert torch.equal(run(pipe), before)
 
 

@@ -218,12 +218,12 @@ class Fusion:
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, original)
         self._originals = {}
+        if self.static is not None:  # first: it puts back the flags it found, some frozen by _install
+            self.static.remove()
+            self.static = None
         for parameter in self._frozen:
             parameter.requires_grad_(True)
         self._frozen = []
-        if self.static is not None:
-            self.static.remove()
-            self.static = None
 
     def __enter__(self) -> Fusion:
         return self

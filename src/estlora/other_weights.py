@@ -32,12 +32,17 @@ def describe(role: str, lora: Lora, strength: float, policy: str) -> str | None:
     return f"{what}: merged statically at strength {strength:g}"
 
 
+def components(pipe) -> list:
+    """The parts diffusers loads LoRA weights into: the UNet and the text encoders."""
+    parts = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
+    return [part for part in parts if part is not None]
+
+
 def tuner_layers(pipe) -> list:
     """Every peft LoRA layer in the pipeline's UNet and text encoders."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    components = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
-    return [m for c in components if c is not None for m in c.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for c in components(pipe) for m in c.modules() if isinstance(m, BaseTunerLayer)]
 
 
 class StaticAdapters:
@@ -46,6 +51,8 @@ class StaticAdapters:
     def __init__(self, pipe, loras: dict[str, Lora]):
         """`loras`: role ("subject", "style") -> LoRA; those without other weights are skipped."""
         self.pipe = pipe
+        # peft freezes what it loads adapters into; remove() gives every parameter its flag back.
+        self.requires_grad = {p: p.requires_grad for c in components(pipe) for p in c.parameters()}
         had_adapters = bool(tuner_layers(pipe))
         self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
@@ -80,6 +87,8 @@ class StaticAdapters:
                 self.pipe.delete_adapters([name for name in self.names.values() if name in loaded])
                 for layer in tuner_layers(self.pipe):
                     layer.set_adapter(self.user_adapters)
+        for parameter, flag in self.requires_grad.items():
+            parameter.requires_grad_(flag)
         self.names = {}
 
 
@@ -118,10 +127,12 @@ def _narrowed(metadata: dict[str, str], other: dict) -> dict[str, str]:
     diffusers builds the adapter config from this metadata, and its target list names the attention
     projections too: left as is, peft would wrap those (with empty factors) under estlora's routing.
     """
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "null")
+    except json.JSONDecodeError:
+        return metadata  # diffusers will say what is wrong with it
+    if not isinstance(config, dict):
         return metadata
-    config = json.loads(raw)
     for key in [k for k in config if k.rpartition(".")[2] == "target_modules"]:
         prefix = key.removesuffix("target_modules")
         config[key] = sorted({module_of(k).removeprefix(prefix) for k in other if k.startswith(prefix)})
