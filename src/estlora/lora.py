@@ -382,6 +382,7 @@ def _counted(other: dict) -> str:
 
 
 def module_of(key: str) -> str:
+    """The module a LoRA key belongs to, in whichever layout's spelling: 'x.lora_A.weight' -> 'x'."""
     for suffix in (
         ".lora_A.weight",
         ".lora_B.weight",

@@ -65,17 +65,16 @@ class StaticAdapters:
         except BaseException:
             self.remove()
             raise
-        self.weights: dict[str, float] = {}
         self.set_weights({})
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Strength per role; a LoRA at zero is left out of the active set, so nothing is computed for it."""
-        self.weights = {role: float(weights.get(role, 0.0)) for role in self.names}
-        active = self.user_adapters + [name for role, name in self.names.items() if self.weights[role]]
+        strengths = {role: float(weights.get(role, 0.0)) for role in self.names}
+        active = self.user_adapters + [name for role, name in self.names.items() if strengths[role]]
         for layer in tuner_layers(self.pipe):
             layer.set_adapter(active)
             for role, name in self.names.items():
-                layer.set_scale(name, self.weights[role])
+                layer.set_scale(name, strengths[role])
 
     def remove(self) -> None:
         """Delete our adapters; the user's adapters are active again as before, or peft is gone if it was."""
