@@ -138,7 +138,9 @@ def test_bad_config():
         P.FusionConfig(pattern="t")
 
 
-@pytest.mark.parametrize("order", [("klora",), ("est", "klora"), ("klora", "est")])
+@pytest.mark.parametrize(
+    "order", [("klora",), ("est", "klora"), ("klora", "est")], ids=["klora", "est-then-klora", "klora-then-est"]
+)
 def test_scores_are_cached(pair, monkeypatch, order):
     """Each score is computed once per pair, whichever methods asked for it first (each adds to the entry)."""
     from estlora import cache
