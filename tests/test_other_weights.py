@@ -42,7 +42,7 @@ KOHYA_OTHER = {
 }
 
 
-def module_of(pipe, where: str):
+def module_at(pipe, where: str):
     component, _, path = where.rpartition(":")
     return getattr(pipe, component or "unet").get_submodule(path)
 
@@ -73,7 +73,7 @@ def kohya_path(tmp_path_factory, pipe, tiny_shapes):
     state = {}
     modules = {kohya_name(m, sgm=True): m for m in tiny_shapes} | KOHYA_OTHER
     for name, where in modules.items():
-        down, up = factors(module_of(pipe, where), 4, generator)
+        down, up = factors(module_at(pipe, where), 4, generator)
         state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(8.0)}
     path = tmp_path_factory.mktemp("loras") / "kohya.safetensors"
     save_file(state, str(path))
@@ -91,7 +91,7 @@ def peft_path(tmp_path_factory, pipe, tiny_shapes):
         "text_encoder.encoder.layers.0.self_attn.k_proj": "text_encoder:encoder.layers.0.self_attn.k_proj",
     }
     for prefix, where in targets.items():
-        down, up = factors(module_of(pipe, where), 4, generator)
+        down, up = factors(module_at(pipe, where), 4, generator)
         state |= {f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up}
     config = {
         "unet.r": 4,
@@ -143,7 +143,7 @@ def test_ignore_equals_diffusers_on_the_attention_projections_alone(pipe, tiny_d
 
 
 def layer_state(pipe, where: str):
-    layer = module_of(pipe, where)
+    layer = module_at(pipe, where)
     return list(layer.active_adapters), {k: round(v, 9) for k, v in layer.scaling.items()}
 
 
