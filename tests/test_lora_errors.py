@@ -63,6 +63,24 @@ class _Trap:
 # ---------------------------------------------------------------- writers
 
 
+KOHYA_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+KOHYA_K = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k"
+
+
+def kohya_lora(module, out, inp, rank=2):
+    return {
+        f"{module}.lora_down.weight": torch.ones(rank, inp),
+        f"{module}.lora_up.weight": torch.ones(out, rank),
+        f"{module}.alpha": torch.tensor(float(rank)),
+    }
+
+
+def flux_lora(rank=2):
+    """diffusers' key names for a Flux transformer LoRA."""
+    module = "transformer.single_transformer_blocks.0.attn.to_q"
+    return {f"{module}.lora_A.weight": torch.ones(rank, 64), f"{module}.lora_B.weight": torch.ones(64, rank)}
+
+
 def lora_state(shapes, rank=2):
     generator = torch.Generator().manual_seed(0)
     state = {}
@@ -161,6 +179,51 @@ CASES = {
         LoraFormatError,
         "no LoRA weights for UNet attention",
         lambda t, s: write(t / "te.safetensors", {"text_encoder.q_proj.lora_A.weight": torch.ones(2, 8)}),
+    ),
+    "transformer-model-peft": (
+        BaseModelMismatchError,
+        "transformer model such as Flux or SD3",
+        lambda t, s: write(t / "flux.safetensors", flux_lora()),
+    ),
+    "transformer-model-kohya": (
+        BaseModelMismatchError,
+        "transformer model such as Flux or SD3",
+        lambda t, s: write(t / "flux.safetensors", kohya_lora("lora_unet_double_blocks_0_img_attn_proj", 64, 64)),
+    ),
+    "lycoris-loha": (
+        LoraFormatError,
+        "LyCORIS LoHa/LoKr",
+        lambda t, s: write(t / "loha.safetensors", {f"{KOHYA_Q}.hada_w1_a": torch.ones(64, 2)}),
+    ),
+    "lycoris-lokr-beside-lora": (
+        LoraFormatError,
+        f"{KOHYA_Q}.lokr_w1: LyCORIS",
+        lambda t, s: write(
+            t / "lokr.safetensors", {**kohya_lora(KOHYA_K, 64, 64), f"{KOHYA_Q}.lokr_w1": torch.ones(8, 8)}
+        ),
+    ),
+    "unknown-part-on-projection": (
+        LoraFormatError,
+        "'diff' is not a LoRA factor",
+        lambda t, s: write(t / "full.safetensors", {f"{KOHYA_Q}.diff": torch.ones(64, 64)}),
+    ),
+    "alpha-not-scalar": (LoraShapeError, "alpha has shape (3,)", lambda t, s: edited(t, s, put(A_KEY, torch.ones(3)))),
+    "kohya-alpha-not-scalar": (
+        LoraShapeError,
+        f"{KOHYA_K}: alpha has shape (2,)",
+        lambda t, s: write(t / "k.safetensors", {**kohya_lora(KOHYA_K, 64, 64), f"{KOHYA_K}.alpha": torch.ones(2)}),
+    ),
+    "rank-zero": (
+        LoraShapeError,
+        "rank 0",
+        lambda t, s: edited(
+            t, s, lambda d: d.update({B_KEY: torch.ones(64, 0), f"unet.{Q}.lora_A.weight": torch.ones(0, 64)})
+        ),
+    ),
+    "integer-factors": (
+        LoraValueError,
+        "factor has dtype int8, expected floats",
+        lambda t, s: edited(t, s, put(B_KEY, torch.ones(64, 4, dtype=torch.int8))),
     ),
     "nan-down": (LoraValueError, "NaN", lambda t, s: edited(t, s, poison("A", NAN))),
     "inf-down": (LoraValueError, "infinite", lambda t, s: edited(t, s, poison("A", INF))),

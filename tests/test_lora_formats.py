@@ -55,11 +55,23 @@ def assert_loaded(lora, truth, with_alpha=True):
         assert got.scale == expected_alpha / down.shape[0], module
 
 
-def kohya_name(module: str, sgm: bool) -> str:
+def split_block(module: str) -> tuple[str, str]:
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q' -> (attention block, the rest)."""
     block = re.match(r".*?attentions\.\d+", module).group(0)
-    rest = module[len(block) + 1 :]
+    return block, module[len(block) + 1 :]
+
+
+def kohya_name(module: str, sgm: bool) -> str:
+    block, rest = split_block(module)
     head = SGM_BLOCKS[block] if sgm else block.replace(".", "_")
     return f"lora_unet_{head}_{rest.replace('.', '_')}"
+
+
+def comfy_name(module: str) -> str:
+    """ComfyUI's spelling: 'diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q'."""
+    block, rest = split_block(module)
+    sgm_block = re.sub(r"_(?=\d)", ".", SGM_BLOCKS[block])  # input_blocks_4_1 -> input_blocks.4.1
+    return f"diffusion_model.{sgm_block}.{rest}"
 
 
 def write(path, state, metadata=None):
@@ -136,6 +148,17 @@ def kohya_file(path, truth, sgm=True, extras=False):
     return write(path, state)
 
 
+def comfy_file(path, truth, parts=("lora_down", "lora_up")):
+    """As ComfyUI saves (and loads) SDXL LoRAs: `diffusion_model.` + the SGM module path, with dots."""
+    state = {}
+    for module, (down, up, alpha) in truth.items():
+        name = comfy_name(module)
+        state[f"{name}.{parts[0]}.weight"] = down
+        state[f"{name}.{parts[1]}.weight"] = up
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return write(path, state)
+
+
 EXTRA_KOHYA_MODULES = [
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
     "lora_te1_text_model_encoder_layers_0_mlp_fc1",
@@ -145,6 +168,11 @@ EXTRA_KOHYA_MODULES = [
     "lora_unet_input_blocks_4_1_proj_in",
     "lora_unet_input_blocks_1_0_in_layers_2",
 ]
+
+
+def fp8_truth(truth):
+    """The same LoRA rounded to fp8, as some trainers store it to halve the size."""
+    return {m: (d.to(torch.float8_e4m3fn), u.to(torch.float8_e4m3fn), a) for m, (d, u, a) in truth.items()}
 
 
 def half_truth(truth):
@@ -198,6 +226,36 @@ def test_kohya(tmp_path, truth, sgm):
     assert lora.layout == "kohya"
     assert_loaded(lora, half_truth(truth))
     assert lora.other == {}
+
+
+@pytest.mark.parametrize("parts", [("lora_down", "lora_up"), ("lora_A", "lora_B")], ids=["down-up", "A-B"])
+def test_comfyui(tmp_path, truth, parts):
+    lora = load_lora(comfy_file(tmp_path / "comfy.safetensors", truth, parts))
+    assert lora.layout == "comfyui"
+    assert_loaded(lora, truth)
+    assert lora.other == {}
+
+
+def test_comfyui_other_keys_take_kohya_names(tmp_path, truth):
+    """So that diffusers' kohya converter can merge them under --other-weights merge."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(comfy_file(tmp_path / "comfy.safetensors", truth)))
+    state["diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.2.lora_down.weight"] = torch.zeros(2, 8)
+    state["diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.2.lora_up.weight"] = torch.zeros(8, 2)
+    lora = load_lora(write(tmp_path / "comfy_ff.safetensors", state))
+    assert sorted(lora.other) == [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.lora_down.weight",
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.lora_up.weight",
+    ]
+    assert lora.other_modules() == {"UNet feed-forward": 1}
+
+
+def test_fp8_factors_load_exactly(tmp_path, truth):
+    """fp8 files load as the exact fp32 values."""
+    fp8 = fp8_truth(truth)
+    lora = load_lora(peft_file(tmp_path / "fp8.safetensors", fp8, alpha_keys=True))
+    assert_loaded(lora, {m: (d.float(), u.float(), a) for m, (d, u, a) in fp8.items()})
 
 
 def test_kohya_golden_key_names(tmp_path):
@@ -267,8 +325,9 @@ def tiny_pipe(tiny_dir):
         # alpha_pattern keys for the UNet match no module), so compare on a file with one alpha;
         # per-module alphas are checked against the written truth in test_kohya.
         lambda p, t: kohya_file(p, {m: (d, u, 8.0) for m, (d, u, _) in t.items()}, sgm=True),
+        lambda p, t: peft_file(p, fp8_truth(t)),
     ],
-    ids=["peft-metadata", "peft", "legacy", "kohya-sgm"],
+    ids=["peft-metadata", "peft", "legacy", "kohya-sgm", "peft-fp8"],
 )
 def test_same_factors_and_scale_as_diffusers(tmp_path, tiny_pipe, truth, writer):
     path = writer(tmp_path / "lora.safetensors", truth)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import estlora
 from estlora.errors import LoraFormatError
 from estlora.lora import load_lora
-from test_lora_formats import kohya_name
+from test_lora_formats import comfy_name, kohya_name
 from test_routing import load_pipe, run
 
 # kohya's names (SGM blocks) for non-attention modules, and the diffusers module each one is.
@@ -39,6 +39,15 @@ KOHYA_OTHER = {
         ("mlp_fc1", "mlp.fc1"),
         ("mlp_fc2", "mlp.fc2"),
     )
+}
+
+
+# ComfyUI's names for the UNet modules of KOHYA_OTHER (its files keep kohya's text-encoder names).
+COMFY_OTHER = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj": "diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.0.proj",
+    "lora_unet_output_blocks_3_1_transformer_blocks_1_ff_net_2": "diffusion_model.output_blocks.3.1.transformer_blocks.1.ff.net.2",
+    "lora_unet_input_blocks_4_1_proj_in": "diffusion_model.input_blocks.4.1.proj_in",
+    "lora_unet_input_blocks_1_0_in_layers_2": "diffusion_model.input_blocks.1.0.in_layers.2",
 }
 
 
@@ -81,6 +90,21 @@ def kohya_path(tmp_path_factory, pipe, tiny_shapes):
 
 
 @pytest.fixture(scope="module")
+def comfy_path(kohya_path, tiny_shapes):
+    """The kohya file with its UNet keys spelt as ComfyUI spells them."""
+    from safetensors.torch import load_file
+
+    names = {kohya_name(m, sgm=True): comfy_name(m) for m in tiny_shapes} | COMFY_OTHER
+    state = {}
+    for key, value in load_file(str(kohya_path)).items():
+        module, _, part = key.partition(".")
+        state[f"{names.get(module, module)}.{part}"] = value
+    path = kohya_path.with_name("comfy.safetensors")
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
 def peft_path(tmp_path_factory, pipe, tiny_shapes):
     """A diffusers file as `save_lora_weights` writes it with text-encoder training: metadata holds the alphas."""
     generator = torch.Generator().manual_seed(8)
@@ -114,12 +138,14 @@ def plain_diffusers(pipe, path, **kwargs):
         pipe.unload_lora_weights()
 
 
-@pytest.mark.parametrize("which", ["kohya_path", "peft_path"])
-def test_one_lora_with_merge_equals_a_plain_diffusers_run(pipe, tiny_dir, request, which):
+@pytest.mark.parametrize("which", ["kohya_path", "peft_path", "comfy_path"])
+def test_one_lora_with_merge_equals_a_plain_diffusers_run(pipe, tiny_dir, kohya_path, request, which):
+    """diffusers cannot read ComfyUI's layout: its reference is the same LoRA in kohya's."""
     path = request.getfixturevalue(which)
     lora = load_lora(path)
     assert lora.other, "the file has weights outside the attention projections"
-    expected = plain_diffusers(load_pipe(tiny_dir), path)
+    assert lora.layout == {"kohya_path": "kohya", "peft_path": "diffusers-peft", "comfy_path": "comfyui"}[which]
+    expected = plain_diffusers(load_pipe(tiny_dir), kohya_path if which == "comfy_path" else path)
     with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge"):
         got = run(pipe)
     assert torch.equal(got, expected)

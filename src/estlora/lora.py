@@ -7,9 +7,10 @@ delta W = scale * B @ A is exactly the update a plain diffusers run would add.
 
 Layouts: diffusers/peft (`lora_A`/`lora_B`, alphas from `.alpha` keys or the adapter metadata),
 diffusers legacy (`.lora.down`/`.lora.up`, and the older attention-processor names), the K-LoRA /
-ZipLoRA research layout (`unet.unet.` prefix) and kohya / A1111 / Civitai (`lora_unet_...`, with
-SDXL's SGM block names or diffusers block names). Renaming goes through diffusers' own converters;
-only the `unet.unet.` prefix and the per-module alphas of peft metadata are handled here.
+ZipLoRA research layout (`unet.unet.` prefix), kohya / A1111 / Civitai (`lora_unet_...`, with
+SDXL's SGM block names or diffusers block names) and ComfyUI (`diffusion_model.` + SGM module paths,
+which is kohya's spelling with dots). Renaming goes through diffusers' own converters; only the
+`unet.unet.` and `diffusion_model.` prefixes and the per-module alphas of peft metadata are handled here.
 
 Only safetensors is read; pickle checkpoints are refused without being opened.
 """
@@ -44,6 +45,17 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ATTENTION_PROJECTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # kohya spells the same module paths with underscores (and SDXL's SGM block names).
 KOHYA_ATTENTION_PROJECTION = re.compile(r"^lora_unet_.*transformer_blocks_\d+_attn[12]_(to_q|to_k|to_v|to_out_0)$")
+# The parts of a kohya LoRA module; anything else on an attention projection (LyCORIS `hada_w1_a`,
+# `lokr_w1`, `diff`, ...) is another kind of adapter whose update is not scale * up @ down.
+KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+# ComfyUI: `diffusion_model.<SGM module path>.<part>`, with kohya's or peft's part names.
+COMFY_KEY = re.compile(r"^diffusion_model\.(.+?)\.(lora_(?:up|down|A|B|mid)\.weight|alpha|[\w]+)$")
+COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# Keys of LoRAs for transformer (DiT) models: diffusers/peft `transformer.`, kohya or ComfyUI Flux/SD3 blocks.
+TRANSFORMER_MODEL_KEY = re.compile(
+    r"^(transformer\.|lora_transformer_|base_model\.model\.(single_)?transformer_blocks\."
+    r"|lora_unet_(double_blocks|single_blocks|joint_blocks)_)"
+)
 
 
 @dataclass(frozen=True)
@@ -218,6 +230,8 @@ def file_sha256(path: Path) -> str:
 
 
 def detect_layout(keys: list[str]) -> str | None:
+    if any(k.startswith("diffusion_model.") for k in keys):  # its text-encoder keys may be kohya's
+        return "comfyui"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any(k.startswith("unet.unet.") for k in keys):
@@ -229,37 +243,68 @@ def detect_layout(keys: list[str]) -> str | None:
     return None
 
 
-def _kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight` ->
+    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`; other keys kept."""
+    renamed = {}
+    for key, value in tensors.items():
+        match = COMFY_KEY.match(key)
+        if match:
+            module, part = match.groups()
+            key = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
+        renamed[key] = value
+    return renamed
+
+
+def _kohya_to_peft(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Attention keys through diffusers' kohya converter (SGM block names included); the rest kept."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     attention, other = {}, {}
     for key, value in tensors.items():
-        module = key.split(".", 1)[0]
-        (attention if KOHYA_ATTENTION_PROJECTION.match(module) else other)[key] = value
+        module, _, part = key.partition(".")
+        if not KOHYA_ATTENTION_PROJECTION.match(module):
+            other[key] = value
+        elif part in KOHYA_LORA_PARTS:
+            if part == "alpha":
+                _check_alpha(path, module, value)  # before diffusers' converter calls .item() on it
+            attention[key] = value
+        else:
+            raise LoraFormatError(path, f"{key}: {_adapter_kind(part)}; only LoRA (down/up) files are supported")
     if not attention:
         return {}, other
     # SGM block numbers depend only on layers_per_block, which is 2 for SDXL (and SD 1.x / 2.x).
-    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(
-        dict(attention), unet_config=SimpleNamespace(layers_per_block=2)
-    )
+    try:
+        converted, alphas = StableDiffusionXLPipeline.lora_state_dict(
+            dict(attention), unet_config=SimpleNamespace(layers_per_block=2)
+        )
+    except ValueError as exc:  # diffusers' converter names keys it cannot rename
+        raise LoraFormatError(path, f"kohya keys diffusers cannot convert ({_one_line(exc)})") from None
     converted = convert_unet_state_dict_to_peft(converted)
     for key, alpha in convert_unet_state_dict_to_peft(alphas or {}).items():
         converted[key.removesuffix(".lora_A.weight.alpha") + ".alpha"] = torch.tensor(alpha)
     return converted, other
 
 
-def _to_peft_names(layout: str, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def _adapter_kind(part: str) -> str:
+    if part.startswith(("hada_", "lokr_")):
+        return "LyCORIS LoHa/LoKr weights are not LoRA factors"
+    return f"'{part}' is not a LoRA factor (LyCORIS or another adapter type?)"
+
+
+def _to_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(attention keys renamed to `<prefix>.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`, other keys).
 
     Other keys keep the names diffusers' loader reads (see `other_weights`); only the research
-    layout's extra `unet.` prefix is dropped from them.
+    layout's extra `unet.` prefix is dropped from them, and ComfyUI's UNet keys take kohya's names.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if layout == "kohya":
-        return _kohya_to_peft(tensors)
+        return _kohya_to_peft(path, tensors)
+    if layout == "comfyui":
+        return _kohya_to_peft(path, _comfy_to_kohya(tensors))
     if layout == "klora-research":
         tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
     convert = layout in ("klora-research", "diffusers-legacy")
@@ -316,7 +361,7 @@ def normalise(
     layout = detect_layout(list(tensors))
     if layout is None:
         raise LoraFormatError(path, _no_lora_reason(tensors))
-    attention, other = _to_peft_names(layout, tensors)
+    attention, other = _to_peft_names(path, layout, tensors)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in attention.items():
@@ -340,8 +385,10 @@ def normalise(
             if not torch.isfinite(tensor).all():
                 raise LoraValueError(path, f"{module}: {name} factor holds NaN or infinite values")
         rank = down.shape[0]
+        if rank == 0:
+            raise LoraShapeError(path, f"{module}: rank 0 (empty factors)")
         if "alpha" in got:
-            alpha = float(got["alpha"].float().item())
+            alpha = float(_check_alpha(path, module, got["alpha"]).float().item())
         elif alpha_pattern and get_pattern_key(alpha_pattern, module) in alpha_pattern:
             alpha = float(alpha_pattern[get_pattern_key(alpha_pattern, module)])
         else:
@@ -351,9 +398,9 @@ def normalise(
         projections[module] = LoraFactors(down=down, up=up, alpha=alpha, rslora=rslora)
 
     if not projections:
-        raise LoraFormatError(path, "holds no LoRA weights for UNet attention projections " + _counted(other))
+        raise _no_projections_error(path, other)
     for key, tensor in other.items():  # not routed, but merged under --other-weights merge: a broken file either way
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(_arithmetic(tensor)).all():
             raise LoraValueError(path, f"{key} holds NaN or infinite values")
     return layout, projections, other
 
@@ -364,7 +411,34 @@ def _as_matrix(path: Path, module: str, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor[:, :, 0, 0]
     if tensor.ndim != 2:
         raise LoraShapeError(path, f"{module}: factor has shape {tuple(tensor.shape)}, expected a matrix")
-    return tensor
+    if not tensor.is_floating_point():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise LoraValueError(path, f"{module}: factor has dtype {dtype}, expected floats")
+    return _arithmetic(tensor)
+
+
+def _check_alpha(path: Path, module: str, alpha: torch.Tensor) -> torch.Tensor:
+    if alpha.numel() != 1:
+        raise LoraShapeError(path, f"{module}: alpha has shape {tuple(alpha.shape)}, expected one number")
+    return alpha
+
+
+def _arithmetic(tensor: torch.Tensor) -> torch.Tensor:
+    """fp8 factors as fp32 (exact): torch has no arithmetic on 8-bit floats; peft upcasts them on load too."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
+def _no_projections_error(path: Path, other: dict[str, torch.Tensor]) -> LoraFormatError | BaseModelMismatchError:
+    foreign = next((key for key in other if TRANSFORMER_MODEL_KEY.match(key)), None)
+    if foreign:
+        return BaseModelMismatchError(
+            path, f"made for a transformer model such as Flux or SD3 ({foreign}), not an SDXL UNet"
+        )
+    if other and all(_other_kind(module_of(key)).startswith("text encoder") for key in other):
+        return LoraFormatError(
+            path, f"holds only text-encoder weights ({len(other)} keys), no LoRA weights for UNet attention projections"
+        )
+    return LoraFormatError(path, "holds no LoRA weights for UNet attention projections " + _counted(other))
 
 
 def _no_lora_reason(tensors: dict[str, torch.Tensor]) -> str:
@@ -374,6 +448,8 @@ def _no_lora_reason(tensors: dict[str, torch.Tensor]) -> str:
     if any(re.search(r"\.(hada_|lokr_)", k) for k in keys):
         return "LyCORIS LoHa/LoKr weights are not LoRA factors; only LoRA (down/up) files are supported"
     sample = ", ".join(keys[:2])
+    if any("lora" in k.lower() for k in keys):
+        return f"holds LoRA keys in a layout estlora does not know; first keys: {sample}"
     return f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}"
 
 
@@ -398,9 +474,9 @@ def module_of(key: str) -> str:
 
 
 def _other_kind(module: str) -> str:
-    if re.search(r"(^|\.|_)(te2|text_encoder_2)([._]|$)", module):
+    if re.search(r"(^|\.|_)(te2|text_encoder_2|clip_g)([._]|$)", module):  # clip_g/clip_l: ComfyUI
         return "text encoder 2"
-    if re.search(r"(^|\.|_)(te1?|text_encoder)([._]|$)", module):
+    if re.search(r"(^|\.|_)(te1?|text_encoders?|clip_l)([._]|$)", module):
         return "text encoder 1"
     if re.search(r"(^|[._])ff[._]", module):
         return "UNet feed-forward"
