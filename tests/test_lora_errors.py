@@ -207,6 +207,11 @@ CASES = {
         "'diff' is not a LoRA factor",
         lambda t, s: write(t / "full.safetensors", {f"{KOHYA_Q}.diff": torch.ones(64, 64)}),
     ),
+    "lora-bias": (
+        LoraFormatError,
+        "LoRA with a bias",
+        lambda t, s: edited(t, s, put(f"unet.{Q}.lora_B.bias", torch.ones(64))),
+    ),
     "alpha-not-scalar": (LoraShapeError, "alpha has shape (3,)", lambda t, s: edited(t, s, put(A_KEY, torch.ones(3)))),
     "kohya-alpha-not-scalar": (
         LoraShapeError,

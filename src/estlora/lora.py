@@ -311,6 +311,8 @@ def _to_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) ->
     attention, other = {}, {}
     for key, value in tensors.items():
         name = next(iter(convert_unet_state_dict_to_peft({key: value}))) if convert else key
+        if name.endswith(".lora_B.bias") and ATTENTION_PROJECTION.search(name.removesuffix(".lora_B.bias")):
+            raise LoraFormatError(path, f"{key}: LoRA with a bias (peft lora_bias) is not supported")
         module, _ = _split_module(name)
         if module and ATTENTION_PROJECTION.search(module) and not name.startswith("text_encoder"):
             attention[name] = value
