@@ -49,7 +49,7 @@ KOHYA_ATTENTION_PROJECTION = re.compile(r"^lora_unet_.*transformer_blocks_\d+_at
 # `lokr_w1`, `diff`, ...) is another kind of adapter whose update is not scale * up @ down.
 KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # ComfyUI: `diffusion_model.<SGM module path>.<part>`, with kohya's or peft's part names.
-COMFY_KEY = re.compile(r"^diffusion_model\.(.+?)\.(lora_(?:up|down|A|B|mid)\.weight|alpha|[\w]+)$")
+COMFY_KEY = re.compile(r"^diffusion_model\.(.+?)\.(lora_(?:up|down|A|B|mid)\.weight|alpha|\w+)$")
 COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # Keys of LoRAs for transformer (DiT) models: diffusers/peft `transformer.`, kohya or ComfyUI Flux/SD3 blocks.
 TRANSFORMER_MODEL_KEY = re.compile(

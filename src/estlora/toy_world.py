@@ -44,6 +44,7 @@ class Scene:
     dx: int = 0  # centre offset in pixels at 32 x 32
     dy: int = 0
     scale: float = 1.0  # the scorer's training sees sizes the generator draws a little off
+    band: float = 3.0  # pattern band width in pixels at 32 x 32; the scorer's training also sees others
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -86,11 +87,11 @@ def shape_mask(shape: str, dx: int = 0, dy: int = 0, scale: float = 1.0) -> Imag
     return mask
 
 
-def _texture(texture: str, colour: tuple[int, int, int], mask: Image.Image) -> np.ndarray:
+def _texture(texture: str, colour: tuple[int, int, int], mask: Image.Image, band: float = 3.0) -> np.ndarray:
     """The object's fill (n x n x 3) before masking: a colour, a pattern of it, or a dark-rimmed fill."""
     n = SIZE * SUPERSAMPLE
     y, x = np.mgrid[0:n, 0:n]
-    band = 3 * SUPERSAMPLE  # 3 pixels at 32 x 32
+    band = band * SUPERSAMPLE
     fill = np.empty((n, n, 3), np.float32)
     fill[:] = colour
     if texture == "solid":
@@ -115,7 +116,8 @@ def render(scene: Scene) -> np.ndarray:
     """One scene as a 32 x 32 x 3 uint8 image."""
     mask = shape_mask(scene.shape, scene.dx, scene.dy, scene.scale)
     alpha = np.asarray(mask, np.float32)[..., None] / 255
-    image = alpha * _texture(scene.texture, COLOURS[scene.colour], mask) + (1 - alpha) * np.float32(BACKGROUND)
+    fill = _texture(scene.texture, COLOURS[scene.colour], mask, scene.band)
+    image = alpha * fill + (1 - alpha) * np.float32(BACKGROUND)
     small = Image.fromarray(np.round(image).astype(np.uint8)).resize((SIZE, SIZE), Image.BOX)
     return np.asarray(small)
 
