@@ -134,7 +134,9 @@ def generated_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """What the toy model does to a fill when the prompt names no colour, or a LoRA only half takes:
     hues that drift across the object, wavy edges and stripes, patches where the fill did not take.
 
-    Without these the scorer calls striped objects with mixed hues `solid` (benchmarks/RESULTS.md).
+    With varied band widths (`scorer_batch`), which matter most, these let the scorer read generated
+    diagonal stripes as a person does; trained on clean renders alone it called them `checker` or
+    `solid` (benchmarks/RESULTS.md, tests/data/toy_generated_labelled.*).
     """
     x = image.astype(np.float64)
     coloured = np.clip((x.max(-1) - x.min(-1))[..., None] / 175, 0, 1)  # not background, white or dark
@@ -195,7 +197,7 @@ def scorer_batch(size: int, seed) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
             scene.dx + int(rng.integers(-2, 3)),
             scene.dy,
             float(rng.uniform(0.8, 1.15)),
-            float(rng.uniform(2.5, 5.0)) if rng.random() < 0.5 else 3.0,
+            float(rng.uniform(2.5, 5.0)) if rng.random() < 0.5 else 3.0,  # the model draws bands off-width
         )
         images.append(augment(generated_look(render(scene), rng), rng))
         for head in HEADS:
