@@ -166,7 +166,11 @@ CASES = {
     # Protocol 0 has no 0x80 opcode, so it is not recognised as pickle; it is still refused, unread.
     "protocol-0-pickle-as-safetensors": (*NOT_ST, lambda t, s: pickle_as_safetensors(t, 0)),
     "folder-with-only-bin": (*PKL, lambda t, s: folder(t, s, "model.bin")),
-    "truncated": (*CUT, lambda t, s: patched(t, s, lambda b: b[: len(b) // 2])),
+    "truncated": (
+        LoraFormatError,
+        "truncated safetensors file (1956 of 3912 bytes)",
+        lambda t, s: patched(t, s, lambda b: b[: len(b) // 2]),
+    ),
     "header-too-long": (*CUT, lambda t, s: patched(t, s, lambda b: struct.pack("<Q", len(b)) + b[8:])),
     "garbled-header": (*CUT, lambda t, s: patched(t, s, lambda b: b[:9] + b"\xff\x00junk" + b[15:])),
     "no-lora-keys": (

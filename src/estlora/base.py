@@ -1,17 +1,21 @@
 """The base model a LoRA is used with: where it is, and the shapes of its UNet's attention projections.
 
-Shapes come from the UNet's config alone (the model is built on the meta device), so checking a
-LoRA against SDXL costs a config read, not a 5 GB load.
+A base is a diffusers folder or hub id, or one single-file checkpoint (`sd_xl_base_1.0.safetensors`,
+or a fine-tuned SDXL shared as one file). Shapes come from the UNet's config alone (the model is
+built on the meta device), or from a single file's header, so checking a LoRA against SDXL costs a
+config or header read, not a 7 GB load.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
-from .errors import BaseModelError
-from .lora import ATTENTION_PROJECTION
+from .errors import BaseModelError, LoraError, first_line
+from .lora import ATTENTION_PROJECTION, PICKLE_SUFFIXES, download_from_hub, read_header
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -50,6 +54,22 @@ SDXL_SCHEDULER_CONFIG = {
 
 
 TOY_BASE = "toy"  # the shipped toy SDXL (estlora.toy_model)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES)
+
+# Single-file (Stability SGM) checkpoints: the UNet under `model.diffusion_model.`, the VAE under
+# `first_stage_model.`, SDXL's two text encoders under `conditioner.embedders.0/1.`.
+SGM_UNET = "model.diffusion_model."
+SDXL_PARTS = {
+    "first_stage_model.": "VAE",
+    "conditioner.embedders.0.transformer.": "CLIP ViT-L text encoder",
+    "conditioner.embedders.1.model.": "OpenCLIP ViT-bigG text encoder",
+}
+SGM_ATTENTION = re.compile(
+    r"^model\.diffusion_model\.(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\."
+    r"(transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$"
+)
+TRANSFORMER_BLOCKS = ("joint_blocks.", "double_blocks.")  # SD3's MMDiT, Flux
+LORA_KEY = re.compile(r"(^|[._])lora(_unet|_te\d?)?[._]|\.lora_[AB]\.|\.(hada|lokr)_")
 
 
 def resolve_base(base: str | os.PathLike) -> str:
@@ -61,11 +81,39 @@ def resolve_base(base: str | os.PathLike) -> str:
     return str(base)
 
 
-def check_local_path(base: str | os.PathLike) -> None:
-    """A base spelled as a path must exist (else the hub client reports a confusing repo-id error)."""
+def is_single_file(base: str | os.PathLike) -> bool:
+    """A checkpoint file (by its name or because it is a file), as opposed to a folder or hub id."""
     text = str(base)
-    if text.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(text)):
+    return text.lower().endswith(SINGLE_FILE_SUFFIXES) or os.path.isfile(os.path.expanduser(text))
+
+
+def check_local_path(base: str | os.PathLike) -> None:
+    """A folder spelled as a path must exist (else the hub client reports a confusing repo-id error)."""
+    text = str(base)
+    if text.startswith(("/", ".", "~")) and not is_single_file(base) and not os.path.isdir(os.path.expanduser(text)):
         raise BaseModelError(base, "no such folder")
+
+
+def single_file_path(base: str | os.PathLike) -> Path:
+    """A single-file base on this machine: as given, or from the hub (`owner/repo/sd_xl_base_1.0.safetensors`)."""
+    text = str(base)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+/[\w./-]+", text) and not text.startswith(("/", ".", "~")):
+        try:
+            return download_from_hub(text)
+        except LoraError as exc:
+            raise BaseModelError(base, exc.problem) from None
+    raise BaseModelError(base, "no such file")
+
+
+def base_projection_shapes(base: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
+    """Projection shapes of a base: from its UNet config, or from a single file's header (checked
+    against `config`, the diffusers folder or hub id whose configs the file is loaded with)."""
+    if is_single_file(base):
+        return single_file_shapes(base, config)
+    return projection_shapes(unet_config(base))
 
 
 def unet_config(base: str | os.PathLike) -> dict:
@@ -81,8 +129,7 @@ def unet_config(base: str | os.PathLike) -> dict:
     except Exception as exc:
         if str(base) in KNOWN_UNET_CONFIGS:  # offline, but we know its shapes
             return dict(KNOWN_UNET_CONFIGS[str(base)])
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BaseModelError(base, f"cannot read the base model's UNet config ({first})") from None
+        raise BaseModelError(base, f"cannot read the base model's UNet config ({first_line(exc)})") from None
 
 
 @lru_cache(maxsize=8)
@@ -107,3 +154,72 @@ def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
 def _freeze(value):
     return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+# ---------------------------------------------------------------- single-file checkpoints
+
+
+def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
+    """Projection shapes read from a single-file SDXL checkpoint's header, after checking that it is
+    one (whole, safetensors, an SDXL base with its VAE and both text encoders) and that its UNet has
+    the shapes of `config`'s UNet (SDXL base 1.0 by default)."""
+    try:
+        header = read_header(single_file_path(base))
+    except LoraError as exc:  # the same file checks as for LoRAs; the message names the file
+        raise BaseModelError(base, exc.problem) from None
+    problem = _not_an_sdxl_base(list(header))
+    if problem:
+        raise BaseModelError(base, problem)
+    shapes = {}
+    for key, entry in header.items():
+        match = SGM_ATTENTION.match(key)
+        if match and len(entry["shape"]) == 2:
+            shapes[sgm_to_diffusers(match.group(1)) + "." + match.group(4)] = tuple(entry["shape"])
+    reference = resolve_base(config or DEFAULT_BASE)
+    unet = unet_config(reference)
+    in_channels = header.get(SGM_UNET + "input_blocks.0.0.weight", {}).get("shape", [0, unet["in_channels"]])[1]
+    if in_channels != unet["in_channels"]:
+        problem = f"its UNet takes {in_channels} input channels, not {unet['in_channels']} (an inpainting model?)"
+        raise BaseModelError(base, problem + "; estlora needs a text-to-image SDXL base")
+    expected = projection_shapes(unet)
+    if shapes != expected:
+        problem = f"its UNet does not have the shapes of {reference}'s UNet"
+        raise BaseModelError(base, f"{problem} ({_first_difference(shapes, expected)})")
+    return shapes
+
+
+def _not_an_sdxl_base(keys: list[str]) -> str | None:
+    if any(LORA_KEY.search(k) for k in keys):
+        return "this is a LoRA, not a base model checkpoint (give it as the subject or style)"
+    if any(k.removeprefix(SGM_UNET).startswith(TRANSFORMER_BLOCKS) for k in keys):
+        return "a transformer model checkpoint (SD3 or Flux), not SDXL"
+    if not any(k.startswith(SGM_UNET) for k in keys):
+        return "not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* UNet weights)"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "a Stable Diffusion 1.x / 2.x checkpoint, not SDXL"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "an SDXL refiner checkpoint; EST-LoRA fuses LoRAs on the SDXL base"
+    missing = [name for prefix, name in SDXL_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
+    if missing:
+        return f"holds no {' or '.join(missing)} weights; a single-file base must be a whole SDXL checkpoint"
+    return None
+
+
+def sgm_to_diffusers(block: str) -> str:
+    """`input_blocks.4` -> `down_blocks.1.attentions.0`: SGM numbers a UNet level's layers and its
+    down/up sampler in one list of 3 (layers_per_block + 1), as for every SDXL UNet."""
+    kind, _, number = block.partition(".")
+    if kind == "middle_block":
+        return "mid_block.attentions.0"
+    if kind == "input_blocks":
+        level, layer = divmod(int(number) - 1, 3)
+        return f"down_blocks.{level}.attentions.{layer}"
+    level, layer = divmod(int(number), 3)
+    return f"up_blocks.{level}.attentions.{layer}"
+
+
+def _first_difference(found: dict, expected: dict) -> str:
+    for name in sorted(set(found) | set(expected)):
+        if found.get(name) != expected.get(name):
+            return f"{name}: {found.get(name, 'missing')} in the file, {expected.get(name, 'none')} expected"
+    return ""

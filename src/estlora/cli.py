@@ -33,7 +33,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .lora import load_lora, summary
 
-    lora = load_lora(args.lora, base_shapes=_base_shapes(args.base), base_name=args.base or "the base model")
+    lora = load_lora(args.lora, base_shapes=_base_shapes(args), base_name=args.base or "the base model")
     if args.json:
         print(json.dumps(inspect_report(lora), indent=2))
     else:
@@ -42,12 +42,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             print(f"fits base:   {args.base} (every projection's shape matches)")
 
 
-def _base_shapes(base: str | None):
-    if not base:
+def _base_shapes(args: argparse.Namespace):
+    if not args.base:
         return None
-    from .base import projection_shapes, unet_config
+    from .base import base_projection_shapes
 
-    return projection_shapes(unet_config(base))
+    return base_projection_shapes(args.base, args.base_config)
 
 
 def fusion_config(args: argparse.Namespace):
@@ -68,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from .plan import build_plan, cached_pair_scores
     from .plan_view import heatmap, summary
 
-    subject, style = load_pair(args.subject, args.style, _base_shapes(args.base), args.base or "the base model")
+    subject, style = load_pair(args.subject, args.style, _base_shapes(args), args.base or "the base model")
     config = fusion_config(args)
     plan = build_plan(cached_pair_scores(subject, style, config), config, args.steps, (subject.sha256, style.sha256))
     if args.png:
@@ -104,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         style=args.style,
         prompt=args.prompt,
         base=args.base,
+        base_config=args.base_config,
         negative_prompt=args.negative_prompt,
         method=args.method,
         steps=args.steps,
@@ -147,7 +148,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
             "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
         }
         spec = GridSpec.from_dict(data, "flags")
-    for key in ("base", "prompts", "seeds", "methods", "steps", "beta"):
+    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "beta"):
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -171,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_ui(args: argparse.Namespace) -> None:
     from .ui import launch
 
-    launch(base=args.base, host=args.host, port=args.port)
+    launch(base=args.base, base_config=args.base_config, host=args.host, port=args.port)
 
 
 def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
@@ -222,6 +223,17 @@ def inspect_report(lora) -> dict:
     }
 
 
+def add_base_options(parser: argparse.ArgumentParser, purpose: str, default: str | None = None) -> None:
+    parser.add_argument(
+        "--base", default=default, help=f"{purpose}: a diffusers folder, hub id, single-file .safetensors, or toy"
+    )
+    parser.add_argument(
+        "--base-config",
+        help="for a single-file base: the diffusers SDXL folder or hub id whose configs and tokenizers it uses"
+        f" (default {DEFAULT_BASE})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="estlora",
@@ -238,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "lora", help="a .safetensors file, a folder holding one, a hub id, example:subject or toy:heart"
     )
-    inspect.add_argument("--base", help="also check it fits this base model (folder, hub id, or toy)")
+    add_base_options(inspect, "also check it fits this base model")
     inspect.add_argument("--json", action="store_true", help="print a JSON report instead")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -246,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("subject", help="subject LoRA (file, folder, hub id, example:subject, toy:heart)")
     plan.add_argument("style", help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
     plan.add_argument("--steps", type=int, default=30, help="number of denoising steps (default 30)")
-    plan.add_argument("--base", help="check both LoRAs fit this base model (folder, hub id, or toy)")
+    add_base_options(plan, "check both LoRAs fit this base model")
     plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     plan.add_argument("--png", help="also draw the plan as a heatmap PNG")
     add_fusion_options(plan, "time-scale offset beta (default auto: K-LoRA's 0.5 here; generate measures it)")
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", required=True, help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
     gen.add_argument("--prompt", required=True, help='e.g. "a sks dog in szn style"')
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--base", default=DEFAULT_BASE, help=f"SDXL base: folder, hub id, or toy (default {DEFAULT_BASE})")
+    add_base_options(gen, f"the SDXL base (default {DEFAULT_BASE})", default=DEFAULT_BASE)
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
@@ -289,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
     grid.add_argument("--subjects", nargs="+", help="subject LoRAs (instead of a spec file)")
     grid.add_argument("--styles", nargs="+", help="style LoRAs (instead of a spec file)")
-    grid.add_argument("--base", help="override the spec's base model")
+    add_base_options(grid, "override the spec's base model")
     grid.add_argument("--prompts", nargs="+", help='prompt templates, e.g. "a {subject} in {style} style"')
     grid.add_argument("--seeds", nargs="+", type=int)
     grid.add_argument("--methods", nargs="+")
@@ -308,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
-    ui.add_argument("--base", help="SDXL base folder or hub id (default: the shipped toy model, toy)")
+    add_base_options(ui, "the SDXL base (default: the shipped toy model, toy)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
     ui.set_defaults(func=cmd_ui)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import cache
-from .errors import EstloraError
+from .errors import EstloraError, first_line
 
 DEFAULT_DINO = "facebook/dino-vits16"
 TOY_EMBEDDER = "toy"  # the toy world's scorer features stand in for DINO there (see estlora.toy_scorer)
@@ -34,7 +34,7 @@ def _load(model_id: str, device: torch.device, processor_class: str):
         model = transformers.AutoModel.from_pretrained(model_id)  # first: its errors say more (offline, not a model)
         processor = getattr(transformers, processor_class).from_pretrained(model_id)
     except (OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise ImageEmbedderError(model_id, f"cannot load the image model ({reason}); give a local folder") from None
     return model.to(device=device, dtype=torch.float32).eval(), processor
 

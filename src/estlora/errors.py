@@ -48,3 +48,8 @@ class BaseModelMismatchError(LoraError):
 
 class BaseModelError(EstloraError, ValueError):
     """The base model folder or id cannot be read."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's exception: enough to say why, on the one line we print."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

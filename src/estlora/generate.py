@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DEFAULT_BASE, TOY_BASE, projection_shapes, unet_config
+from .base import DEFAULT_BASE, TOY_BASE, base_projection_shapes
 from .discrepancy import DEFAULT_DINO, TOY_EMBEDDER
 from .fusion import Fusion, fuse
 from .lora import load_pair
@@ -32,6 +32,7 @@ class Request:
     style: str
     prompt: str
     base: str = DEFAULT_BASE
+    base_config: str | None = None  # a single-file base's configs: a diffusers SDXL folder or id (default SDXL 1.0)
     negative_prompt: str | None = None
     method: str = "est"
     steps: int = 30
@@ -159,10 +160,9 @@ def measure_beta(fusion: Fusion, request: Request, use_cache: bool = True):
 def generate(request: Request, pipe=None) -> list[Path]:
     """The whole story: base, LoRAs, plan, beta, images. Returns the PNG paths."""
     # Check both LoRAs against the base's UNet config first: bad input fails fast, before the slow load.
-    subject, style = load_pair(
-        request.subject, request.style, projection_shapes(unet_config(request.base)), request.base
-    )
-    pipe = pipe or load_pipeline(request.base, request.device, request.dtype, request.cpu_offload)
+    shapes = base_projection_shapes(request.base, request.base_config)
+    subject, style = load_pair(request.subject, request.style, shapes, request.base)
+    pipe = pipe or load_pipeline(request.base, request.device, request.dtype, request.cpu_offload, request.base_config)
     options = request.config_options()
     with fuse(pipe, subject, style, method=request.method, beta=request.beta, **options) as fusion:
         strengths = fusion.config.static_weights

@@ -56,6 +56,7 @@ class GridSpec:
     subjects: list[Entry]
     styles: list[Entry]
     base: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    base_config: str | None = None  # for a single-file base: the diffusers SDXL folder or id with its configs
     prompts: list[str] = field(default_factory=lambda: ["a {subject} in {style} style"])
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["est"])
@@ -133,18 +134,21 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     spec = GridSpec.from_dict(data, str(path))
     base_dir = path.parent  # relative paths in a spec are relative to the spec file
     for key in ("subjects", "styles"):
-        setattr(spec, key, [_relative_to(e, base_dir) for e in getattr(spec, key)])
+        setattr(spec, key, [_entry_relative_to(e, base_dir) for e in getattr(spec, key)])
+    spec.base, spec.base_config = _relative_to(spec.base, base_dir), _relative_to(spec.base_config, base_dir)
     return spec
 
 
-def _relative_to(entry: Entry, folder: Path) -> Entry:
-    def resolve(value):
-        if value is None or value.startswith(("example:", "toy:")) or Path(value).is_absolute():
-            return value
-        candidate = folder / value
-        return str(candidate) if candidate.exists() else value  # else: a hub id
+def _relative_to(value: str | None, folder: Path) -> str | None:
+    if value is None or value.startswith(("example:", "toy:")) or Path(value).is_absolute():
+        return value
+    candidate = folder / value
+    return str(candidate) if candidate.exists() else value  # else: a hub id (or toy)
 
-    return Entry(entry.name, resolve(entry.lora), entry.token, entry.class_word, resolve(entry.references))
+
+def _entry_relative_to(entry: Entry, folder: Path) -> Entry:
+    lora, references = _relative_to(entry.lora, folder), _relative_to(entry.references, folder)
+    return Entry(entry.name, lora, entry.token, entry.class_word, references)
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,7 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
         return 0
 
     entries = {e.name: e for e in spec.subjects + spec.styles}
-    pipe = load_pipeline(spec.base, launched_device or device, spec.dtype)
+    pipe = load_pipeline(spec.base, launched_device or device, spec.dtype, config=spec.base_config)
     from .fusion import unet_projection_shapes
 
     shapes = unet_projection_shapes(pipe.unet)
@@ -307,6 +311,7 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         style=style.lora,
         prompt=spec.prompt(template, subject, style),
         base=spec.base,
+        base_config=spec.base_config,
         negative_prompt=spec.negative_prompt,
         steps=spec.steps,
         guidance=spec.guidance,

@@ -37,6 +37,7 @@ from .errors import (
     LoraShapeError,
     LoraValueError,
     PickleRefusedError,
+    first_line,
 )
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
@@ -144,7 +145,7 @@ def resolve_lora_path(source: str | os.PathLike) -> Path:
         return _lora_in_folder(path)
     text = str(source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+\.safetensors)?", text) and not text.startswith("."):
-        return _download(text)
+        return download_from_hub(text)
     raise LoraNotFoundError(source, "no such file or folder")
 
 
@@ -164,7 +165,8 @@ def _lora_in_folder(folder: Path) -> Path:
     raise LoraNotFoundError(folder, "folder holds no .safetensors file")
 
 
-def _download(hub_id: str) -> Path:
+def download_from_hub(hub_id: str) -> Path:
+    """`owner/repo` (its diffusers LoRA file) or `owner/repo/path/file.safetensors`, from the hub cache or the hub."""
     from huggingface_hub import hf_hub_download
 
     repo, _, filename = hub_id.partition("/")
@@ -172,8 +174,7 @@ def _download(hub_id: str) -> Path:
     try:
         return Path(hf_hub_download(f"{repo}/{name}", filename or DIFFUSERS_WEIGHT_NAME))
     except Exception as exc:  # offline, no such repo, no such file: all one answer to the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoraNotFoundError(hub_id, f"not a local path, and the hub download failed: {first_line}") from None
+        raise LoraNotFoundError(hub_id, f"not a local path, and the hub download failed: {first_line(exc)}") from None
 
 
 def _pickle_reason() -> str:
@@ -185,23 +186,44 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the header metadata, after checking the file is a whole safetensors file."""
-    from safetensors import safe_open
+def read_header(path: Path) -> dict[str, dict]:
+    """The safetensors header (tensor name -> dtype, shape, offsets), after checking the whole file is there.
 
+    Reads only the header, so a 7 GB checkpoint is checked in milliseconds; pickles are refused unopened.
+    """
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PickleRefusedError(path, _pickle_reason())
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if _looks_like_pickle(head):
-        raise PickleRefusedError(path, "this is a pickle checkpoint, not safetensors; " + _pickle_reason())
-    if size < 8:
-        raise LoraFormatError(path, f"not a safetensors file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > size - 8 or head[8:9] != b"{":
-        kind = "truncated or corrupt safetensors file" if head[8:9] == b"{" else "not a safetensors file"
-        raise LoraFormatError(path, f"{kind} (bad header)")
+        if _looks_like_pickle(head):
+            raise PickleRefusedError(path, "this is a pickle checkpoint, not safetensors; " + _pickle_reason())
+        if size < 8:
+            raise LoraFormatError(path, f"not a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > size - 8 or head[8:9] != b"{":
+            kind = "truncated or corrupt safetensors file" if head[8:9] == b"{" else "not a safetensors file"
+            raise LoraFormatError(path, f"{kind} (bad header)")
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError:
+            raise LoraFormatError(path, "truncated or corrupt safetensors file (header is not JSON)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise LoraFormatError(path, "truncated or corrupt safetensors file (bad tensor entries)") from None
+    if 8 + header_len + end > size:
+        raise LoraFormatError(path, f"truncated safetensors file ({size} of {8 + header_len + end} bytes)")
+    return tensors
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata, after checking the file is a whole safetensors file."""
+    from safetensors import safe_open
+
+    read_header(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as handle:
@@ -209,13 +231,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     except Exception as exc:
-        raise LoraFormatError(path, f"truncated or corrupt safetensors file ({_one_line(exc)})") from None
+        raise LoraFormatError(path, f"truncated or corrupt safetensors file ({first_line(exc)})") from None
     return tensors, metadata
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def file_sha256(path: Path) -> str:
@@ -280,7 +297,7 @@ def _kohya_to_peft(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, 
             dict(attention), unet_config=SimpleNamespace(layers_per_block=2)
         )
     except ValueError as exc:  # diffusers' converter names keys it cannot rename
-        raise LoraFormatError(path, f"kohya keys diffusers cannot convert ({_one_line(exc)})") from None
+        raise LoraFormatError(path, f"kohya keys diffusers cannot convert ({first_line(exc)})") from None
     converted = convert_unet_state_dict_to_peft(converted)
     for key, alpha in convert_unet_state_dict_to_peft(alphas or {}).items():
         converted[key.removesuffix(".lora_A.weight.alpha") + ".alpha"] = torch.tensor(alpha)

@@ -7,8 +7,8 @@ import warnings
 
 import torch
 
-from .base import check_local_path, resolve_base
-from .errors import BaseModelError
+from .base import DEFAULT_BASE, check_local_path, is_single_file, resolve_base, single_file_path, single_file_shapes
+from .errors import BaseModelError, first_line
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -38,29 +38,58 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def load_pipeline(base: str | os.PathLike, device: str = "auto", dtype: str = "auto", cpu_offload: bool = False):
-    """A `StableDiffusionXLPipeline` from a folder or hub id, placed on device (or offloaded)."""
-    from diffusers import StableDiffusionXLPipeline
-
+def load_pipeline(
+    base: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    cpu_offload: bool = False,
+    config: str | os.PathLike | None = None,
+):
+    """A `StableDiffusionXLPipeline` from a folder, hub id or single-file checkpoint, placed on device
+    (or offloaded). A single file takes its configs and tokenizers from `config` (a diffusers SDXL
+    folder or hub id; SDXL base 1.0 by default), as diffusers' `from_single_file` does."""
     base = resolve_base(base)
     check_local_path(base)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    attempts = [{"variant": "fp16"}, {}] if torch_dtype == torch.float16 and not os.path.isdir(base) else [{}]
-    error = None
-    for extra in attempts:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pipe = StableDiffusionXLPipeline.from_pretrained(str(base), torch_dtype=torch_dtype, **extra)
-            break
-        except Exception as exc:  # missing folder, offline hub, not a pipeline: one answer to the user
-            error = exc
+    if is_single_file(base):
+        pipe = _from_single_file(base, torch_dtype, config)
     else:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise BaseModelError(base, f"cannot load an SDXL pipeline ({first})")
+        pipe = _from_pretrained(base, torch_dtype)
     if cpu_offload and target.type != "cpu":
         pipe.enable_model_cpu_offload(device=target)
     else:
         pipe.to(target)
     return pipe
+
+
+def _from_pretrained(base: str, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    attempts = [{"variant": "fp16"}, {}] if torch_dtype == torch.float16 and not os.path.isdir(base) else [{}]
+    for extra in attempts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch_dtype, **extra)
+        except Exception as exc:  # missing folder, offline hub, not a pipeline: one answer to the user
+            error = exc
+    raise BaseModelError(base, f"cannot load an SDXL pipeline ({first_line(error)})")
+
+
+def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.PathLike | None):
+    from diffusers import StableDiffusionXLPipeline
+
+    single_file_shapes(base, config)  # a clear refusal before diffusers reads gigabytes
+    path, config = str(single_file_path(base)), resolve_base(config or DEFAULT_BASE)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
+    except Exception as exc:
+        where = (
+            ""
+            if os.path.isdir(config)
+            else " (fetched from the hub; offline, give a local diffusers SDXL folder as --base-config)"
+        )
+        raise BaseModelError(base, f"cannot load it with the configs of {config}{where}: {first_line(exc)}") from None

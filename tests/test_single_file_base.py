@@ -1,0 +1,251 @@
+"""Single-file SDXL checkpoints as the base (`--base model.safetensors`), as A1111 / ComfyUI users have them.
+
+The files are made offline from a tiny SDXL (tests/sgm_checkpoint.py) and checked against the
+diffusers folder they came from: diffusers' `from_single_file` must load every tensor exactly, and a
+fused render from the file must equal the render from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from estlora.base import DEFAULT_BASE, SGM_ATTENTION, base_projection_shapes, projection_shapes, sgm_to_diffusers
+from estlora.cli import main
+from estlora.errors import BaseModelError
+from estlora.examples import example_state_dict
+from estlora.pipelines import load_pipeline
+from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, write_single_file
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(single file, the diffusers folder with its configs, two LoRAs that fit it)."""
+    root = tmp_path_factory.mktemp("single-file")
+    pipe = tiny_sdxl_with_distinct_encoders()
+    pipe.save_pretrained(root / "folder")
+    write_single_file(pipe, root / "tiny-sdxl.safetensors")
+    shapes = projection_shapes(dict(pipe.unet.config))
+    for name in ("subject", "style"):
+        state, config = example_state_dict(name, shapes)
+        metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})}
+        save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, str(root / f"{name}.safetensors"), metadata)
+    return root / "tiny-sdxl.safetensors", root / "folder", root
+
+
+def test_loads_every_tensor_exactly_as_its_folder(checkpoint):
+    single, folder, _ = checkpoint
+    from_file, from_folder = load_pipeline(single, config=folder), load_pipeline(folder)
+    for name in COMPONENTS:
+        mine, theirs = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert dict(from_file.scheduler.config) == dict(from_folder.scheduler.config)
+
+
+def test_header_names_map_to_the_modules_diffusers_loads_them_into(checkpoint):
+    single, folder, _ = checkpoint
+    unet = load_pipeline(single, config=folder).unet
+    modules = dict(unet.named_modules())
+    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    attention = {k: v for k, v in state.items() if SGM_ATTENTION.match(k)}
+    assert len(attention) == 560
+    for key, tensor in attention.items():
+        match = SGM_ATTENTION.match(key)
+        module = modules[sgm_to_diffusers(match.group(1)) + "." + match.group(4)]
+        assert torch.equal(module.weight, tensor), key
+
+
+def test_shapes_come_from_the_header_and_match_the_config(checkpoint):
+    single, folder, _ = checkpoint
+    shapes = base_projection_shapes(single, folder)
+    assert shapes == base_projection_shapes(folder)
+    assert len(shapes) == 560 and shapes["mid_block.attentions.0.transformer_blocks.9.attn2.to_k"] == (64, 80)
+
+
+def test_generate_from_the_file_equals_a_plain_diffusers_run(checkpoint, tmp_path):
+    """The reference is diffusers' own `from_single_file` with the LoRA loaded by `load_lora_weights`.
+
+    (The same render from the diffusers folder differs in the last bits on CPUs: weights memory-mapped
+    from the folder's files sit at other memory alignments, which changes the matmul kernels' sums.)
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    single, folder, root = checkpoint
+    subject = str(root / "subject.safetensors")
+    args = ["generate", "--subject", subject, "--style", str(root / "style.safetensors"), "--method", "subject"]
+    args += ["--prompt", "a dog", "--steps", "3", "--seed", "3", "--base", str(single), "--base-config", str(folder)]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    plain = StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder))
+    plain.load_lora_weights(subject)
+    expected = plain("a dog", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected.images[0]))
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["settings"]["base_config"] == str(folder)
+    assert f"--base {single} --base-config {folder}" in meta["command"]
+
+
+def test_inspect_checks_a_lora_against_the_file(checkpoint, capsys):
+    single, folder, root = checkpoint
+    assert (
+        main(["inspect", str(root / "subject.safetensors"), "--base", str(single), "--base-config", str(folder)]) == 0
+    )
+    assert f"fits base:   {single}" in capsys.readouterr().out
+
+
+def sgm_file(path, keys: dict[str, tuple]):
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    return path
+
+
+def reshaped(checkpoint, path, key, shape):
+    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    state[key] = torch.zeros(shape)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+UNET = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+BAD_FILES = {
+    "missing": (BaseModelError, "no such file", lambda c, p: p / "nowhere.safetensors"),
+    "hub-offline": (
+        BaseModelError,
+        "not a local path, and the hub download failed",
+        lambda c, p: "someone/sdxl-finetune/model.safetensors",
+    ),
+    "pickle": (BaseModelError, "pickle checkpoints are refused", lambda c, p: _pickle(p / "model.ckpt")),
+    "truncated": (BaseModelError, "truncated safetensors file", lambda c, p: _cut(c[0], p / "cut.safetensors")),
+    "lora": (BaseModelError, "this is a LoRA, not a base model", lambda c, p: c[2] / "subject.safetensors"),
+    "not-a-checkpoint": (
+        BaseModelError,
+        "no model.diffusion_model.* UNet weights",
+        lambda c, p: sgm_file(p / "unet.safetensors", {"down_blocks.0.resnets.0.conv1.weight": (2, 2)}),
+    ),
+    "sd15": (
+        BaseModelError,
+        "a Stable Diffusion 1.x / 2.x checkpoint, not SDXL",
+        lambda c, p: sgm_file(p / "v1.safetensors", {UNET: (4, 4), "cond_stage_model.transformer.x": (1,)}),
+    ),
+    "refiner": (
+        BaseModelError,
+        "an SDXL refiner checkpoint",
+        lambda c, p: sgm_file(p / "refiner.safetensors", {UNET: (4, 4), "conditioner.embedders.0.model.x": (1,)}),
+    ),
+    "flux": (
+        BaseModelError,
+        "(SD3 or Flux), not SDXL",
+        lambda c, p: sgm_file(p / "flux.safetensors", {"model.diffusion_model.double_blocks.0.x": (1,)}),
+    ),
+    "unet-only": (
+        BaseModelError,
+        "holds no VAE or CLIP ViT-L text encoder or OpenCLIP ViT-bigG text encoder weights",
+        lambda c, p: sgm_file(p / "unet-only.safetensors", {UNET: (4, 4)}),
+    ),
+    "inpainting": (
+        BaseModelError,
+        "its UNet takes 9 input channels, not 4 (an inpainting model?)",
+        lambda c, p: reshaped(
+            c, p / "inpaint.safetensors", "model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3)
+        ),
+    ),
+    "other-shapes": (
+        BaseModelError,
+        "its UNet does not have the shapes of",
+        lambda c, p: reshaped(c, p / "wide.safetensors", UNET, (64, 128)),
+    ),
+}
+
+
+def _pickle(path):
+    torch.save({"state_dict": {}}, path)
+    return path
+
+
+def _cut(source, path):
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_single_files_are_refused_in_one_line(case, checkpoint, tmp_path):
+    error, words, build = BAD_FILES[case]
+    path = build(checkpoint, tmp_path)
+    with pytest.raises(error) as info:
+        base_projection_shapes(path, checkpoint[1])
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and words in message and "\n" not in message
+
+
+def test_cli_refuses_a_bad_base_before_loading_and_writes_nothing(checkpoint, tmp_path, capsys):
+    _, folder, root = checkpoint
+    out = tmp_path / "out"
+    lora = str(root / "subject.safetensors")
+    args = ["generate", "--subject", lora, "--style", lora, "--prompt", "x", "--base", lora, "--out", str(out)]
+    assert main([*args, "--base-config", str(folder)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line == f"estlora: error: {lora}: this is a LoRA, not a base model checkpoint (give it as the subject or style)"
+    )
+    assert not out.exists()
+
+
+def test_without_a_config_the_file_must_have_sdxl_shapes(checkpoint):
+    single, _, _ = checkpoint
+    with pytest.raises(BaseModelError) as info:
+        base_projection_shapes(single)
+    assert f"its UNet does not have the shapes of {DEFAULT_BASE}'s UNet" in str(info.value)
+    assert (
+        "(down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: (64, 64) in the file, (640, 640) expected)"
+        in str(info.value)
+    )
+
+
+def test_configs_that_cannot_build_the_pipeline_are_one_line(checkpoint, tmp_path):
+    single, folder, _ = checkpoint
+    partial = shutil.copytree(folder, tmp_path / "partial")
+    (partial / "text_encoder_2" / "config.json").unlink()
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(single, config=partial)
+    message = str(info.value)
+    assert message.startswith(f"{single}: cannot load it with the configs of {partial}: ") and "\n" not in message
+
+
+def test_offline_without_cached_sdxl_configs_says_what_to_do(checkpoint, monkeypatch):
+    """Real SDXL-size files cannot be made here, so the header check (tested above) is skipped."""
+    import estlora.pipelines
+
+    single, _, _ = checkpoint
+    monkeypatch.setattr(estlora.pipelines, "single_file_shapes", lambda base, config: None)
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(single)
+    message = str(info.value)
+    assert message.startswith(f"{single}: cannot load it with the configs of {DEFAULT_BASE} (fetched from the hub;")
+    assert "give a local diffusers SDXL folder as --base-config" in message and "\n" not in message
+
+
+def test_grid_spec_names_the_file_and_its_configs_relative_to_itself(checkpoint, tmp_path):
+    single, folder, root = checkpoint
+    spec = {
+        "base": single.name,
+        "base_config": folder.name,
+        "subjects": [{"name": "s", "lora": "subject.safetensors"}],
+        "styles": [{"name": "t", "lora": "style.safetensors"}],
+        "methods": ["subject"],
+        "steps": 2,
+        "beta": 0.5,
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    assert main(["grid", str(root / "spec.json"), "--out", str(tmp_path / "run")]) == 0
+    (png,) = (tmp_path / "run").rglob("*.png")
+    settings = json.loads(png.with_suffix(".json").read_text())["settings"]
+    assert (settings["base"], settings["base_config"]) == (str(single), str(folder))
