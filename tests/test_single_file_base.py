@@ -145,6 +145,11 @@ BAD_FILES = {
         "(SD3 or Flux), not SDXL",
         lambda c, p: sgm_file(p / "flux.safetensors", {"model.diffusion_model.double_blocks.0.x": (1,)}),
     ),
+    "edm": (
+        BaseModelError,
+        "an EDM model (CosXL or Playground v2.5)",
+        lambda c, p: sgm_file(p / "cosxl.safetensors", {UNET: (4, 4), "edm_vpred.sigma_max": (1,)}),
+    ),
     "unet-only": (
         BaseModelError,
         "holds no VAE or CLIP ViT-L text encoder or OpenCLIP ViT-bigG text encoder weights",
@@ -249,3 +254,16 @@ def test_grid_spec_names_the_file_and_its_configs_relative_to_itself(checkpoint,
     (png,) = (tmp_path / "run").rglob("*.png")
     settings = json.loads(png.with_suffix(".json").read_text())["settings"]
     assert (settings["base"], settings["base_config"]) == (str(single), str(folder))
+
+
+@pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr")])
+def test_v_prediction_markers_set_the_scheduler_as_comfyui_reads_them(checkpoint, tmp_path, markers):
+    _, folder, _ = checkpoint
+    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    state.update({marker: torch.zeros(0) for marker in markers})
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    scheduler = load_pipeline(path, config=folder).scheduler.config
+    assert scheduler.prediction_type == ("v_prediction" if markers else "epsilon")
+    assert scheduler.rescale_betas_zero_snr == ("ztsnr" in markers)
+    assert scheduler.timestep_spacing == ("trailing" if "ztsnr" in markers else "leading")

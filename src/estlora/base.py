@@ -195,6 +195,8 @@ def _not_an_sdxl_base(keys: list[str]) -> str | None:
         return "a transformer model checkpoint (SD3 or Flux), not SDXL"
     if not any(k.startswith(SGM_UNET) for k in keys):
         return "not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* UNet weights)"
+    if any(k.startswith(("edm_vpred.", "edm_mean")) for k in keys):
+        return "an EDM model (CosXL or Playground v2.5), which needs EDM sampling; use its diffusers folder"
     if any(k.startswith("cond_stage_model.") for k in keys):
         return "a Stable Diffusion 1.x / 2.x checkpoint, not SDXL"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
@@ -203,6 +205,18 @@ def _not_an_sdxl_base(keys: list[str]) -> str | None:
     if missing:
         return f"holds no {' or '.join(missing)} weights; a single-file base must be a whole SDXL checkpoint"
     return None
+
+
+def single_file_sampling(base: str | os.PathLike) -> dict:
+    """Scheduler settings a single file declares with marker keys, read as ComfyUI reads them: `v_pred`
+    (a v-prediction model, such as NoobAI-XL V-Pred) and `ztsnr` (trained to zero terminal SNR, so
+    sampling starts from the last timestep). diffusers' `from_single_file` ignores both."""
+    header = read_header(single_file_path(base))
+    if "v_pred" not in header:
+        return {}
+    if "ztsnr" not in header:
+        return {"prediction_type": "v_prediction"}
+    return {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
 def sgm_to_diffusers(block: str) -> str:

@@ -163,6 +163,10 @@ def generate(request: Request, pipe=None) -> list[Path]:
     shapes = base_projection_shapes(request.base, request.base_config)
     subject, style = load_pair(request.subject, request.style, shapes, request.base)
     pipe = pipe or load_pipeline(request.base, request.device, request.dtype, request.cpu_offload, request.base_config)
+    scheduler = pipe.scheduler.config
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        zero_snr = " trained to zero terminal SNR" if scheduler.get("rescale_betas_zero_snr") else ""
+        print(f"base: a {scheduler.prediction_type} model{zero_snr}; {type(pipe.scheduler).__name__} is set for it")
     options = request.config_options()
     with fuse(pipe, subject, style, method=request.method, beta=request.beta, **options) as fusion:
         strengths = fusion.config.static_weights

@@ -7,7 +7,15 @@ import warnings
 
 import torch
 
-from .base import DEFAULT_BASE, check_local_path, is_single_file, resolve_base, single_file_path, single_file_shapes
+from .base import (
+    DEFAULT_BASE,
+    check_local_path,
+    is_single_file,
+    resolve_base,
+    single_file_path,
+    single_file_sampling,
+    single_file_shapes,
+)
 from .errors import BaseModelError, first_line
 
 
@@ -85,7 +93,7 @@ def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.Path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
+            pipe = StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
     except Exception as exc:
         where = (
             ""
@@ -93,3 +101,7 @@ def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.Path
             else " (fetched from the hub; offline, give a local diffusers SDXL folder as --base-config)"
         )
         raise BaseModelError(base, f"cannot load it with the configs of {config}{where}: {first_line(exc)}") from None
+    sampling = single_file_sampling(base)
+    if sampling:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
+    return pipe
