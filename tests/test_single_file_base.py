@@ -20,6 +20,7 @@ from estlora.base import DEFAULT_BASE, SGM_ATTENTION, base_projection_shapes, pr
 from estlora.cli import main
 from estlora.errors import BaseModelError
 from estlora.examples import example_state_dict
+from estlora.fusion import unet_fingerprint
 from estlora.pipelines import load_pipeline
 from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, write_single_file
 
@@ -267,3 +268,14 @@ def test_v_prediction_markers_set_the_scheduler_as_comfyui_reads_them(checkpoint
     assert scheduler.prediction_type == ("v_prediction" if markers else "epsilon")
     assert scheduler.rescale_betas_zero_snr == ("ztsnr" in markers)
     assert scheduler.timestep_spacing == ("trailing" if "ztsnr" in markers else "leading")
+
+
+def test_cached_betas_are_keyed_by_the_weights_not_only_the_name(checkpoint):
+    """Fine-tunes share configs, and `from_single_file` pipelines had no name: the UNet's weights decide."""
+    single, folder, _ = checkpoint
+    from_file, from_folder = load_pipeline(single, config=folder), load_pipeline(folder)
+    assert from_file.name_or_path == str(single)
+    assert unet_fingerprint(from_file.unet) == unet_fingerprint(from_folder.unet)
+    with torch.no_grad():
+        from_file.unet.conv_out.weight[0, 0, 0, 0] += 1e-3
+    assert unet_fingerprint(from_file.unet) != unet_fingerprint(from_folder.unet)

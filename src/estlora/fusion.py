@@ -12,6 +12,7 @@ built (from cached scores) the first time the pipeline runs with that many steps
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -35,6 +36,16 @@ def unet_projection_shapes(unet) -> dict[str, tuple[int, int]]:
         for name, module in unet.named_modules()
         if ATTENTION_PROJECTION.search(name) and hasattr(module, "in_features")
     }
+
+
+def unet_fingerprint(unet) -> str:
+    """A UNet's identity for cached results: a hash of its first and last convolutions, so two
+    checkpoints never share a cached beta, even loaded from one path or with no path at all
+    (`from_single_file` pipelines have none)."""
+    digest = hashlib.sha256()
+    for weight in (unet.conv_in.weight, unet.conv_out.weight):
+        digest.update(weight.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -133,8 +144,9 @@ class Fusion:
 
         dino_model = dino_model or discrepancy.DEFAULT_DINO
         key = {
-            "v": 1,
+            "v": 2,
             "base": str(getattr(self.pipe, "name_or_path", "")),
+            "unet": unet_fingerprint(self.pipe.unet),
             "scheduler": type(self.pipe.scheduler).__name__,
             "dtype": str(self.pipe.unet.dtype),
             "subject": self.subject.sha256,

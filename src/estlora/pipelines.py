@@ -101,6 +101,7 @@ def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.Path
             else " (fetched from the hub; offline, give a local diffusers SDXL folder as --base-config)"
         )
         raise BaseModelError(base, f"cannot load it with the configs of {config}{where}: {first_line(exc)}") from None
+    pipe.register_to_config(_name_or_path=path)  # diffusers leaves it empty; errors and caches name the base
     sampling = single_file_sampling(base)
     if sampling:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
