@@ -176,3 +176,48 @@ def test_demo(tmp_path, capsys):
     assert meta["settings"]["base"] == "toy" and meta["settings"]["dino_model"] == "toy"
     assert json.loads((out / "subject-only-seed0.json").read_text())["settings"]["method"] == "subject"
     assert str(out.resolve()) in capsys.readouterr().out
+
+
+def test_every_scheduler_is_built_from_the_bases_own_config(tiny_dir):
+    from estlora.fusion import scheduler_settings
+    from estlora.pipelines import SCHEDULERS, load_pipeline, set_scheduler
+
+    pipe = load_pipeline(tiny_dir)
+    own = pipe.scheduler
+    settings = {}
+    for name, choice in SCHEDULERS.items():
+        set_scheduler(pipe, name)
+        expected = type(own).__name__ if choice is None else choice[0]
+        assert type(pipe.scheduler).__name__ == expected
+        assert pipe.scheduler.config.beta_schedule == own.config.beta_schedule == "scaled_linear"
+        assert pipe.scheduler.config.timestep_spacing == own.config.timestep_spacing
+        settings[name] = scheduler_settings(pipe.scheduler)
+    assert settings["dpm++2m-karras"]["use_karras_sigmas"] and not settings["dpm++2m"]["use_karras_sigmas"]
+    assert settings["dpm++2m-sde-karras"]["algorithm_type"] == "sde-dpmsolver++"
+    set_scheduler(pipe, "default")
+    assert pipe.scheduler is own
+    with pytest.raises(ValueError, match="scheduler must be one of default, euler"):
+        set_scheduler(pipe, "dpm++ 2m")
+
+
+@pytest.mark.parametrize("name", ["dpm++2m-karras", "euler-a"])
+def test_scheduler_choice_equals_a_plain_diffusers_run(tiny_dir, tmp_path, name):
+    """`--method subject --scheduler X` against diffusers' own LoRA loading with that scheduler
+    (euler-a draws fresh noise at every step, from the same CPU generator)."""
+    import diffusers
+    import torch
+
+    from estlora.lora import load_lora
+    from estlora.pipelines import SCHEDULERS
+
+    assert main(gen_args(tiny_dir, tmp_path, "--method", "subject", "--scheduler", name, "--seed", "4")) == 0
+    (png,) = tmp_path.glob("*.png")
+    plain = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    class_name, overrides = SCHEDULERS[name]
+    plain.scheduler = getattr(diffusers, class_name).from_config(plain.scheduler.config, **overrides)
+    plain.load_lora_weights(str(load_lora("example:subject").path))
+    generator = torch.Generator().manual_seed(4)
+    expected = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=generator).images[0]
+    assert np.array_equal(pixels(png), np.asarray(expected))
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["scheduler"] == class_name and f"--scheduler {name}" in meta["command"]

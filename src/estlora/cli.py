@@ -108,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt,
         method=args.method,
         steps=args.steps,
+        scheduler=args.scheduler,
         guidance=args.guidance,
         width=args.width,
         height=args.height,
@@ -148,7 +149,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
             "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
         }
         spec = GridSpec.from_dict(data, "flags")
-    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "beta"):
+    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "scheduler", "beta"):
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -234,6 +235,17 @@ def add_base_options(parser: argparse.ArgumentParser, purpose: str, default: str
     )
 
 
+def add_scheduler_option(parser: argparse.ArgumentParser, default: str | None) -> None:
+    from .pipelines import SCHEDULERS
+
+    parser.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        default=default,
+        help="sampler (default: the base's own; SDXL's is Euler); karras = Karras sigmas, -a = ancestral",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="estlora",
@@ -271,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt")
     add_base_options(gen, f"the SDXL base (default {DEFAULT_BASE})", default=DEFAULT_BASE)
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    add_scheduler_option(gen, "default")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
     gen.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--seeds", nargs="+", type=int)
     grid.add_argument("--methods", nargs="+")
     grid.add_argument("--steps", type=int)
+    add_scheduler_option(grid, None)
     grid.add_argument("--beta", type=float, help="fixed beta instead of measuring it per pair and prompt")
     grid.add_argument("--device", default="auto", help="device for a single process (accelerate picks its own)")
     grid.add_argument("--threads", type=int, help="CPU threads per process (numerics depend on it)")

@@ -48,6 +48,11 @@ def unet_fingerprint(unet) -> str:
     return digest.hexdigest()[:16]
 
 
+def scheduler_settings(scheduler) -> dict:
+    """The scheduler's config as plain JSON values (Karras sigmas or not, prediction type, ...)."""
+    return {k: v for k, v in sorted(scheduler.config.items()) if not k.startswith("_")}
+
+
 @dataclass
 class BetaProbe:
     """A measured beta, whether it came from the cache, and the two reference renders if made now."""
@@ -147,7 +152,7 @@ class Fusion:
             "v": 2,
             "base": str(getattr(self.pipe, "name_or_path", "")),
             "unet": unet_fingerprint(self.pipe.unet),
-            "scheduler": type(self.pipe.scheduler).__name__,
+            "scheduler": {"class": type(self.pipe.scheduler).__name__, **scheduler_settings(self.pipe.scheduler)},
             "dtype": str(self.pipe.unet.dtype),
             "subject": self.subject.sha256,
             "style": self.style.sha256,

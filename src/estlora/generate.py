@@ -21,7 +21,7 @@ from .fusion import Fusion, fuse
 from .lora import load_pair
 from .other_weights import describe
 from .outputs import atomic_path, write_text
-from .pipelines import load_pipeline
+from .pipelines import load_pipeline, set_scheduler
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Request:
     negative_prompt: str | None = None
     method: str = "est"
     steps: int = 30
+    scheduler: str = "default"  # a key of pipelines.SCHEDULERS
     guidance: float = 5.0
     width: int | None = None
     height: int | None = None
@@ -79,6 +80,7 @@ def render(fusion: Fusion, request: Request, seed: int, label: str = "", **extra
 
     `extra` goes to the pipeline call as is (e.g. `callback_on_step_end` for a progress display).
     """
+    set_scheduler(fusion.pipe, request.scheduler)
     fusion.pipe.set_progress_bar_config(desc=label or None, leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
     return fusion.pipe(request.prompt, generator=generator, **request.pipe_kwargs(), **extra).images[0]
@@ -148,6 +150,7 @@ def slug(text: str, limit: int = 40) -> str:
 
 def measure_beta(fusion: Fusion, request: Request, use_cache: bool = True):
     """Set the fusion's beta from style discrepancy, with the run's settings (fewer steps if asked)."""
+    set_scheduler(fusion.pipe, request.scheduler)
     return fusion.measure_beta(
         request.prompt,
         seed=0,

@@ -19,6 +19,7 @@ Spec (YAML or JSON):
     seeds: [0, 1]
     methods: [est, merge]
     steps: 30
+    scheduler: default      # or euler-a, dpm++2m-karras, ... (estlora generate -h)
     other_weights: ignore   # or merge: the LoRAs' feed-forward / conv / text-encoder weights, statically
 """
 
@@ -62,6 +63,7 @@ class GridSpec:
     methods: list[str] = field(default_factory=lambda: ["est"])
     negative_prompt: str | None = None
     steps: int = 30
+    scheduler: str = "default"
     guidance: float = 5.0
     width: int | None = None
     height: int | None = None
@@ -314,6 +316,7 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         base_config=spec.base_config,
         negative_prompt=spec.negative_prompt,
         steps=spec.steps,
+        scheduler=spec.scheduler,
         guidance=spec.guidance,
         width=spec.width,
         height=spec.height,

@@ -18,6 +18,38 @@ from .base import (
 )
 from .errors import BaseModelError, first_line
 
+# Samplers by the names A1111 and ComfyUI users know: (diffusers scheduler class, config overrides).
+# Each is built from the base's own scheduler config, so the training schedule (betas, prediction
+# type, timestep spacing) carries over. `default` is the base's own scheduler (SDXL: Euler).
+SCHEDULERS: dict[str, tuple[str, dict] | None] = {
+    "default": None,
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m-sde-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str = "default") -> None:
+    """Sample with `name` (a key of SCHEDULERS) from now on; `default` brings back the base's own."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+    own = pipe.__dict__.setdefault("_estlora_own_scheduler", pipe.scheduler)
+    if SCHEDULERS[name] is None:
+        pipe.scheduler = own
+        return
+    class_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device != "auto":

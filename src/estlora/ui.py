@@ -22,6 +22,7 @@ from .errors import EstloraError, LoraError
 from .fusion import Fusion, fuse, unet_projection_shapes
 from .generate import Request, metadata, render, save_image
 from .lora import Lora, check_pair, file_sha256, load_lora
+from .pipelines import SCHEDULERS
 from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
 from .plan_view import heatmap, summary
 from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
@@ -189,6 +190,7 @@ class Studio:
             negative_prompt=settings["negative_prompt"] or None,
             method=settings["method"],
             steps=int(settings["steps"]),
+            scheduler=settings["scheduler"],
             guidance=float(settings["guidance"]),
             width=int(settings["width"]),
             height=int(settings["height"]),
@@ -346,6 +348,7 @@ def build_app(base: str | None = None, base_config: str | None = None) -> gr.Blo
                         steps = SAMPLE_STEPS if toy else 30
                         fields["steps"] = gr.Slider(1, 100, steps, step=1, label="steps", elem_id="steps")
                         fields["guidance"] = gr.Slider(1, 15, GUIDANCE if toy else 5.0, step=0.5, label="guidance")
+                        fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="default", label="scheduler")
                     with gr.Row():
                         size = studio.default_size
                         fields["width"] = gr.Slider(32, 2048, size, step=8, label="width", elem_id="width")
