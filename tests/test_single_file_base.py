@@ -279,3 +279,17 @@ def test_cached_betas_are_keyed_by_the_weights_not_only_the_name(checkpoint):
     with torch.no_grad():
         from_file.unet.conv_out.weight[0, 0, 0, 0] += 1e-3
     assert unet_fingerprint(from_file.unet) != unet_fingerprint(from_folder.unet)
+
+
+def test_a_config_with_a_folder_base_is_refused_not_ignored(checkpoint, capsys):
+    _, folder, root = checkpoint
+    lora = str(root / "subject.safetensors")
+    args = ["generate", "--subject", lora, "--style", lora, "--prompt", "x", "--base", str(folder)]
+    assert main([*args, "--base-config", str(folder)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line
+        == f"estlora: error: {folder}: --base-config is for single-file bases; a folder or hub id has its own configs"
+    )
+    with pytest.raises(BaseModelError, match="--base-config is for single-file bases"):
+        load_pipeline(folder, config=folder)

@@ -113,7 +113,14 @@ def base_projection_shapes(base: str | os.PathLike, config: str | os.PathLike | 
     against `config`, the diffusers folder or hub id whose configs the file is loaded with)."""
     if is_single_file(base):
         return single_file_shapes(base, config)
+    check_no_config(base, config)
     return projection_shapes(unet_config(base))
+
+
+def check_no_config(base: str | os.PathLike, config: str | os.PathLike | None) -> None:
+    """A folder or hub id brings its own configs: a config given with one is a mistake, not a no-op."""
+    if config is not None:
+        raise BaseModelError(base, "--base-config is for single-file bases; a folder or hub id has its own configs")
 
 
 def unet_config(base: str | os.PathLike) -> dict:

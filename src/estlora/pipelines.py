@@ -10,6 +10,7 @@ import torch
 from .base import (
     DEFAULT_BASE,
     check_local_path,
+    check_no_config,
     is_single_file,
     resolve_base,
     single_file_path,
@@ -95,6 +96,7 @@ def load_pipeline(
     if is_single_file(base):
         pipe = _from_single_file(base, torch_dtype, config)
     else:
+        check_no_config(base, config)
         pipe = _from_pretrained(base, torch_dtype)
     if cpu_offload and target.type != "cpu":
         pipe.enable_model_cpu_offload(device=target)
