@@ -293,3 +293,29 @@ def test_a_config_with_a_folder_base_is_refused_not_ignored(checkpoint, capsys):
     )
     with pytest.raises(BaseModelError, match="--base-config is for single-file bases"):
         load_pipeline(folder, config=folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_half_and_fp8_checkpoints_load_as_their_exact_values(checkpoint, tmp_path, dtype):
+    """Shared checkpoints are mostly fp16; some are bf16 or fp8. On the CPU they run in fp32."""
+    _, folder, _ = checkpoint
+    state = {k: v.to(dtype).contiguous() for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items()}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    unet = load_pipeline(path, config=folder).unet
+    modules = dict(unet.named_modules())
+    for key, tensor in state.items():
+        match = SGM_ATTENTION.match(key)
+        if match:
+            weight = modules[sgm_to_diffusers(match.group(1)) + "." + match.group(4)].weight
+            assert weight.dtype == torch.float32 and torch.equal(weight, tensor.float()), key
+
+
+def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
+    pytest.importorskip("gradio")
+    from estlora.ui import Studio
+
+    single, folder, _ = checkpoint
+    studio = Studio(str(single), tmp_path, base_config=str(folder))
+    assert (studio.base, studio.base_config, studio.pipe.name_or_path) == (str(single), str(folder), str(single))
+    assert studio.shapes == base_projection_shapes(single, folder)
