@@ -109,8 +109,10 @@ def peft_state(lora: Lora) -> dict:
     return state
 
 
-def build(model: str, device: str, size: int | None = None):
-    """(pipeline, call kwargs, dtype) with prompt embeddings prepared, so only denoising is timed."""
+def build(model: str, device: str, size: int | None = None, dtype: torch.dtype = torch.float16):
+    """(pipeline, call kwargs) with prompt embeddings prepared, so only denoising is timed.
+
+    `dtype` is the SDXL model's (fp16 as on GPUs; fp32 for CPU runs, where fp16 matmuls are slow)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if model == "tiny":
@@ -122,7 +124,6 @@ def build(model: str, device: str, size: int | None = None):
     else:
         from estlora.base import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
 
-        dtype = torch.float16
         with torch.device(device):
             unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
         scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="the SDXL model's (default fp16)")
     parser.add_argument("--json", help="write the results here (also after every repeat)")
     parser.add_argument(
         "--max-seconds", type=float, help="start no repeat that would end past this many seconds from launch"
@@ -179,7 +181,8 @@ def main() -> None:
     def log(message: str) -> None:  # progress as it goes: a run cut short by a time limit still says how far it got
         print(f"[{time.perf_counter() - clock:6.1f} s] {message}", flush=True)
 
-    pipe, kwargs = build(args.model, args.device, args.size)
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    pipe, kwargs = build(args.model, args.device, args.size, dtype)
     log("model built")
     shapes = unet_projection_shapes(pipe.unet)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
@@ -241,6 +244,7 @@ def main() -> None:
         "model": args.model,
         "steps": args.steps,
         "size": kwargs["height"],
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "device": args.device,
         "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "threads": torch.get_num_threads(),
@@ -269,7 +273,7 @@ def main() -> None:
     results = summarise(header, times, peak, hook_seconds)
     print(
         f"model {args.model}, {len(shapes)} projections, ranks {rank_c}/{rank_s}, {args.steps} steps, "
-        f"{header['size']} x {header['size']}, device {header['card'] or args.device}, "
+        f"{header['size']} x {header['size']}, {header['dtype']}, device {header['card'] or args.device}, "
         f"{torch.get_num_threads()} threads, {results['repeats']} interleaved repeats"
     )
     print(table(results))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from estlora.base import DEFAULT_BASE, SGM_ATTENTION, base_projection_shapes, projection_shapes, sgm_to_diffusers
+from estlora.base import DEFAULT_BASE, SGM_ATTENTION, base_projection_shapes, projection_shapes, sgm_attention_module
 from estlora.cli import main
 from estlora.errors import BaseModelError
 from estlora.examples import example_state_dict
@@ -60,9 +60,7 @@ def test_header_names_map_to_the_modules_diffusers_loads_them_into(checkpoint):
     attention = {k: v for k, v in state.items() if SGM_ATTENTION.match(k)}
     assert len(attention) == 560
     for key, tensor in attention.items():
-        match = SGM_ATTENTION.match(key)
-        module = modules[sgm_to_diffusers(match.group(1)) + "." + match.group(4)]
-        assert torch.equal(module.weight, tensor), key
+        assert torch.equal(modules[sgm_attention_module(key)].weight, tensor), key
 
 
 def test_shapes_come_from_the_header_and_match_the_config(checkpoint):
@@ -305,9 +303,8 @@ def test_half_and_fp8_checkpoints_load_as_their_exact_values(checkpoint, tmp_pat
     unet = load_pipeline(path, config=folder).unet
     modules = dict(unet.named_modules())
     for key, tensor in state.items():
-        match = SGM_ATTENTION.match(key)
-        if match:
-            weight = modules[sgm_to_diffusers(match.group(1)) + "." + match.group(4)].weight
+        if SGM_ATTENTION.match(key):
+            weight = modules[sgm_attention_module(key)].weight
             assert weight.dtype == torch.float32 and torch.equal(weight, tensor.float()), key
 
 

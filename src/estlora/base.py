@@ -65,7 +65,7 @@ SDXL_PARTS = {
     "conditioner.embedders.1.model.": "OpenCLIP ViT-bigG text encoder",
 }
 SGM_ATTENTION = re.compile(
-    r"^model\.diffusion_model\.(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\."
+    r"^model\.diffusion_model\.(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\."
     r"(transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$"
 )
 TRANSFORMER_BLOCKS = ("joint_blocks.", "double_blocks.")  # SD3's MMDiT, Flux
@@ -177,11 +177,11 @@ def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None
     problem = _not_an_sdxl_base(list(header))
     if problem:
         raise BaseModelError(base, problem)
-    shapes = {}
-    for key, entry in header.items():
-        match = SGM_ATTENTION.match(key)
-        if match and len(entry["shape"]) == 2:
-            shapes[sgm_to_diffusers(match.group(1)) + "." + match.group(4)] = tuple(entry["shape"])
+    shapes = {
+        sgm_attention_module(key): tuple(entry["shape"])
+        for key, entry in header.items()
+        if SGM_ATTENTION.match(key) and len(entry["shape"]) == 2
+    }
     reference = resolve_base(config or DEFAULT_BASE)
     unet = unet_config(reference)
     in_channels = header.get(SGM_UNET + "input_blocks.0.0.weight", {}).get("shape", [0, unet["in_channels"]])[1]
@@ -226,17 +226,19 @@ def single_file_sampling(base: str | os.PathLike) -> dict:
     return {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
-def sgm_to_diffusers(block: str) -> str:
-    """`input_blocks.4` -> `down_blocks.1.attentions.0`: SGM numbers a UNet level's layers and its
-    down/up sampler in one list of 3 (layers_per_block + 1), as for every SDXL UNet."""
+def sgm_attention_module(key: str) -> str:
+    """`model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight` ->
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`. SGM numbers a UNet level's layers
+    and its down/up sampler in one list of 3 (layers_per_block + 1), as in every SDXL UNet."""
+    block, projection = SGM_ATTENTION.match(key).groups()
     kind, _, number = block.partition(".")
     if kind == "middle_block":
-        return "mid_block.attentions.0"
+        return f"mid_block.attentions.0.{projection}"
     if kind == "input_blocks":
         level, layer = divmod(int(number) - 1, 3)
-        return f"down_blocks.{level}.attentions.{layer}"
+        return f"down_blocks.{level}.attentions.{layer}.{projection}"
     level, layer = divmod(int(number), 3)
-    return f"up_blocks.{level}.attentions.{layer}"
+    return f"up_blocks.{level}.attentions.{layer}.{projection}"
 
 
 def _first_difference(found: dict, expected: dict) -> str:
