@@ -34,6 +34,7 @@ from estlora.fusion import unet_projection_shapes
 from estlora.lora import Lora, LoraFactors
 
 CONFIGS = ("none", "single", "merge", "est", "klora", "research")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # the SDXL model's: fp16 as on GPUs, fp32 for CPUs
 
 
 # ---------------------------------------------------------------- the research code's way (measurement only)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
-    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="the SDXL model's (default fp16)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
     parser.add_argument("--json", help="write the results here (also after every repeat)")
     parser.add_argument(
         "--max-seconds", type=float, help="start no repeat that would end past this many seconds from launch"
@@ -181,8 +182,7 @@ def main() -> None:
     def log(message: str) -> None:  # progress as it goes: a run cut short by a time limit still says how far it got
         print(f"[{time.perf_counter() - clock:6.1f} s] {message}", flush=True)
 
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    pipe, kwargs = build(args.model, args.device, args.size, dtype)
+    pipe, kwargs = build(args.model, args.device, args.size, DTYPES[args.dtype])
     log("model built")
     shapes = unet_projection_shapes(pipe.unet)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))

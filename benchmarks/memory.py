@@ -16,16 +16,18 @@ import subprocess
 import sys
 
 import torch
-from generation import CONFIGS, build, install_research, peft_state, random_lora
+from generation import CONFIGS, DTYPES, build, install_research, peft_state, random_lora
 
 import estlora
 from estlora.fusion import unet_projection_shapes
 
 
-def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str) -> dict:
-    pipe, kwargs = build(model, device)
+def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str, size: int | None, dtype: str) -> dict:
+    pipe, kwargs = build(model, device, size, DTYPES[dtype])
     shapes = unet_projection_shapes(pipe.unet)
-    subject, style = random_lora(shapes, ranks[0], 1, "subject"), random_lora(shapes, ranks[1], 2, "style")
+    # Only the LoRAs this configuration holds: on the CPU, unused factors would count in its peak RSS.
+    subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject")
+    style = None if config in ("none", "single") else random_lora(shapes, ranks[1], 2, "style")
     if config in ("single", "merge"):
         pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
         if config == "merge":
@@ -54,12 +56,14 @@ def main() -> None:
     parser.add_argument("--ranks", default="8,64")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration in this process
     parser.add_argument("--json")
     args = parser.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
     if args.one:
-        print(json.dumps(one(args.one, args.model, args.steps, ranks, args.device)))
+        print(json.dumps(one(args.one, args.model, args.steps, ranks, args.device, args.size, args.dtype)))
         return
 
     results = []
@@ -77,13 +81,23 @@ def main() -> None:
             args.ranks,
             "--device",
             args.device,
+            "--dtype",
+            args.dtype,
+            *(["--size", str(args.size)] if args.size else []),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{config}: {results[-1]['peak_mib']:.0f} MiB", flush=True)
         if args.json:  # after every configuration: a run cut short still leaves its numbers
             with open(args.json, "w") as out:
-                json.dump({"model": args.model, "steps": args.steps, "ranks": ranks, "results": results}, out, indent=2)
+                header = {
+                    "model": args.model,
+                    "dtype": args.dtype,
+                    "size": args.size,
+                    "steps": args.steps,
+                    "ranks": ranks,
+                }
+                json.dump({**header, "results": results}, out, indent=2)
     single = next((r["peak_mib"] for r in results if r["config"] == "single"), None)
     print(f"model {args.model}, ranks {args.ranks}, {args.steps} steps, {results[0]['kind']} (fresh process each)")
     for r in results:

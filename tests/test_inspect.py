@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from estlora.cli import main
 
 
-def sdxl_kohya_file(path):
+def sdxl_kohya_file(path, metadata=None):
     """A small kohya file with real SDXL widths: 3 attention projections, a text-encoder and a conv key."""
     modules = {  # kohya name -> (out, in)
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
@@ -25,7 +25,7 @@ def sdxl_kohya_file(path):
         state[f"{name}.alpha"] = torch.tensor(4.0)
     state["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"] = torch.ones(8, 320, 3, 3)
     state["lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight"] = torch.ones(320, 8, 1, 1)
-    save_file(state, str(path))
+    save_file(state, str(path), metadata)
     return path
 
 
@@ -61,3 +61,40 @@ def test_builtin_example(capsys):
     out = capsys.readouterr().out
     assert "attention projections: 560" in out
     assert "layout:      diffusers-peft" in out
+
+
+KOHYA_METADATA = {
+    "ss_output_name": "my_dog_v2",
+    "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+    "ss_base_model_version": "sdxl_base_v1-0",
+    "ss_tag_frequency": json.dumps({"20_sks dog": {"sks dog": 20, "grass": 3}, "5_dog": {"dog": 5, "grass": 2}}),
+}
+
+
+def test_training_info_from_kohya_and_modelspec_metadata():
+    from estlora.lora import training_info
+
+    assert training_info(KOHYA_METADATA) == {
+        "title": "my_dog_v2",
+        "trained_on": "sd_xl_base_1.0.safetensors",
+        "architecture": "sdxl_base_v1-0",
+        "top_tags": "sks dog (20), dog (5), grass (5)",  # counts summed over datasets, ties by name
+    }
+    modelspec = {"modelspec.title": "My Dog", "modelspec.trigger_phrase": "sks dog", "ss_tag_frequency": "{oops"}
+    assert training_info({**KOHYA_METADATA, **modelspec}) == {
+        "title": "My Dog",
+        "trained_on": "sd_xl_base_1.0.safetensors",
+        "architecture": "sdxl_base_v1-0",
+        "trigger": "sks dog",
+    }
+    assert training_info({}) == {} and training_info({"lora_adapter_metadata": "{}"}) == {}
+
+
+def test_summary_and_json_say_what_the_trainer_wrote(tmp_path, capsys):
+    path = sdxl_kohya_file(tmp_path / "dog.safetensors", KOHYA_METADATA)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "title:       my_dog_v2\n" in out and "trained on:  sd_xl_base_1.0.safetensors\n" in out
+    assert "made for:    sdxl_base_v1-0\n" in out and "top tags:    sks dog (20), dog (5), grass (5)\n" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["title"] == "my_dog_v2"

@@ -215,6 +215,7 @@ def inspect_report(lora) -> dict:
         "attention_projections": len(lora.projections),
         "ranks": {str(k): v for k, v in sorted(lora.ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(lora.alphas.items())},
+        "training": lora.training(),
         "other_tensors": len(lora.other),
         "other_modules": dict(sorted(lora.other_modules().items())),
         "projections": {

@@ -124,6 +124,45 @@ class Lora:
     def family(self) -> str:
         return guess_family(self.projections)
 
+    def training(self) -> dict[str, str]:
+        return training_info(self.metadata)
+
+
+TRAINING_LABELS = {
+    "title": "title",
+    "trained_on": "trained on",
+    "architecture": "made for",
+    "trigger": "trigger",
+    "top_tags": "top tags",
+}
+
+
+def training_info(metadata: dict[str, str], tags: int = 5) -> dict[str, str]:
+    """What the trainer wrote into the header (kohya `ss_*` keys, Stability's `modelspec.*`): the
+    title, the base it was trained on, and the trigger words, the first thing a user of a
+    downloaded LoRA needs to know. Trainers without a trigger phrase leave the training captions'
+    most frequent tags, which for DreamBooth LoRAs is the instance prompt ("sks dog")."""
+    info = {}
+    for name, keys in (
+        ("title", ("modelspec.title", "ss_output_name")),
+        ("trained_on", ("ss_sd_model_name",)),
+        ("architecture", ("modelspec.architecture", "ss_base_model_version")),
+        ("trigger", ("modelspec.trigger_phrase",)),
+    ):
+        value = next((metadata[k].strip() for k in keys if metadata.get(k, "").strip()), None)
+        if value:
+            info[name] = value
+    counts: Counter = Counter()
+    try:
+        for dataset in json.loads(metadata.get("ss_tag_frequency", "{}")).values():
+            counts.update({str(tag).strip(): int(n) for tag, n in dataset.items()})
+    except (ValueError, TypeError, AttributeError):  # written by hand or by another tool: not ours to refuse
+        pass
+    top = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:tags]
+    if top:
+        info["top_tags"] = ", ".join(f"{tag} ({n})" for tag, n in top if tag)
+    return info
+
 
 # ---------------------------------------------------------------- reading files safely
 
@@ -629,6 +668,7 @@ def summary(lora: Lora) -> str:
     lines.append(
         "per block:   " + ", ".join(f"{b} ({n})" for b, n in sorted(by_block.items(), key=lambda x: unet_order(x[0])))
     )
+    lines += [f"{TRAINING_LABELS[k] + ':':<12} {v}" for k, v in lora.training().items()]
     others = lora.other_modules()
     kept = counted(others) if others else "none"
     lines.append(

@@ -150,9 +150,12 @@ class Studio:
             ranks = ", ".join(str(r) for r in sorted(lora.ranks))
             name = lora.path.name if choice == UPLOAD else choice
             other = f", {len(lora.other)} tensors outside them" if lora.other else ""
+            training = lora.training()
+            words = training.get("trigger") or training.get("top_tags")
+            trigger = f"; trigger words: {words}" if words else ""
             lines.append(
                 f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} attention projections{other}, "
-                f"rank {ranks}, sha256 {lora.sha256[:12]})"
+                f"rank {ranks}, sha256 {lora.sha256[:12]}){trigger}"
             )
         if subject.other or style.other:
             lines.append(
