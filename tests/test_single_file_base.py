@@ -25,6 +25,7 @@ from estlora.pipelines import load_pipeline
 from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+UNET_PREFIX = "model.diffusion_model."
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +150,11 @@ BAD_FILES = {
         "an EDM model (CosXL or Playground v2.5)",
         lambda c, p: sgm_file(p / "cosxl.safetensors", {UNET: (4, 4), "edm_vpred.sigma_max": (1,)}),
     ),
-    "unet-only": (
+    "unet-and-vae-only": (
         BaseModelError,
-        "holds no VAE or CLIP ViT-L text encoder or OpenCLIP ViT-bigG text encoder weights",
-        lambda c, p: sgm_file(p / "unet-only.safetensors", {UNET: (4, 4)}),
+        "holds no CLIP ViT-L text encoder or OpenCLIP ViT-bigG text encoder weights; a single file holds a whole"
+        " SDXL or its UNet alone",
+        lambda c, p: sgm_file(p / "partial.safetensors", {UNET: (4, 4), "first_stage_model.x": (1,)}),
     ),
     "inpainting": (
         BaseModelError,
@@ -316,3 +318,20 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
     studio = Studio(str(single), tmp_path, base_config=str(folder))
     assert (studio.base, studio.base_config, studio.pipe.name_or_path) == (str(single), str(folder), str(single))
     assert studio.shapes == base_projection_shapes(single, folder)
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefix):
+    """UNet-only files (ComfyUI's `models/unet`), with SGM's names prefixed or bare."""
+    single, folder, _ = checkpoint
+    unet_keys = {
+        k: v for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items() if k.startswith(UNET_PREFIX)
+    }
+    path = tmp_path / "unet.safetensors"
+    save_file({prefix + k.removeprefix(UNET_PREFIX): v.contiguous() for k, v in unet_keys.items()}, str(path))
+    assert base_projection_shapes(path, folder) == base_projection_shapes(folder)
+    from_unet, from_folder = load_pipeline(path, config=folder), load_pipeline(folder)
+    assert from_unet.name_or_path == str(path)
+    for name in COMPONENTS:
+        mine, theirs = getattr(from_unet, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name

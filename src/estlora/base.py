@@ -59,6 +59,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES)
 # Single-file (Stability SGM) checkpoints: the UNet under `model.diffusion_model.`, the VAE under
 # `first_stage_model.`, SDXL's two text encoders under `conditioner.embedders.0/1.`.
 SGM_UNET = "model.diffusion_model."
+SGM_UNET_PARTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 SDXL_PARTS = {
     "first_stage_model.": "VAE",
     "conditioner.embedders.0.transformer.": "CLIP ViT-L text encoder",
@@ -166,14 +167,31 @@ def _freeze(value):
 # ---------------------------------------------------------------- single-file checkpoints
 
 
-def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
-    """Projection shapes read from a single-file SDXL checkpoint's header, after checking that it is
-    one (whole, safetensors, an SDXL base with its VAE and both text encoders) and that its UNet has
-    the shapes of `config`'s UNet (SDXL base 1.0 by default)."""
+def read_single_file(base: str | os.PathLike) -> dict[str, dict]:
+    """A single file's header (checked whole, safetensors), its UNet keys under `model.diffusion_model.`."""
     try:
-        header = read_header(single_file_path(base))
+        return with_unet_prefix(read_header(single_file_path(base)))
     except LoraError as exc:  # the same file checks as for LoRAs; the message names the file
         raise BaseModelError(base, exc.problem) from None
+
+
+def with_unet_prefix(entries: dict) -> dict:
+    """UNet-only files (as ComfyUI keeps them) may hold SGM's UNet names without the prefix."""
+    if any(k.startswith(SGM_UNET) for k in entries) or not any(k.startswith("input_blocks.") for k in entries):
+        return entries
+    return {(SGM_UNET + k if k.startswith(SGM_UNET_PARTS) else k): v for k, v in entries.items()}
+
+
+def is_unet_only(header: dict) -> bool:
+    """A file with the UNet alone: the VAE, text encoders and tokenizers then come from the config."""
+    return not any(k.startswith(tuple(SDXL_PARTS)) for k in header)
+
+
+def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
+    """Projection shapes read from a single-file SDXL checkpoint's header, after checking that it is
+    one (whole, safetensors, an SDXL base: all of it, or its UNet alone) and that its UNet has the
+    shapes of `config`'s UNet (SDXL base 1.0 by default)."""
+    header = read_single_file(base)
     problem = _not_an_sdxl_base(list(header))
     if problem:
         raise BaseModelError(base, problem)
@@ -209,8 +227,8 @@ def _not_an_sdxl_base(keys: list[str]) -> str | None:
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
         return "an SDXL refiner checkpoint; EST-LoRA fuses LoRAs on the SDXL base"
     missing = [name for prefix, name in SDXL_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
-    if missing:
-        return f"holds no {' or '.join(missing)} weights; a single-file base must be a whole SDXL checkpoint"
+    if missing and len(missing) < len(SDXL_PARTS):
+        return f"holds no {' or '.join(missing)} weights; a single file holds a whole SDXL or its UNet alone"
     return None
 
 
@@ -218,7 +236,7 @@ def single_file_sampling(base: str | os.PathLike) -> dict:
     """Scheduler settings a single file declares with marker keys, read as ComfyUI reads them: `v_pred`
     (a v-prediction model, such as NoobAI-XL V-Pred) and `ztsnr` (trained to zero terminal SNR, so
     sampling starts from the last timestep). diffusers' `from_single_file` ignores both."""
-    header = read_header(single_file_path(base))
+    header = read_single_file(base)
     if "v_pred" not in header:
         return {}
     if "ztsnr" not in header:

@@ -12,10 +12,13 @@ from .base import (
     check_local_path,
     check_no_config,
     is_single_file,
+    is_unet_only,
+    read_single_file,
     resolve_base,
     single_file_path,
     single_file_sampling,
     single_file_shapes,
+    with_unet_prefix,
 )
 from .errors import BaseModelError, first_line
 
@@ -120,14 +123,12 @@ def _from_pretrained(base: str, torch_dtype: torch.dtype):
 
 
 def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.PathLike | None):
-    from diffusers import StableDiffusionXLPipeline
-
     single_file_shapes(base, config)  # a clear refusal before diffusers reads gigabytes
     path, config = str(single_file_path(base)), resolve_base(config or DEFAULT_BASE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
+            pipe = _read_single_file(path, is_unet_only(read_single_file(base)), torch_dtype, config)
     except Exception as exc:
         where = (
             ""
@@ -140,3 +141,15 @@ def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.Path
     if sampling:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
     return pipe
+
+
+def _read_single_file(path: str, unet_only: bool, torch_dtype: torch.dtype, config: str):
+    """diffusers' own single-file loading; a UNet alone is loaded so, and the rest comes from `config`."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    if not unet_only:
+        return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
+    state = with_unet_prefix(load_file(path))
+    unet = UNet2DConditionModel.from_single_file(state, config=config, subfolder="unet", torch_dtype=torch_dtype)
+    return StableDiffusionXLPipeline.from_pretrained(config, unet=unet, torch_dtype=torch_dtype)
