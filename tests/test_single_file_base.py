@@ -90,6 +90,7 @@ def test_generate_from_the_file_equals_a_plain_diffusers_run(checkpoint, tmp_pat
     expected = plain("a dog", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected.images[0]))
     meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["base_unet"] == unet_fingerprint(plain.unet)
     assert meta["settings"]["base_config"] == str(folder)
     assert f"--base {single} --base-config {folder}" in meta["command"]
 

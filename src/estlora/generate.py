@@ -17,7 +17,7 @@ import torch
 
 from .base import DEFAULT_BASE, TOY_BASE, base_projection_shapes
 from .discrepancy import DEFAULT_DINO, TOY_EMBEDDER
-from .fusion import Fusion, fuse
+from .fusion import Fusion, fuse, unet_fingerprint
 from .lora import load_pair
 from .other_weights import describe
 from .outputs import atomic_path, write_text
@@ -104,6 +104,7 @@ def metadata(request: Request, fusion: Fusion, seed: int) -> dict:
         "beta_source": plan.beta_source,
         "gamma": plan.gamma,
         "plan_hash": plan.hash(),
+        "base_unet": unet_fingerprint(fusion.pipe.unet),  # which weights, whatever the base's path
         "subject_sha256": fusion.subject.sha256,
         "style_sha256": fusion.style.sha256,
         "scheduler": type(fusion.pipe.scheduler).__name__,
