@@ -179,6 +179,19 @@ CASES = {
         lambda t, s: write(t / "model.safetensors", {"conv.weight": torch.ones(4, 4, 3, 3)}),
     ),
     "empty-safetensors": (LoraFormatError, "no tensors", lambda t, s: write(t / "empty.safetensors", {})),
+    "sdxl-checkpoint": (
+        LoraFormatError,
+        "this is a model checkpoint, not a LoRA (a single-file SDXL is given as the base: --base FILE)",
+        lambda t, s: write(
+            t / "sd_xl_base_1.0.safetensors",
+            {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4), "first_stage_model.x": torch.ones(1)},
+        ),
+    ),
+    "diffusers-unet": (
+        LoraFormatError,
+        "this is a diffusers UNet's weights, not a LoRA",
+        lambda t, s: write(t / "diffusion_pytorch_model.safetensors", {"conv_in.weight": torch.ones(4, 4, 3, 3)}),
+    ),
     "text-encoder-only": (
         LoraFormatError,
         "no LoRA weights for UNet attention",

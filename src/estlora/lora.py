@@ -42,6 +42,8 @@ from .errors import (
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Keys of a single-file model checkpoint: SGM's UNet (prefixed, or bare in UNet-only files), VAE, text encoders.
+SINGLE_FILE_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "conditioner.", "input_blocks.")
 # A module path that names one of the four projections of an attention module in a transformer block.
 ATTENTION_PROJECTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # kohya spells the same module paths with underscores (and SDXL's SGM block names).
@@ -508,6 +510,10 @@ def _no_lora_reason(tensors: dict[str, torch.Tensor]) -> str:
     sample = ", ".join(keys[:2])
     if any("lora" in k.lower() for k in keys):
         return f"holds LoRA keys in a layout estlora does not know; first keys: {sample}"
+    if any(k.startswith(SINGLE_FILE_CHECKPOINT_PREFIXES) for k in keys):
+        return "this is a model checkpoint, not a LoRA (a single-file SDXL is given as the base: --base FILE)"
+    if "conv_in.weight" in tensors:
+        return "this is a diffusers UNet's weights, not a LoRA"
     return f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}"
 
 
