@@ -221,3 +221,21 @@ def test_scheduler_choice_equals_a_plain_diffusers_run(tiny_dir, tmp_path, name)
     assert np.array_equal(pixels(png), np.asarray(expected))
     meta = json.loads(png.with_suffix(".json").read_text())
     assert meta["scheduler"] == class_name and f"--scheduler {name}" in meta["command"]
+
+
+def test_guidance_rescale_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
+    import diffusers
+    import torch
+
+    from estlora.lora import load_lora
+
+    assert main(gen_args(tiny_dir, tmp_path, "--method", "subject", "--guidance-rescale", "0.7", "--seed", "2")) == 0
+    (png,) = tmp_path.glob("*.png")
+    plain = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    plain.load_lora_weights(str(load_lora("example:subject").path))
+    generator = torch.Generator().manual_seed(2)
+    expected = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7, generator=generator)
+    assert np.array_equal(pixels(png), np.asarray(expected.images[0]))
+    without = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(2))
+    assert not np.array_equal(pixels(png), np.asarray(without.images[0]))
+    assert "--guidance-rescale 0.7" in json.loads(png.with_suffix(".json").read_text())["command"]

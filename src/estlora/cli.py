@@ -110,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         steps=args.steps,
         scheduler=args.scheduler,
         guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
         width=args.width,
         height=args.height,
         seed=args.seed,
@@ -286,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     add_scheduler_option(gen, "default")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    gen.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="rescale the guided prediction toward the conditional one's spread (0 off; 0.7 for v-prediction models)",
+    )
     gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
     gen.add_argument("--height", type=int, help="image height (default: the model's)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")

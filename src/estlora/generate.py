@@ -38,6 +38,7 @@ class Request:
     steps: int = 30
     scheduler: str = "default"  # a key of pipelines.SCHEDULERS
     guidance: float = 5.0
+    guidance_rescale: float = 0.0  # 0.7 is the usual for v-prediction / zero-terminal-SNR models
     width: int | None = None
     height: int | None = None
     seed: int = 0
@@ -69,6 +70,8 @@ class Request:
 
     def pipe_kwargs(self, steps: int | None = None) -> dict:
         kwargs = {"num_inference_steps": steps or self.steps, "guidance_scale": self.guidance}
+        if self.guidance_rescale:
+            kwargs["guidance_rescale"] = self.guidance_rescale
         for name in ("negative_prompt", "width", "height"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

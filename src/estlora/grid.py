@@ -65,6 +65,7 @@ class GridSpec:
     steps: int = 30
     scheduler: str = "default"
     guidance: float = 5.0
+    guidance_rescale: float = 0.0
     width: int | None = None
     height: int | None = None
     beta: float | None = None  # None: measured per (pair, prompt) for est
@@ -318,6 +319,7 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         steps=spec.steps,
         scheduler=spec.scheduler,
         guidance=spec.guidance,
+        guidance_rescale=spec.guidance_rescale,
         width=spec.width,
         height=spec.height,
         beta=spec.beta,

@@ -195,6 +195,7 @@ class Studio:
             steps=int(settings["steps"]),
             scheduler=settings["scheduler"],
             guidance=float(settings["guidance"]),
+            guidance_rescale=float(settings["guidance_rescale"]),
             width=int(settings["width"]),
             height=int(settings["height"]),
             seed=int(settings["seed"]),
@@ -352,6 +353,7 @@ def build_app(base: str | None = None, base_config: str | None = None) -> gr.Blo
                         fields["steps"] = gr.Slider(1, 100, steps, step=1, label="steps", elem_id="steps")
                         fields["guidance"] = gr.Slider(1, 15, GUIDANCE if toy else 5.0, step=0.5, label="guidance")
                         fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="default", label="scheduler")
+                        fields["guidance_rescale"] = gr.Slider(0, 1, 0, step=0.05, label="guidance rescale")
                     with gr.Row():
                         size = studio.default_size
                         fields["width"] = gr.Slider(32, 2048, size, step=8, label="width", elem_id="width")
