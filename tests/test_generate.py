@@ -239,3 +239,33 @@ def test_guidance_rescale_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     without = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(2))
     assert not np.array_equal(pixels(png), np.asarray(without.images[0]))
     assert "--guidance-rescale 0.7" in json.loads(png.with_suffix(".json").read_text())["command"]
+
+
+def test_timestep_spacing_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
+    """SDXL-Lightning and Turbo models want trailing timesteps (the last step at t = 999)."""
+    import diffusers
+    import torch
+
+    from estlora.lora import load_lora
+    from estlora.pipelines import load_pipeline, set_scheduler
+
+    args = ["--method", "subject", "--scheduler", "euler-a", "--timestep-spacing", "trailing", "--seed", "6"]
+    assert main(gen_args(tiny_dir, tmp_path, *args)) == 0
+    (png,) = tmp_path.glob("*.png")
+    plain = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+    config = plain.scheduler.config
+    plain.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    plain.load_lora_weights(str(load_lora("example:subject").path))
+    expected = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(6))
+    assert np.array_equal(pixels(png), np.asarray(expected.images[0]))
+    pipe = load_pipeline(tiny_dir)
+    own = pipe.scheduler
+    set_scheduler(pipe, "default", "trailing")
+    pipe.scheduler.set_timesteps(3)
+    assert type(pipe.scheduler) is type(own) and pipe.scheduler.timesteps.tolist() == [
+        999,
+        666,
+        332,
+    ]  # round(1000 - 1000 k / 3) - 1
+    with pytest.raises(ValueError, match="timestep spacing must be one of leading, trailing, linspace"):
+        set_scheduler(pipe, "euler", "uniform")

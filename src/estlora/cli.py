@@ -109,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         method=args.method,
         steps=args.steps,
         scheduler=args.scheduler,
+        timestep_spacing=args.timestep_spacing,
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
         width=args.width,
@@ -150,7 +151,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
             "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
         }
         spec = GridSpec.from_dict(data, "flags")
-    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "scheduler", "beta"):
+    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "scheduler", "timestep_spacing", "beta"):
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -238,13 +239,18 @@ def add_base_options(parser: argparse.ArgumentParser, purpose: str, default: str
 
 
 def add_scheduler_option(parser: argparse.ArgumentParser, default: str | None) -> None:
-    from .pipelines import SCHEDULERS
+    from .pipelines import SCHEDULERS, TIMESTEP_SPACINGS
 
     parser.add_argument(
         "--scheduler",
         choices=list(SCHEDULERS),
         default=default,
         help="sampler (default: the base's own; SDXL's is Euler); karras = Karras sigmas, -a = ancestral",
+    )
+    parser.add_argument(
+        "--timestep-spacing",
+        choices=TIMESTEP_SPACINGS,
+        help="which timesteps the steps take (default: the base's own, SDXL's leading; Lightning/Turbo: trailing)",
     )
 
 

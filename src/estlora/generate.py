@@ -37,6 +37,7 @@ class Request:
     method: str = "est"
     steps: int = 30
     scheduler: str = "default"  # a key of pipelines.SCHEDULERS
+    timestep_spacing: str | None = None  # None: the base's own (SDXL: leading)
     guidance: float = 5.0
     guidance_rescale: float = 0.0  # 0.7 is the usual for v-prediction / zero-terminal-SNR models
     width: int | None = None
@@ -83,7 +84,7 @@ def render(fusion: Fusion, request: Request, seed: int, label: str = "", **extra
 
     `extra` goes to the pipeline call as is (e.g. `callback_on_step_end` for a progress display).
     """
-    set_scheduler(fusion.pipe, request.scheduler)
+    set_scheduler(fusion.pipe, request.scheduler, request.timestep_spacing)
     fusion.pipe.set_progress_bar_config(desc=label or None, leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
     return fusion.pipe(request.prompt, generator=generator, **request.pipe_kwargs(), **extra).images[0]
@@ -154,7 +155,7 @@ def slug(text: str, limit: int = 40) -> str:
 
 def measure_beta(fusion: Fusion, request: Request, use_cache: bool = True):
     """Set the fusion's beta from style discrepancy, with the run's settings (fewer steps if asked)."""
-    set_scheduler(fusion.pipe, request.scheduler)
+    set_scheduler(fusion.pipe, request.scheduler, request.timestep_spacing)
     return fusion.measure_beta(
         request.prompt,
         seed=0,

@@ -19,7 +19,7 @@ Spec (YAML or JSON):
     seeds: [0, 1]
     methods: [est, merge]
     steps: 30
-    scheduler: default      # or euler-a, dpm++2m-karras, ... (estlora generate -h)
+    scheduler: default      # or euler-a, dpm++2m-karras, ... (estlora generate -h); timestep_spacing: trailing
     other_weights: ignore   # or merge: the LoRAs' feed-forward / conv / text-encoder weights, statically
 """
 
@@ -64,6 +64,7 @@ class GridSpec:
     negative_prompt: str | None = None
     steps: int = 30
     scheduler: str = "default"
+    timestep_spacing: str | None = None
     guidance: float = 5.0
     guidance_rescale: float = 0.0
     width: int | None = None
@@ -318,6 +319,7 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         negative_prompt=spec.negative_prompt,
         steps=spec.steps,
         scheduler=spec.scheduler,
+        timestep_spacing=spec.timestep_spacing,
         guidance=spec.guidance,
         guidance_rescale=spec.guidance_rescale,
         width=spec.width,

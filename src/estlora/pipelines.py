@@ -41,17 +41,25 @@ SCHEDULERS: dict[str, tuple[str, dict] | None] = {
 }
 
 
-def set_scheduler(pipe, name: str = "default") -> None:
-    """Sample with `name` (a key of SCHEDULERS) from now on; `default` brings back the base's own."""
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # trailing: what SDXL-Lightning / Turbo models want
+
+
+def set_scheduler(pipe, name: str = "default", timestep_spacing: str | None = None) -> None:
+    """Sample with `name` (a key of SCHEDULERS) from now on, with the base's timestep spacing unless
+    told; `default` with no spacing brings back the base's own scheduler object."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+    if timestep_spacing not in (None, *TIMESTEP_SPACINGS):
+        raise ValueError(f"timestep spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, not {timestep_spacing!r}")
     own = pipe.__dict__.setdefault("_estlora_own_scheduler", pipe.scheduler)
-    if SCHEDULERS[name] is None:
+    if SCHEDULERS[name] is None and timestep_spacing is None:
         pipe.scheduler = own
         return
-    class_name, overrides = SCHEDULERS[name]
+    class_name, overrides = SCHEDULERS[name] or (type(own).__name__, {})
+    if timestep_spacing:
+        overrides = {**overrides, "timestep_spacing": timestep_spacing}
     pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
 
 

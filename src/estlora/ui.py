@@ -22,7 +22,7 @@ from .errors import EstloraError, LoraError
 from .fusion import Fusion, fuse, unet_projection_shapes
 from .generate import Request, metadata, render, save_image
 from .lora import Lora, check_pair, file_sha256, load_lora
-from .pipelines import SCHEDULERS
+from .pipelines import SCHEDULERS, TIMESTEP_SPACINGS
 from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
 from .plan_view import heatmap, summary
 from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
@@ -194,6 +194,7 @@ class Studio:
             method=settings["method"],
             steps=int(settings["steps"]),
             scheduler=settings["scheduler"],
+            timestep_spacing=None if settings["timestep_spacing"] == "default" else settings["timestep_spacing"],
             guidance=float(settings["guidance"]),
             guidance_rescale=float(settings["guidance_rescale"]),
             width=int(settings["width"]),
@@ -352,8 +353,11 @@ def build_app(base: str | None = None, base_config: str | None = None) -> gr.Blo
                         steps = SAMPLE_STEPS if toy else 30
                         fields["steps"] = gr.Slider(1, 100, steps, step=1, label="steps", elem_id="steps")
                         fields["guidance"] = gr.Slider(1, 15, GUIDANCE if toy else 5.0, step=0.5, label="guidance")
-                        fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="default", label="scheduler")
                         fields["guidance_rescale"] = gr.Slider(0, 1, 0, step=0.05, label="guidance rescale")
+                    with gr.Row():
+                        fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="default", label="scheduler")
+                        spacings = ["default", *TIMESTEP_SPACINGS]
+                        fields["timestep_spacing"] = gr.Dropdown(spacings, value="default", label="timestep spacing")
                     with gr.Row():
                         size = studio.default_size
                         fields["width"] = gr.Slider(32, 2048, size, step=8, label="width", elem_id="width")
