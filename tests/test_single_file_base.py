@@ -1,8 +1,8 @@
 """Single-file SDXL checkpoints as the base (`--base model.safetensors`), as A1111 / ComfyUI users have them.
 
 The files are made offline from a tiny SDXL (tests/sgm_checkpoint.py) and checked against the
-diffusers folder they came from: diffusers' `from_single_file` must load every tensor exactly, and a
-fused render from the file must equal the render from the folder.
+diffusers folder they came from (every tensor, exactly) and against diffusers' own single-file
+loading (a render, pixel for pixel).
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from estlora.base import DEFAULT_BASE, SGM_ATTENTION, base_projection_shapes, projection_shapes, sgm_attention_module
+from estlora.base import (
+    DEFAULT_BASE,
+    SGM_ATTENTION,
+    SGM_UNET,
+    base_projection_shapes,
+    projection_shapes,
+    sgm_attention_module,
+)
 from estlora.cli import main
 from estlora.errors import BaseModelError
 from estlora.examples import example_state_dict
@@ -25,7 +32,6 @@ from estlora.pipelines import load_pipeline
 from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-UNET_PREFIX = "model.diffusion_model."
 
 
 @pytest.fixture(scope="module")
@@ -325,11 +331,9 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
 def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefix):
     """UNet-only files (ComfyUI's `models/unet`), with SGM's names prefixed or bare."""
     single, folder, _ = checkpoint
-    unet_keys = {
-        k: v for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items() if k.startswith(UNET_PREFIX)
-    }
+    unet_keys = {k: v for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items() if k.startswith(SGM_UNET)}
     path = tmp_path / "unet.safetensors"
-    save_file({prefix + k.removeprefix(UNET_PREFIX): v.contiguous() for k, v in unet_keys.items()}, str(path))
+    save_file({prefix + k.removeprefix(SGM_UNET): v.contiguous() for k, v in unet_keys.items()}, str(path))
     assert base_projection_shapes(path, folder) == base_projection_shapes(folder)
     from_unet, from_folder = load_pipeline(path, config=folder), load_pipeline(folder)
     assert from_unet.name_or_path == str(path)
