@@ -29,7 +29,7 @@ from estlora.errors import BaseModelError
 from estlora.examples import example_state_dict
 from estlora.fusion import unet_fingerprint
 from estlora.pipelines import load_pipeline
-from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, write_single_file
+from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, vae_to_sgm, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -340,3 +340,59 @@ def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefi
     for name in COMPONENTS:
         mine, theirs = getattr(from_unet, name).state_dict(), getattr(from_folder, name).state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+
+
+@pytest.fixture(scope="module")
+def other_vae(checkpoint):
+    """Another VAE for the tiny SDXL (as sdxl-vae-fp16-fix is for SDXL): a folder and two single files."""
+    from diffusers import AutoencoderKL
+
+    _, folder, root = checkpoint
+    torch.manual_seed(7)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    vae.save_pretrained(root / "other-vae")
+    state = {k: v.contiguous() for k, v in vae_to_sgm(vae).items()}
+    save_file(state, str(root / "other-vae.safetensors"))
+    save_file({k.removeprefix("first_stage_model."): v for k, v in state.items()}, str(root / "bare-vae.safetensors"))
+    return vae.state_dict(), root
+
+
+@pytest.mark.parametrize("source", ["other-vae", "other-vae.safetensors", "bare-vae.safetensors"])
+def test_vae_replaces_the_bases_own(checkpoint, other_vae, source):
+    single, folder, _ = checkpoint
+    expected, root = other_vae
+    for base, config in ((folder, None), (single, folder)):
+        loaded = load_pipeline(base, config=config, vae=root / source).vae.state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def test_generate_with_a_vae_equals_a_plain_diffusers_run(checkpoint, other_vae, tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    _, folder, root = checkpoint
+    subject = str(root / "subject.safetensors")
+    args = ["generate", "--subject", subject, "--style", str(root / "style.safetensors"), "--method", "subject"]
+    args += ["--prompt", "a dog", "--steps", "2", "--base", str(folder), "--vae", str(root / "other-vae")]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    plain = StableDiffusionXLPipeline.from_pretrained(
+        str(folder), vae=AutoencoderKL.from_pretrained(root / "other-vae")
+    )
+    plain.load_lora_weights(subject)
+    expected = plain("a dog", num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected.images[0]))
+    assert f"--vae {root / 'other-vae'}" in json.loads(png.with_suffix(".json").read_text())["command"]
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [("subject.safetensors", "this is a LoRA, not a VAE"), ("unet.safetensors", "not a VAE (no encoder.* / decoder.*")],
+)
+def test_what_is_not_a_vae_is_refused_in_one_line(checkpoint, name, words):
+    _, folder, root = checkpoint
+    if name == "unet.safetensors":
+        sgm_file(root / name, {SGM_UNET + "input_blocks.0.0.weight": (4, 4)})
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(folder, vae=root / name)
+    message = str(info.value)
+    assert message.startswith(f"{root / name}: {words}") and "\n" not in message

@@ -232,6 +232,15 @@ def _not_an_sdxl_base(keys: list[str]) -> str | None:
     return None
 
 
+def not_a_vae(keys: list[str]) -> str | None:
+    """Why a single file given as the VAE is not one, or None."""
+    if any(LORA_KEY.search(k) for k in keys):
+        return "this is a LoRA, not a VAE"
+    if not any(k.removeprefix("first_stage_model.").startswith(("encoder.", "decoder.")) for k in keys):
+        return "not a VAE (no encoder.* / decoder.* weights)"
+    return None
+
+
 def single_file_sampling(base: str | os.PathLike) -> dict:
     """Scheduler settings a single file declares with marker keys, read as ComfyUI reads them: `v_pred`
     (a v-prediction model, such as NoobAI-XL V-Pred) and `ztsnr` (trained to zero terminal SNR, so

@@ -105,6 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt=args.prompt,
         base=args.base,
         base_config=args.base_config,
+        vae=args.vae,
         negative_prompt=args.negative_prompt,
         method=args.method,
         steps=args.steps,
@@ -151,7 +152,18 @@ def cmd_grid(args: argparse.Namespace) -> None:
             "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
         }
         spec = GridSpec.from_dict(data, "flags")
-    for key in ("base", "base_config", "prompts", "seeds", "methods", "steps", "scheduler", "timestep_spacing", "beta"):
+    for key in (
+        "base",
+        "base_config",
+        "vae",
+        "prompts",
+        "seeds",
+        "methods",
+        "steps",
+        "scheduler",
+        "timestep_spacing",
+        "beta",
+    ):
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -175,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_ui(args: argparse.Namespace) -> None:
     from .ui import launch
 
-    launch(base=args.base, base_config=args.base_config, host=args.host, port=args.port)
+    launch(base=args.base, base_config=args.base_config, vae=args.vae, host=args.host, port=args.port)
 
 
 def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
@@ -238,6 +250,14 @@ def add_base_options(parser: argparse.ArgumentParser, purpose: str, default: str
     )
 
 
+def add_vae_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vae",
+        help="replace the base's VAE: a diffusers VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), "
+        "or a single .safetensors VAE",
+    )
+
+
 def add_scheduler_option(parser: argparse.ArgumentParser, default: str | None) -> None:
     from .pipelines import SCHEDULERS, TIMESTEP_SPACINGS
 
@@ -290,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help='e.g. "a sks dog in szn style"')
     gen.add_argument("--negative-prompt")
     add_base_options(gen, f"the SDXL base (default {DEFAULT_BASE})", default=DEFAULT_BASE)
+    add_vae_option(gen)
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     add_scheduler_option(gen, "default")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
@@ -329,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--subjects", nargs="+", help="subject LoRAs (instead of a spec file)")
     grid.add_argument("--styles", nargs="+", help="style LoRAs (instead of a spec file)")
     add_base_options(grid, "override the spec's base model")
+    add_vae_option(grid)
     grid.add_argument("--prompts", nargs="+", help='prompt templates, e.g. "a {subject} in {style} style"')
     grid.add_argument("--seeds", nargs="+", type=int)
     grid.add_argument("--methods", nargs="+")
@@ -349,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
     add_base_options(ui, "the SDXL base (default: the shipped toy model, toy)")
+    add_vae_option(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
     ui.set_defaults(func=cmd_ui)

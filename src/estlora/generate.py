@@ -33,6 +33,7 @@ class Request:
     prompt: str
     base: str = DEFAULT_BASE
     base_config: str | None = None  # a single-file base's configs: a diffusers SDXL folder or id (default SDXL 1.0)
+    vae: str | None = None  # replaces the base's VAE: folder, hub id or single file
     negative_prompt: str | None = None
     method: str = "est"
     steps: int = 30
@@ -170,7 +171,9 @@ def generate(request: Request, pipe=None) -> list[Path]:
     # Check both LoRAs against the base's UNet config first: bad input fails fast, before the slow load.
     shapes = base_projection_shapes(request.base, request.base_config)
     subject, style = load_pair(request.subject, request.style, shapes, request.base)
-    pipe = pipe or load_pipeline(request.base, request.device, request.dtype, request.cpu_offload, request.base_config)
+    pipe = pipe or load_pipeline(
+        request.base, request.device, request.dtype, request.cpu_offload, request.base_config, request.vae
+    )
     scheduler = pipe.scheduler.config
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
         zero_snr = " trained to zero terminal SNR" if scheduler.get("rescale_betas_zero_snr") else ""

@@ -58,6 +58,7 @@ class GridSpec:
     styles: list[Entry]
     base: str = "stabilityai/stable-diffusion-xl-base-1.0"
     base_config: str | None = None  # for a single-file base: the diffusers SDXL folder or id with its configs
+    vae: str | None = None  # replaces the base's VAE
     prompts: list[str] = field(default_factory=lambda: ["a {subject} in {style} style"])
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["est"])
@@ -139,7 +140,8 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     base_dir = path.parent  # relative paths in a spec are relative to the spec file
     for key in ("subjects", "styles"):
         setattr(spec, key, [_entry_relative_to(e, base_dir) for e in getattr(spec, key)])
-    spec.base, spec.base_config = _relative_to(spec.base, base_dir), _relative_to(spec.base_config, base_dir)
+    for key in ("base", "base_config", "vae"):
+        setattr(spec, key, _relative_to(getattr(spec, key), base_dir))
     return spec
 
 
@@ -261,7 +263,7 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
         return 0
 
     entries = {e.name: e for e in spec.subjects + spec.styles}
-    pipe = load_pipeline(spec.base, launched_device or device, spec.dtype, config=spec.base_config)
+    pipe = load_pipeline(spec.base, launched_device or device, spec.dtype, config=spec.base_config, vae=spec.vae)
     from .fusion import unet_projection_shapes
 
     shapes = unet_projection_shapes(pipe.unet)
@@ -316,6 +318,7 @@ def _request(spec: GridSpec, subject: Entry, style: Entry, template: str) -> Req
         prompt=spec.prompt(template, subject, style),
         base=spec.base,
         base_config=spec.base_config,
+        vae=spec.vae,
         negative_prompt=spec.negative_prompt,
         steps=spec.steps,
         scheduler=spec.scheduler,

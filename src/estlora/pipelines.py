@@ -13,6 +13,7 @@ from .base import (
     check_no_config,
     is_single_file,
     is_unet_only,
+    not_a_vae,
     read_single_file,
     resolve_base,
     single_file_path,
@@ -96,10 +97,12 @@ def load_pipeline(
     dtype: str = "auto",
     cpu_offload: bool = False,
     config: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
 ):
     """A `StableDiffusionXLPipeline` from a folder, hub id or single-file checkpoint, placed on device
     (or offloaded). A single file takes its configs and tokenizers from `config` (a diffusers SDXL
-    folder or hub id; SDXL base 1.0 by default), as diffusers' `from_single_file` does."""
+    folder or hub id; SDXL base 1.0 by default), as diffusers' `from_single_file` does. `vae`
+    replaces the base's VAE (e.g. `madebyollin/sdxl-vae-fp16-fix`, or a single-file VAE)."""
     base = resolve_base(base)
     check_local_path(base)
     target = resolve_device(device)
@@ -109,11 +112,44 @@ def load_pipeline(
     else:
         check_no_config(base, config)
         pipe = _from_pretrained(base, torch_dtype)
+    if vae is not None:
+        vae_config = resolve_base(config or (DEFAULT_BASE if is_single_file(base) else base))
+        pipe.vae = load_vae(vae, torch_dtype, vae_config)
     if cpu_offload and target.type != "cpu":
         pipe.enable_model_cpu_offload(device=target)
     else:
         pipe.to(target)
     return pipe
+
+
+def load_vae(source: str | os.PathLike, torch_dtype: torch.dtype, config: str):
+    """An SDXL VAE from a diffusers VAE folder or hub id, a pipeline folder's `vae/`, or one
+    safetensors file (SGM names, with or without `first_stage_model.`, configured from `config`)."""
+    from diffusers import AutoencoderKL
+
+    source = str(source)
+    check_local_path(source)
+    if is_single_file(source):
+        path = str(single_file_path(source))
+        problem = not_a_vae(list(read_single_file(source)))
+        if problem:
+            raise BaseModelError(source, problem)
+        attempts = [
+            lambda: AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=torch_dtype)
+        ]
+    else:
+        attempts = [
+            lambda: AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype),
+            lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
+        ]
+    for attempt in attempts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return attempt()
+        except Exception as exc:  # not a VAE, offline hub, no configs: one answer to the user
+            error = exc
+    raise BaseModelError(source, f"cannot load it as a VAE ({first_line(error)})")
 
 
 def _from_pretrained(base: str, torch_dtype: torch.dtype):

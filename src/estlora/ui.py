@@ -86,15 +86,15 @@ class StepProgress:
 class Studio:
     """What the page works on: one pipeline, the LoRAs loaded so far and the fusion of the current pair."""
 
-    def __init__(self, base: str | None, out: Path, base_config: str | None = None):
+    def __init__(self, base: str | None, out: Path, base_config: str | None = None, vae: str | None = None):
         from .pipelines import load_pipeline
 
         self.toy = base in (None, "toy")  # the shipped toy SDXL and its LoRAs: works offline, out of the box
         self.base, self.out = "toy" if self.toy else str(base), out
         self.dino = "toy" if self.toy else DEFAULT_DINO
         self.base_name = "the toy SDXL" if self.toy else self.base
-        self.base_config = base_config
-        self.pipe = load_pipeline(self.base, config=base_config)
+        self.base_config, self.vae = base_config, vae
+        self.pipe = load_pipeline(self.base, config=base_config, vae=vae)
         self.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
         self.shapes = unet_projection_shapes(self.pipe.unet)
         self.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -190,6 +190,7 @@ class Studio:
             prompt=settings["prompt"],
             base=self.base,
             base_config=self.base_config,
+            vae=self.vae,
             negative_prompt=settings["negative_prompt"] or None,
             method=settings["method"],
             steps=int(settings["steps"]),
@@ -284,10 +285,10 @@ def user_error(message: str):
     return _gradio().Error(html.escape(message), print_exception=False)
 
 
-def build_app(base: str | None = None, base_config: str | None = None) -> gr.Blocks:
+def build_app(base: str | None = None, base_config: str | None = None, vae: str | None = None) -> gr.Blocks:
     """The page: LoRAs and settings on the left, images, beta and plan on the right."""
     gr = _gradio()
-    studio = Studio(base, output_dir(), base_config)
+    studio = Studio(base, output_dir(), base_config, vae)
     toy = studio.toy  # the toy LoRAs fit the toy model only
     fields = {}
     with gr.Blocks(title="estlora") as app:
@@ -427,9 +428,10 @@ def launch(
     port: int = 7860,
     block: bool = True,
     base_config: str | None = None,
+    vae: str | None = None,
 ):
     """Serve the page (this machine only unless `host` says otherwise); returns the app when not blocking."""
-    app = build_app(base, base_config)
+    app = build_app(base, base_config, vae)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
     app.launch(
