@@ -238,7 +238,7 @@ def test_offline_without_cached_sdxl_configs_says_what_to_do(checkpoint, monkeyp
     import estlora.pipelines
 
     single, _, _ = checkpoint
-    monkeypatch.setattr(estlora.pipelines, "single_file_shapes", lambda base, config: None)
+    monkeypatch.setattr(estlora.pipelines, "header_shapes", lambda base, header, config: None)
     with pytest.raises(BaseModelError) as info:
         load_pipeline(single)
     message = str(info.value)

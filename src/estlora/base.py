@@ -191,7 +191,11 @@ def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None
     """Projection shapes read from a single-file SDXL checkpoint's header, after checking that it is
     one (whole, safetensors, an SDXL base: all of it, or its UNet alone) and that its UNet has the
     shapes of `config`'s UNet (SDXL base 1.0 by default)."""
-    header = read_single_file(base)
+    return header_shapes(base, read_single_file(base), config)
+
+
+def header_shapes(base: str | os.PathLike, header: dict, config: str | os.PathLike | None = None) -> dict:
+    """`single_file_shapes` on a header already read."""
     problem = _not_an_sdxl_base(list(header))
     if problem:
         raise BaseModelError(base, problem)
@@ -241,11 +245,10 @@ def not_a_vae(keys: list[str]) -> str | None:
     return None
 
 
-def single_file_sampling(base: str | os.PathLike) -> dict:
+def single_file_sampling(header: dict) -> dict:
     """Scheduler settings a single file declares with marker keys, read as ComfyUI reads them: `v_pred`
     (a v-prediction model, such as NoobAI-XL V-Pred) and `ztsnr` (trained to zero terminal SNR, so
     sampling starts from the last timestep). diffusers' `from_single_file` ignores both."""
-    header = read_single_file(base)
     if "v_pred" not in header:
         return {}
     if "ztsnr" not in header:

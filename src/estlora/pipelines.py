@@ -11,6 +11,7 @@ from .base import (
     DEFAULT_BASE,
     check_local_path,
     check_no_config,
+    header_shapes,
     is_single_file,
     is_unet_only,
     not_a_vae,
@@ -18,7 +19,6 @@ from .base import (
     resolve_base,
     single_file_path,
     single_file_sampling,
-    single_file_shapes,
     with_unet_prefix,
 )
 from .errors import BaseModelError, first_line
@@ -167,12 +167,13 @@ def _from_pretrained(base: str, torch_dtype: torch.dtype):
 
 
 def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.PathLike | None):
-    single_file_shapes(base, config)  # a clear refusal before diffusers reads gigabytes
+    header = read_single_file(base)
+    header_shapes(base, header, config)  # a clear refusal before diffusers reads gigabytes
     path, config = str(single_file_path(base)), resolve_base(config or DEFAULT_BASE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = _read_single_file(path, is_unet_only(read_single_file(base)), torch_dtype, config)
+            pipe = _read_single_file(path, is_unet_only(header), torch_dtype, config)
     except Exception as exc:
         where = (
             ""
@@ -181,7 +182,7 @@ def _from_single_file(base: str, torch_dtype: torch.dtype, config: str | os.Path
         )
         raise BaseModelError(base, f"cannot load it with the configs of {config}{where}: {first_line(exc)}") from None
     pipe.register_to_config(_name_or_path=path)  # diffusers leaves it empty; errors and caches name the base
-    sampling = single_file_sampling(base)
+    sampling = single_file_sampling(header)
     if sampling:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **sampling)
     return pipe
