@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from estlora.base import (
     DEFAULT_BASE,
@@ -29,7 +29,7 @@ from estlora.errors import BaseModelError
 from estlora.examples import example_state_dict
 from estlora.fusion import unet_fingerprint
 from estlora.pipelines import load_pipeline
-from sgm_checkpoint import pipeline_to_sgm, tiny_sdxl_with_distinct_encoders, vae_to_sgm, write_single_file
+from sgm_checkpoint import tiny_sdxl_with_distinct_encoders, vae_to_sgm, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -63,7 +63,7 @@ def test_header_names_map_to_the_modules_diffusers_loads_them_into(checkpoint):
     single, folder, _ = checkpoint
     unet = load_pipeline(single, config=folder).unet
     modules = dict(unet.named_modules())
-    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    state = load_file(single)
     attention = {k: v for k, v in state.items() if SGM_ATTENTION.match(k)}
     assert len(attention) == 560
     for key, tensor in attention.items():
@@ -115,7 +115,7 @@ def sgm_file(path, keys: dict[str, tuple]):
 
 
 def reshaped(checkpoint, path, key, shape):
-    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    state = load_file(checkpoint[0])
     state[key] = torch.zeros(shape)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
@@ -266,8 +266,8 @@ def test_grid_spec_names_the_file_and_its_configs_relative_to_itself(checkpoint,
 
 @pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr")])
 def test_v_prediction_markers_set_the_scheduler_as_comfyui_reads_them(checkpoint, tmp_path, markers):
-    _, folder, _ = checkpoint
-    state = pipeline_to_sgm(tiny_sdxl_with_distinct_encoders())
+    single, folder, _ = checkpoint
+    state = load_file(single)
     state.update({marker: torch.zeros(0) for marker in markers})
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -305,8 +305,8 @@ def test_a_config_with_a_folder_base_is_refused_not_ignored(checkpoint, capsys):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_half_and_fp8_checkpoints_load_as_their_exact_values(checkpoint, tmp_path, dtype):
     """Shared checkpoints are mostly fp16; some are bf16 or fp8. On the CPU they run in fp32."""
-    _, folder, _ = checkpoint
-    state = {k: v.to(dtype).contiguous() for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items()}
+    single, folder, _ = checkpoint
+    state = {k: v.to(dtype).contiguous() for k, v in load_file(single).items()}
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
     unet = load_pipeline(path, config=folder).unet
@@ -331,7 +331,7 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
 def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefix):
     """UNet-only files (ComfyUI's `models/unet`), with SGM's names prefixed or bare."""
     single, folder, _ = checkpoint
-    unet_keys = {k: v for k, v in pipeline_to_sgm(tiny_sdxl_with_distinct_encoders()).items() if k.startswith(SGM_UNET)}
+    unet_keys = {k: v for k, v in load_file(single).items() if k.startswith(SGM_UNET)}
     path = tmp_path / "unet.safetensors"
     save_file({prefix + k.removeprefix(SGM_UNET): v.contiguous() for k, v in unet_keys.items()}, str(path))
     assert base_projection_shapes(path, folder) == base_projection_shapes(folder)
