@@ -38,6 +38,12 @@ def unet_projection_shapes(unet) -> dict[str, tuple[int, int]]:
     }
 
 
+def plain_unet(pipe):
+    """The pipeline's UNet module itself, also when `torch.compile(pipe.unet)` wrapped it: routing
+    swaps its submodules by name, and the wrapper's names carry an `_orig_mod.` prefix."""
+    return getattr(pipe.unet, "_orig_mod", pipe.unet)
+
+
 def unet_fingerprint(unet) -> str:
     """A UNet's identity for cached results: a hash of its first and last convolutions, so two
     checkpoints never share a cached beta, even loaded from one path or with no path at all
@@ -67,9 +73,9 @@ class Fusion:
     """Two LoRAs routed into one pipeline's UNet by a fusion plan."""
 
     def __init__(self, pipe, subject: Lora, style: Lora, config: FusionConfig, beta_source: str | None = None):
-        if any(isinstance(m, RoutedLinear) for m in pipe.unet.modules()):
+        if any(isinstance(m, RoutedLinear) for m in plain_unet(pipe).modules()):
             raise ValueError("this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first")
-        shapes = unet_projection_shapes(pipe.unet)
+        shapes = unet_projection_shapes(plain_unet(pipe))
         base_name = getattr(pipe, "name_or_path", None) or "the pipeline's UNet"
         for lora in (subject, style):
             check_against_base(lora, shapes, base_name)
@@ -111,7 +117,7 @@ class Fusion:
 
     def _reset(self) -> None:
         self._plans.clear()
-        self.router.rows, self.router.step = [], None
+        self.router.set_rows([])
 
     @contextlib.contextmanager
     def using(self, **changes) -> Iterator[Fusion]:
@@ -179,7 +185,7 @@ class Fusion:
     # ------------------------------------------------------------ the pipeline side
 
     def _install(self) -> None:
-        unet = self.pipe.unet
+        unet = plain_unet(self.pipe)
         # Frozen as peft freezes a UNet it loads adapters into (every parameter but its `lora_` ones):
         # on the CPU torch picks another matmul kernel for weights that require grad, so otherwise a
         # fused run could differ from a diffusers LoRA run in the last bits. remove() unfreezes them.
@@ -198,17 +204,18 @@ class Fusion:
             setattr(parent, child, routed)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
 
+    @torch.compiler.disable  # runs as Python even in a compiled UNet: a new step is new data, not a new graph
     def _on_unet_call(self, module, args, kwargs) -> None:
         scheduler = self.pipe.scheduler
-        if getattr(scheduler, "num_inference_steps", None) is None:
-            self.router.row, self.router.step = self.router.idle, None  # not inside a sampling loop
-            return
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        step, steps = denoising_step(scheduler, timestep)
-        if len(self.router.rows) != steps:
-            self.router.rows, self.router.step = self.scale_rows(self.plan_for(steps)), None
-        if step != self.router.step:
-            self.router.row, self.router.step = self.router.rows[step], step
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        step = None  # outside a sampling loop: the base model alone
+        if getattr(scheduler, "num_inference_steps", None) is not None:
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            step, steps = denoising_step(scheduler, timestep)
+            if len(self.router.rows) != steps:
+                self.router.set_rows(self.scale_rows(self.plan_for(steps)))
+        if step != self.router.step or self.router.scales.device != sample.device:
+            self.router.go_to(step, sample.device)
 
     def scale_rows(self, plan: Plan) -> list[list[tuple[float, float]]]:
         """Per step and projection, (w_c * alpha_c / r_c, w_s * alpha_s / r_s): what each LoRA is multiplied by.
@@ -230,7 +237,7 @@ class Fusion:
             return
         self._hook.remove()
         self._hook = None
-        unet = self.pipe.unet
+        unet = plain_unet(self.pipe)
         for name, original in self._originals.items():
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, original)

@@ -10,6 +10,10 @@ written to 560 modules), only the LoRA with a nonzero weight is computed, it dep
 peft state, it leaves a user's own peft adapters alone, and removing it puts the very same
 `nn.Linear` objects back. Its arithmetic is peft's (`base(x) + B(A(x)) * (w * alpha / r)`, subject
 then style), so a plan that mirrors a diffusers adapter setting gives the same bits.
+
+Under `torch.compile` the scales come from a tensor instead (`Router.scales`, overwritten in place
+each step): Python floats would be baked into the graph and every new row would recompile the UNet.
+There both LoRAs are computed, the unused one times zero, which costs what a two-LoRA merge costs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from .lora import LoraFactors
 class Router:
     """The current step's LoRA scales, one (subject, style) pair per routed projection.
 
-    A scale is the plan weight times alpha / rank, worked out once per plan (not per call).
+    A scale is the plan weight times alpha / rank, worked out once per plan (not per call). `row`
+    holds them as floats for eager runs; `scales` as a (projections, 2) tensor for compiled ones.
     """
 
     def __init__(self, layers: int):
@@ -32,6 +37,28 @@ class Router:
         self.row: list = self.idle
         self.rows: list[list] = []
         self.step: int | None = None
+        self.scales = torch.zeros(layers, 2)
+        self.table: torch.Tensor | None = None  # every step's scales, (steps, projections, 2)
+
+    def set_rows(self, rows: list[list[tuple[float, float]]]) -> None:
+        """A new plan's scales; until the next UNet call says which step it is, the base alone."""
+        self.rows, self.step, self.row = rows, None, self.idle
+        self.table = torch.tensor(rows, dtype=torch.float32, device=self.scales.device) if rows else None
+        self.scales.zero_()
+
+    def go_to(self, step: int | None, device: torch.device) -> None:
+        """Point at a step's row (None: the base alone). Writes the tensor in place, on the UNet's
+        device, so a compiled UNet sees the same input every step and nothing waits on the host."""
+        if self.scales.device != device:
+            self.scales = self.scales.to(device)
+            self.table = None if self.table is None else self.table.to(device)
+        if step is None:
+            self.row = self.idle
+            self.scales.zero_()
+        else:
+            self.row = self.rows[step]
+            self.scales.copy_(self.table[step])
+        self.step = step
 
 
 class RoutedLinear(nn.Module):
@@ -65,11 +92,21 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, result)
         scale_subject, scale_style = self.router.row[self.index]
         if scale_subject:
             result = result + self._delta(x, self.subject_down, self.subject_up) * scale_subject
         if scale_style:
             result = result + self._delta(x, self.style_down, self.style_up) * scale_style
+        return result
+
+    def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        scales = self.router.scales[self.index]
+        if self.subject_down is not None:
+            result = result + self._delta(x, self.subject_down, self.subject_up) * scales[0]
+        if self.style_down is not None:
+            result = result + self._delta(x, self.style_down, self.style_up) * scales[1]
         return result
 
     @staticmethod
