@@ -189,7 +189,7 @@ CASES = {
     ),
     "diffusers-unet": (
         LoraFormatError,
-        "this is a diffusers UNet's weights, not a LoRA",
+        "this is a diffusers UNet's weights, not a LoRA (a fine-tuned UNet is given as the base: --base FILE)",
         lambda t, s: write(t / "diffusion_pytorch_model.safetensors", {"conv_in.weight": torch.ones(4, 4, 3, 3)}),
     ),
     "text-encoder-only": (

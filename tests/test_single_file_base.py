@@ -233,6 +233,20 @@ def test_configs_that_cannot_build_the_pipeline_are_one_line(checkpoint, tmp_pat
     assert message.startswith(f"{single}: cannot load it with the configs of {partial}: ") and "\n" not in message
 
 
+@pytest.mark.parametrize("tokenizer", ["tokenizer", "tokenizer_2"])
+@pytest.mark.parametrize("single_file", [True, False])
+def test_a_config_folder_without_a_tokenizer_is_refused(checkpoint, tmp_path, tokenizer, single_file):
+    """transformers would build an empty tokenizer from the missing folder, silently, and every
+    prompt would become unknown tokens."""
+    single, folder, _ = checkpoint
+    partial = shutil.copytree(folder, tmp_path / "partial")
+    shutil.rmtree(partial / tokenizer)
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(single, config=partial) if single_file else load_pipeline(partial)
+    expected = f"{partial}: its {tokenizer} has no vocabulary ({tokenizer}/vocab.json and merges.txt missing?)"
+    assert str(info.value) == expected
+
+
 def test_offline_without_cached_sdxl_configs_says_what_to_do(checkpoint, monkeypatch):
     """Real SDXL-size files cannot be made here, so the header check (tested above) is skipped."""
     import estlora.pipelines
@@ -327,13 +341,17 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
     assert studio.shapes == base_projection_shapes(single, folder)
 
 
-@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "", "diffusers"])
 def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefix):
-    """UNet-only files (ComfyUI's `models/unet`), with SGM's names prefixed or bare."""
+    """UNet-only files: ComfyUI's `models/unet` (SGM's names, prefixed or bare), or a diffusers
+    fine-tune's `unet/diffusion_pytorch_model.safetensors` given on its own."""
     single, folder, _ = checkpoint
-    unet_keys = {k: v for k, v in load_file(single).items() if k.startswith(SGM_UNET)}
     path = tmp_path / "unet.safetensors"
-    save_file({prefix + k.removeprefix(SGM_UNET): v.contiguous() for k, v in unet_keys.items()}, str(path))
+    if prefix == "diffusers":
+        shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors", path)
+    else:
+        unet_keys = {k: v for k, v in load_file(single).items() if k.startswith(SGM_UNET)}
+        save_file({prefix + k.removeprefix(SGM_UNET): v.contiguous() for k, v in unet_keys.items()}, str(path))
     assert base_projection_shapes(path, folder) == base_projection_shapes(folder)
     from_unet, from_folder = load_pipeline(path, config=folder), load_pipeline(folder)
     assert from_unet.name_or_path == str(path)

@@ -182,6 +182,12 @@ def with_unet_prefix(entries: dict) -> dict:
     return {(SGM_UNET + k if k.startswith(SGM_UNET_PARTS) else k): v for k, v in entries.items()}
 
 
+def is_diffusers_unet(keys) -> bool:
+    """A UNet saved by diffusers (`unet/diffusion_pytorch_model.safetensors` of a fine-tune), given as
+    one file: diffusers' own module names rather than SGM's."""
+    return "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys)
+
+
 def is_unet_only(header: dict) -> bool:
     """A file with the UNet alone: the VAE, text encoders and tokenizers then come from the config."""
     return not any(k.startswith(tuple(SDXL_PARTS)) for k in header)
@@ -189,8 +195,8 @@ def is_unet_only(header: dict) -> bool:
 
 def single_file_shapes(base: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
     """Projection shapes read from a single-file SDXL checkpoint's header, after checking that it is
-    one (whole, safetensors, an SDXL base: all of it, or its UNet alone) and that its UNet has the
-    shapes of `config`'s UNet (SDXL base 1.0 by default)."""
+    one (whole, safetensors, an SDXL base: all of it, or its UNet alone in SGM's or diffusers' names)
+    and that its UNet has the shapes of `config`'s UNet (SDXL base 1.0 by default)."""
     return header_shapes(base, read_single_file(base), config)
 
 
@@ -199,14 +205,23 @@ def header_shapes(base: str | os.PathLike, header: dict, config: str | os.PathLi
     problem = _not_an_sdxl_base(list(header))
     if problem:
         raise BaseModelError(base, problem)
-    shapes = {
-        sgm_attention_module(key): tuple(entry["shape"])
-        for key, entry in header.items()
-        if SGM_ATTENTION.match(key) and len(entry["shape"]) == 2
-    }
+    if is_diffusers_unet(header):
+        shapes = {
+            key.removesuffix(".weight"): tuple(entry["shape"])
+            for key, entry in header.items()
+            if ATTENTION_PROJECTION.search(key.removesuffix(".weight")) and len(entry["shape"]) == 2
+        }
+        conv_in = "conv_in.weight"
+    else:
+        shapes = {
+            sgm_attention_module(key): tuple(entry["shape"])
+            for key, entry in header.items()
+            if SGM_ATTENTION.match(key) and len(entry["shape"]) == 2
+        }
+        conv_in = SGM_UNET + "input_blocks.0.0.weight"
     reference = resolve_base(config or DEFAULT_BASE)
     unet = unet_config(reference)
-    in_channels = header.get(SGM_UNET + "input_blocks.0.0.weight", {}).get("shape", [0, unet["in_channels"]])[1]
+    in_channels = header.get(conv_in, {}).get("shape", [0, unet["in_channels"]])[1]
     if in_channels != unet["in_channels"]:
         problem = f"its UNet takes {in_channels} input channels, not {unet['in_channels']} (an inpainting model?)"
         raise BaseModelError(base, problem + "; estlora needs a text-to-image SDXL base")
@@ -222,6 +237,8 @@ def _not_an_sdxl_base(keys: list[str]) -> str | None:
         return "this is a LoRA, not a base model checkpoint (give it as the subject or style)"
     if any(k.removeprefix(SGM_UNET).startswith(TRANSFORMER_BLOCKS) for k in keys):
         return "a transformer model checkpoint (SD3 or Flux), not SDXL"
+    if is_diffusers_unet(keys):
+        return None
     if not any(k.startswith(SGM_UNET) for k in keys):
         return "not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* UNet weights)"
     if any(k.startswith(("edm_vpred.", "edm_mean")) for k in keys):

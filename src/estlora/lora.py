@@ -513,7 +513,7 @@ def _no_lora_reason(tensors: dict[str, torch.Tensor]) -> str:
     if any(k.startswith(SINGLE_FILE_CHECKPOINT_PREFIXES) for k in keys):
         return "this is a model checkpoint, not a LoRA (a single-file SDXL is given as the base: --base FILE)"
     if "conv_in.weight" in tensors:
-        return "this is a diffusers UNet's weights, not a LoRA"
+        return "this is a diffusers UNet's weights, not a LoRA (a fine-tuned UNet is given as the base: --base FILE)"
     return f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}"
 
 

@@ -109,9 +109,11 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, target)
     if is_single_file(base):
         pipe = _from_single_file(base, torch_dtype, config)
+        _check_tokenizers(pipe, resolve_base(config or DEFAULT_BASE))
     else:
         check_no_config(base, config)
         pipe = _from_pretrained(base, torch_dtype)
+        _check_tokenizers(pipe, base)
     if vae is not None:
         vae_config = resolve_base(config or (DEFAULT_BASE if is_single_file(base) else base))
         pipe.vae = load_vae(vae, torch_dtype, vae_config)
@@ -120,6 +122,16 @@ def load_pipeline(
     else:
         pipe.to(target)
     return pipe
+
+
+def _check_tokenizers(pipe, source: str) -> None:
+    """transformers builds a CLIP tokenizer with no vocabulary, silently, from a folder that lacks its
+    vocab files (a `tokenizer_2/` left out of a copied SDXL folder): every prompt would become
+    unknown tokens. Refused instead, naming the folder the tokenizers came from."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None or len(tokenizer) <= len(tokenizer.all_special_tokens):
+            raise BaseModelError(source, f"its {name} has no vocabulary ({name}/vocab.json and merges.txt missing?)")
 
 
 def load_vae(source: str | os.PathLike, torch_dtype: torch.dtype, config: str):
