@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from estlora.lora import load_lora
+from estlora.lora import load_lora, read_safetensors
 
 # SDXL's SGM (kohya / original Stability) block names for the diffusers attention blocks.
 SGM_BLOCKS = {
@@ -112,7 +112,7 @@ def peft_metadata_file(path, truth):
     return write(path, state, {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
-def legacy_file(path, truth, processor_names=False):
+def legacy_file(path, truth, processor_names=False, metadata=None):
     state = {}
     for module, (down, up, _) in truth.items():
         if processor_names:  # the attention-processor era: attn1.processor.to_q_lora.down.weight
@@ -122,7 +122,7 @@ def legacy_file(path, truth, processor_names=False):
             stem = f"unet.{module}.lora"
         state[f"{stem}.down.weight"] = down
         state[f"{stem}.up.weight"] = up
-    return write(path, state)
+    return write(path, state, metadata)
 
 
 def klora_file(path, truth):
@@ -212,6 +212,16 @@ def test_diffusers_legacy(tmp_path, truth, processor_names):
     lora = load_lora(legacy_file(tmp_path / "legacy.safetensors", truth, processor_names))
     assert lora.layout == "diffusers-legacy"
     assert_loaded(lora, truth, with_alpha=False)
+
+
+def test_diffusers_legacy_with_adapter_metadata(tmp_path, truth):
+    """diffusers' SDXL training scripts save legacy names (`convert_state_dict_to_diffusers`) and the
+    adapter config beside them; diffusers takes the alphas from that config, so must we."""
+    path = peft_metadata_file(tmp_path / "peft.safetensors", truth)
+    metadata = {"format": "pt", "lora_adapter_metadata": read_safetensors(path)[1]["lora_adapter_metadata"]}
+    lora = load_lora(legacy_file(tmp_path / "legacy.safetensors", truth, metadata=metadata))
+    assert lora.layout == "diffusers-legacy"
+    assert_loaded(lora, truth)
 
 
 def test_klora_research_layout(tmp_path, truth):

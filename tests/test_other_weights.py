@@ -264,3 +264,37 @@ def test_cli_says_which_policy_applies_and_records_it(tiny_dir, kohya_path, tmp_
     assert main(shlex.split(meta["command"])[1:] + ["--out", str(tmp_path / "again")]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(again)), merged)
+
+
+def test_locon_on_every_unet_layer_equals_diffusers(pipe, tiny_dir, tmp_path):
+    """A LyCORIS LoCon "full" file: a kohya LoRA on every linear and conv layer of the UNet (resnets,
+    samplers, conv_in/out, time and label embeddings, proj_in/out, feed-forward), SGM names."""
+    from sgm_checkpoint import unet_to_sgm
+
+    sgm_names = {}  # diffusers module -> kohya's name, matched through the tensors unet_to_sgm renames
+    by_tensor = {value.data_ptr(): key for key, value in pipe.unet.state_dict().items()}
+    for key, value in unet_to_sgm(pipe.unet).items():
+        module = by_tensor[value.data_ptr()].removesuffix(".weight")
+        sgm_names[module] = "lora_unet_" + key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+    generator = torch.Generator().manual_seed(9)
+    state = {}
+    for module_name, module in pipe.unet.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            name = sgm_names[module_name].replace(".", "_")
+            down, up = factors(module, 2, generator)
+            state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)}
+    path = tmp_path / "locon.safetensors"
+    save_file(state, str(path))
+    lora = load_lora(path)
+    assert len(lora.projections) == 560 and sum(lora.other_modules().values()) == len(state) // 3 - 560
+    assert lora.other_modules() == {
+        "UNet feed-forward": 140,
+        "UNet conv/resnet/projection": 89,
+        "UNet time/size embedding": 4,
+    }
+    expected = plain_diffusers(load_pipe(tiny_dir), path)
+    with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge") as fusion:
+        merged = run(pipe)
+        fusion.set(other_weights="ignore")
+        ignored = run(pipe)
+    assert torch.equal(merged, expected) and not torch.equal(ignored, expected)
