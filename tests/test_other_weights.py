@@ -282,7 +282,11 @@ def test_locon_on_every_unet_layer_equals_diffusers(pipe, tiny_dir, tmp_path):
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
             name = sgm_names[module_name].replace(".", "_")
             down, up = factors(module, 2, generator)
-            state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)}
+            state |= {
+                f"{name}.lora_down.weight": down,
+                f"{name}.lora_up.weight": up,
+                f"{name}.alpha": torch.tensor(2.0),
+            }
     path = tmp_path / "locon.safetensors"
     save_file(state, str(path))
     lora = load_lora(path)
