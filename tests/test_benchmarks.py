@@ -42,3 +42,15 @@ def test_memory_benchmark(tmp_path):
     assert [r["config"] for r in results] == ["single", "est"]
     assert all(r["peak_mib"] > 100 and r["kind"] == "CPU peak RSS" for r in results)
     assert "vs single 1.000" in said
+
+
+def test_compile_benchmark(tmp_path):
+    """With the tracing-only backend: every compiled UNet builds one graph and none after."""
+    out = tmp_path / "compile.json"
+    said = run("compile.py", "--backend", "eager", "--repeats", "1", "--steps", "3", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert list(results["configs"]) == ["single eager", "est eager", "single compiled", "est compiled"]
+    assert results["distinct_plan_rows"] > 1
+    assert [c["graphs"] for c in results["configs"].values()] == [0, 0, 1, 1]
+    assert results["recompiled_graphs_after_first_runs"] == 0
+    assert "graphs compiled after the first runs: 0" in said
