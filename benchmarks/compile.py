@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 import torch._dynamo
-from generation import DTYPES, build, peft_state, random_lora
+from generation import DTYPES, build, model_arguments, peft_state, random_lora, timed_run
 
 import estlora
 from estlora.fusion import unet_projection_shapes
@@ -42,14 +42,8 @@ def spread(lora: Lora) -> Lora:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    parser = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--ranks", default="8,64")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: tracing only)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -79,13 +73,7 @@ def main() -> None:
 
     def run_once(config: str) -> float:
         pipe.unet = unets[config]
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed_run(pipe, kwargs, args.steps, args.device)
 
     def graphs() -> int:
         return torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -160,16 +160,32 @@ def build(model: str, device: str, size: int | None = None, dtype: torch.dtype =
     return pipe, kwargs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every benchmark shares: which model, where, how many steps, which LoRA ranks."""
     parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
-    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--ranks", default="8,64")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--ranks", default="8,64", help="subject,style LoRA ranks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
+    return parser
+
+
+def timed_run(pipe, kwargs: dict, steps: int, device: str) -> float:
+    """Seconds for one generation from seed 0, the GPU's queue drained before and after."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--json", help="write the results here (also after every repeat)")
     parser.add_argument(
         "--max-seconds", type=float, help="start no repeat that would end past this many seconds from launch"
@@ -222,13 +238,7 @@ def main() -> None:
         return lambda: None
 
     def run_once() -> float:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed_run(pipe, kwargs, args.steps, args.device)
 
     times = {c: [] for c in configs}
     peak = {}

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import torch
-from generation import CONFIGS, DTYPES, build, install_research, peft_state, random_lora
+from generation import CONFIGS, DTYPES, build, install_research, model_arguments, peft_state, random_lora
 
 import estlora
 from estlora.fusion import unet_projection_shapes
@@ -50,14 +50,8 @@ def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--ranks", default="8,64")
+    parser = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration in this process
     parser.add_argument("--json")
     args = parser.parse_args()
