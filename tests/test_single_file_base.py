@@ -414,3 +414,43 @@ def test_what_is_not_a_vae_is_refused_in_one_line(checkpoint, name, words):
         load_pipeline(folder, vae=root / name)
     message = str(info.value)
     assert message.startswith(f"{root / name}: {words}") and "\n" not in message
+
+
+def _with_nan(source, target, key):
+    state = load_file(str(source))
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    save_file(state, str(target))
+
+
+@pytest.mark.parametrize("where", ["folder", "single file"])
+def test_a_base_with_nan_weights_is_refused(checkpoint, tmp_path, where):
+    """An fp16 merge that overflowed would render black with no error."""
+    single, folder, _ = checkpoint
+    if where == "folder":
+        base = shutil.copytree(folder, tmp_path / "nan-base")
+        weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+        _with_nan(weights, weights, "down_blocks.1.attentions.0.proj_in.weight")
+        kwargs = {}
+    else:
+        base, kwargs = tmp_path / "nan.safetensors", {"config": folder}
+        _with_nan(single, base, SGM_UNET + "input_blocks.4.1.proj_in.weight")
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(base, **kwargs)
+    assert (
+        str(info.value) == f"{base}: its unet holds NaN or infinite weights (down_blocks.1.attentions.0.proj_in.weight)"
+    )
+
+
+def test_a_nan_vae_is_refused_and_can_be_replaced(checkpoint, other_vae, tmp_path):
+    single, folder, root = checkpoint
+    nan_vae = tmp_path / "nan-vae.safetensors"
+    _with_nan(root / "other-vae.safetensors", nan_vae, "first_stage_model.decoder.conv_out.weight")
+    with pytest.raises(BaseModelError) as info:
+        load_pipeline(single, config=folder, vae=nan_vae)
+    assert str(info.value) == f"{nan_vae}: its VAE holds NaN or infinite weights (decoder.conv_out.weight)"
+    base = tmp_path / "nan-vae-base.safetensors"
+    _with_nan(single, base, "first_stage_model.decoder.conv_out.weight")
+    with pytest.raises(BaseModelError, match="its vae holds NaN or infinite weights"):
+        load_pipeline(base, config=folder)
+    assert load_pipeline(base, config=folder, vae=root / "other-vae").vae.state_dict().keys() == other_vae[0].keys()
