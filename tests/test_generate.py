@@ -269,3 +269,27 @@ def test_timestep_spacing_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     ]  # round(1000 - 1000 k / 3) - 1
     with pytest.raises(ValueError, match="timestep spacing must be one of leading, trailing, linspace"):
         set_scheduler(pipe, "euler", "uniform")
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--steps", "0", "steps must be at least 1, not 0"),
+        ("--num-images", "0", "num-images must be at least 1, not 0"),
+        ("--beta-probe-steps", "-2", "beta-probe-steps must be at least 1, not -2"),
+        ("--width", "100", "width must be a positive multiple of 8 (the VAE's scale), not 100"),
+        ("--height", "0", "height must be a positive multiple of 8 (the VAE's scale), not 0"),
+        ("--guidance-rescale", "1.5", "guidance-rescale must be between 0 and 1, not 1.5"),
+    ],
+)
+def test_settings_out_of_range_are_refused_before_loading(
+    tiny_dir, tmp_path, capsys, monkeypatch, flag, value, message
+):
+    """diffusers would fail later, `--steps 0` with a ZeroDivisionError traceback."""
+    import estlora.generate
+
+    monkeypatch.setattr(estlora.generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "out"
+    assert main([*gen_args(tiny_dir, out, "--beta", "0.5"), flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"estlora: error: {message}"
+    assert not out.exists()

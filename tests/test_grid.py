@@ -182,6 +182,12 @@ def test_bad_specs(tmp_path, spec_file, capsys):
     bad.write_text("subjects: [{name: s, lora: x}]\nstyles: [{name: t, lora: y}]\nsteeps: 3\n")
     assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "unknown grid settings: steeps" in capsys.readouterr().err
+    bad.write_text("subjects: [{name: s, lora: x}]\nstyles: [{name: t, lora: y}]\nwidth: 100\n")
+    assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2  # before the model or any file
+    assert "width must be a positive multiple of 8 (the VAE's scale), not 100" in capsys.readouterr().err
+    assert main(["grid", str(spec_file), "--steps", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "steps must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"version": 1, "spec": {"other": True}}))

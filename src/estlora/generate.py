@@ -64,6 +64,17 @@ class Request:
     def __post_init__(self) -> None:
         if self.base == TOY_BASE and self.dino_model == DEFAULT_DINO:
             self.dino_model = TOY_EMBEDDER  # DINO knows nothing of 32 x 32 toy shapes; the toy scorer does
+        # Checked before the model loads: diffusers would fail later, some of it with a traceback.
+        for name in ("steps", "num_images", "beta_probe_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, not {value}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's scale), not {value}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance-rescale must be between 0 and 1, not {self.guidance_rescale:g}")
 
     def config_options(self) -> dict:
         from .plan import FUSION_OPTIONS

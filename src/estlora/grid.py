@@ -250,6 +250,7 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
     from .pipelines import load_pipeline
 
     run_dir = Path(run_dir)
+    _request(spec, spec.subjects[0], spec.styles[0], spec.prompts[0])  # settings out of range: refused before any write
     rank, world, launched_device = distributed()
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(spec, run_dir)

@@ -240,7 +240,10 @@ class Studio:
         if not methods:
             raise user_error("tick at least one method to compare")
         subject, style = self.pair(settings)
-        base_request = self.request(settings, subject, style)
+        try:
+            base_request = self.request(settings, subject, style)
+        except ValueError as exc:  # a setting out of range (Request checks them)
+            raise user_error(str(exc)) from None
         try:
             fusion = self.fusion_for(subject, style)
         except LoraError as exc:
