@@ -136,6 +136,11 @@ def test_bad_config():
         P.FusionConfig(method="zip")
     with pytest.raises(ValueError, match="pattern"):
         P.FusionConfig(pattern="t")
+    for name in ("alpha", "beta", "subject_scale", "style_scale"):  # a NaN would poison every weight of the plan
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, not nan"):
+            P.FusionConfig(**{name: float("nan")})
+    with pytest.raises(ValueError, match="beta must be a finite number, not inf"):
+        P.FusionConfig(beta=float("inf"))
 
 
 @pytest.mark.parametrize(

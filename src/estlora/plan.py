@@ -76,6 +76,10 @@ class FusionConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.switch_every < 1:
             raise ValueError("switch_every must be >= 1")
+        for name in ("alpha", "beta", "subject_scale", "style_scale"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value}")
         if self.pattern == "s*" and self.alpha <= 0:
             raise ValueError("pattern s* needs alpha > 0")
 
