@@ -548,9 +548,11 @@ def _other_kind(module: str) -> str:
         return "UNet attention (other)"
     if re.search(r"(time_embed|label_emb|add_embedding)", module):
         return "UNet time/size embedding"
-    if re.search(r"(conv|resnets|in_layers|out_layers|emb_layers|skip_connection|op$|proj_in|proj_out)", module):
-        return "UNet conv/resnet/projection"
-    if re.search(r"(input_blocks[._]0[._]0|(^|[._])out[._]2)$", module):  # SGM's conv_in, conv_out
+    conv = (  # SGM's conv_in and conv_out are input_blocks.0.0 and out.2
+        r"(conv|resnets|in_layers|out_layers|emb_layers|skip_connection|op$|proj_in|proj_out"
+        r"|input_blocks[._]0[._]0$|(^|[._])out[._]2$)"
+    )
+    if re.search(conv, module):
         return "UNet conv/resnet/projection"
     return "other"
 
