@@ -286,3 +286,13 @@ def test_fuse_into_a_unet_compiled_first(tiny_dir, loras):
     assert len(inner._forward_pre_hooks) == 1
     fusion.remove()
     assert dict(inner.named_modules()) == originals and not inner._forward_pre_hooks
+
+
+def test_importing_estlora_does_not_import_the_compiler():
+    """torch._dynamo takes about a second to import; every CLI command would pay it at start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, estlora; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

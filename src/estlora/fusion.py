@@ -202,9 +202,11 @@ class Fusion:
                 original, index, self.router, self.subject.projections.get(name), self.style.projections.get(name)
             )
             setattr(parent, child, routed)
-        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+        # Runs as Python even in a compiled UNet: a new step is new data, not a new graph. (Wrapped
+        # here, not decorated: the decorator would import torch._dynamo, 0.9 s, with `import estlora`.)
+        hook = torch.compiler.disable(self._on_unet_call)
+        self._hook = unet.register_forward_pre_hook(hook, with_kwargs=True)
 
-    @torch.compiler.disable  # runs as Python even in a compiled UNet: a new step is new data, not a new graph
     def _on_unet_call(self, module, args, kwargs) -> None:
         scheduler = self.pipe.scheduler
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
