@@ -238,6 +238,24 @@ def test_kohya(tmp_path, truth, sgm):
     assert lora.other == {}
 
 
+def test_lycoris_library_names(tmp_path, truth):
+    """The LyCORIS library's own saves (SimpleTuner's LyCORIS LoCon): kohya's parts, diffusers' module
+    names with underscores, under `lycoris_`."""
+    from safetensors.torch import load_file
+
+    kohya = load_file(str(kohya_file(tmp_path / "kohya.safetensors", truth, sgm=False)))
+    state = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in kohya.items()}
+    state["lycoris_down_blocks_1_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 8)
+    state["lycoris_down_blocks_1_attentions_0_proj_in.lora_up.weight"] = torch.zeros(8, 2)
+    lora = load_lora(write(tmp_path / "lycoris.safetensors", state))
+    assert lora.layout == "lycoris"
+    assert_loaded(lora, half_truth(truth))
+    assert set(lora.other) == {  # kept in kohya's spelling, which diffusers' loader reads under --other-weights merge
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight",
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight",
+    }
+
+
 @pytest.mark.parametrize("parts", [("lora_down", "lora_up"), ("lora_A", "lora_B")], ids=["down-up", "A-B"])
 def test_comfyui(tmp_path, truth, parts):
     lora = load_lora(comfy_file(tmp_path / "comfy.safetensors", truth, parts))

@@ -302,3 +302,23 @@ def test_locon_on_every_unet_layer_equals_diffusers(pipe, tiny_dir, tmp_path):
         fusion.set(other_weights="ignore")
         ignored = run(pipe)
     assert torch.equal(merged, expected) and not torch.equal(ignored, expected)
+
+
+def test_lycoris_library_file_with_merge_equals_its_kohya_twin(pipe, tiny_dir, tiny_shapes, tmp_path):
+    """diffusers cannot read the LyCORIS library's `lycoris_` names; the same LoRA under kohya's
+    `lora_unet_` prefix (diffusers' module names) is the reference."""
+    generator = torch.Generator().manual_seed(10)
+    state = {}
+    other = "down_blocks.1.attentions.0.proj_in"
+    for module in [*tiny_shapes, other]:
+        name = kohya_name(module, sgm=False)
+        down, up = factors(module_at(pipe, module), 2, generator)
+        state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)}
+    save_file(state, str(tmp_path / "kohya.safetensors"))
+    lycoris = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in state.items()}
+    save_file(lycoris, str(tmp_path / "lycoris.safetensors"))
+    expected = plain_diffusers(load_pipe(tiny_dir), tmp_path / "kohya.safetensors")
+    lora = load_lora(tmp_path / "lycoris.safetensors")
+    assert lora.layout == "lycoris" and lora.other_modules() == {"UNet conv/resnet/projection": 1}
+    with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge"):
+        assert torch.equal(run(pipe), expected)

@@ -292,6 +292,8 @@ def detect_layout(keys: list[str]) -> str | None:
         return "comfyui"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
+    if any(k.startswith("lycoris_") for k in keys):  # the LyCORIS library's own saves (SimpleTuner)
+        return "lycoris"
     if any(k.startswith("unet.unet.") for k in keys):
         return "klora-research"
     if any(re.search(r"\.lora_[AB]\.", k) for k in keys):
@@ -355,7 +357,7 @@ def _to_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) ->
     """(attention keys renamed to `<prefix>.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha`, other keys).
 
     Other keys keep the names diffusers' loader reads (see `other_weights`); only the research
-    layout's extra `unet.` prefix is dropped from them, and ComfyUI's UNet keys take kohya's names.
+    layout's extra `unet.` prefix is dropped from them, and ComfyUI's and LyCORIS's UNet keys take kohya's names.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
@@ -363,6 +365,8 @@ def _to_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) ->
         return _kohya_to_peft(path, tensors)
     if layout == "comfyui":
         return _kohya_to_peft(path, _comfy_to_kohya(tensors))
+    if layout == "lycoris":  # kohya's names for the UNet under another prefix
+        return _kohya_to_peft(path, {re.sub(r"^lycoris_", "lora_unet_", k): v for k, v in tensors.items()})
     if layout == "klora-research":
         tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
     convert = layout in ("klora-research", "diffusers-legacy")
