@@ -1,0 +1,80 @@
+"""The demo's images and plan, pinned: files written by the code as it stood before the architecture
+move (issue 16) and compared on every run since, so a refactor cannot change a result unseen.
+
+Pixels may differ by one level at most (another CPU's matmul kernels sum in another order; on the
+machine that wrote them they are equal bit for bit), beta to 1e-6, and the plan exactly: every
+projection's weights at every step, with gamma and the energies to 1e-12 relative.
+
+`ESTLORA_WRITE_GOLDEN=1 pytest tests/test_golden_demo.py` rewrites the files (only when a change of
+results is intended: say so in the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from estlora.cli import main
+
+GOLDEN = Path(__file__).parent / "data" / "golden-demo"
+IMAGES = ("subject-only-seed0.png", "style-only-seed0.png", "fused-est-seed0.png", "fused-est-seed1.png")
+WRITE = os.environ.get("ESTLORA_WRITE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("golden") / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "8", "--num-images", "2", "--device", "cpu"]) == 0
+    return out
+
+
+def beta_of(folder: Path) -> float:
+    return json.loads((folder / "fused-est-seed0.json").read_text())["beta"]
+
+
+def plan_json(beta: float, capsys) -> dict:
+    capsys.readouterr()
+    args = ["plan", "toy:heart", "toy:outline", "--steps", "8", "--beta", repr(beta), "--json"]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_demo_images_are_unchanged(demo):
+    if WRITE:
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for name in IMAGES:
+            Image.open(demo / name).save(GOLDEN / name)
+        (GOLDEN / "beta.json").write_text(json.dumps({"beta": beta_of(demo)}) + "\n")
+    for name in IMAGES:
+        got = np.asarray(Image.open(demo / name).convert("RGB"), dtype=np.int16)
+        want = np.asarray(Image.open(GOLDEN / name).convert("RGB"), dtype=np.int16)
+        assert got.shape == want.shape, name
+        assert np.abs(got - want).max() <= 1, f"{name}: pixels moved"
+        assert (got != want).mean() < 0.01, f"{name}: more than 1% of values moved"
+    assert beta_of(demo) == pytest.approx(json.loads((GOLDEN / "beta.json").read_text())["beta"], abs=1e-6)
+
+
+def test_demo_plan_is_unchanged(demo, capsys):
+    """The plan the demo rendered with (its measured beta), as `estlora plan --json` writes it."""
+    beta = json.loads((GOLDEN / "beta.json").read_text())["beta"] if not WRITE else beta_of(demo)
+    got = plan_json(beta, capsys)
+    if WRITE:
+        (GOLDEN / "plan.json").write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads((GOLDEN / "plan.json").read_text())
+    # plan_hash identifies the whole config, which has gained settings since (route): not a result.
+    for key in set(want) - {"plan_hash", "layers"}:
+        if isinstance(want[key], float):
+            assert math.isclose(got[key], want[key], rel_tol=1e-12), key
+        else:
+            assert got[key] == want[key], key
+    assert [layer["name"] for layer in got["layers"]] == [layer["name"] for layer in want["layers"]]
+    for g, w in zip(got["layers"], want["layers"], strict=True):
+        assert g["weights"] == w["weights"], g["name"]
+        for key in ("energy_subject", "energy_style"):
+            assert math.isclose(g[key], w[key], rel_tol=1e-12), (g["name"], key)
