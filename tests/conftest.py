@@ -22,29 +22,37 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from estlora.tiny_model import write_tiny_sdxl
+    from estlora.testing.tiny_sdxl import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
 def dino_dir(tmp_path_factory):
-    from estlora.tiny_encoders import write_tiny_dino
+    from estlora.testing.tiny_encoders import write_tiny_dino
 
     return write_tiny_dino(tmp_path_factory.mktemp("encoders") / "tiny-dino")
 
 
 @pytest.fixture(scope="session")
 def tiny_shapes():
-    from estlora.base import projection_shapes
-    from estlora.tiny_model import tiny_unet
+    """The tiny SDXL's 560 attention projections, (out, in) each."""
+    from estlora.testing.tiny_sdxl import tiny_unet
 
-    return projection_shapes(dict(tiny_unet().config))
+    return attention_shapes(dict(tiny_unet().config))
+
+
+def attention_shapes(unet_config: dict, route: str = "attention") -> dict[str, tuple[int, int]]:
+    """(out, in) of the linears an SDXL UNet config's route set covers (attention: 560, blocks: 722)."""
+    from estlora.families import family_named
+
+    sdxl = family_named("sdxl")
+    return {m: shape for m, shape in sdxl.shapes_from_config(unet_config).items() if sdxl.in_route(m, route)}
 
 
 def random_lora(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int, name: str = "lora"):
     """A Lora built in memory (no file): random factors for the given (out, in) shapes."""
-    from estlora.lora import Lora, LoraFactors
+    from estlora.updates import Lora, LoraFactors
 
     generator = torch.Generator().manual_seed(seed)
     projections = {
@@ -55,4 +63,6 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, see
         )
         for module, (o, n) in shapes.items()
     }
-    return Lora(source=name, path=name, layout="diffusers-peft", projections=projections, sha256=f"{name}-{seed}")
+    return Lora(
+        source=name, path=name, layout="diffusers-peft", projections=projections, sha256=f"{name}-{seed}", family="sdxl"
+    )

@@ -34,8 +34,9 @@ def test_summary(tmp_path, capsys):
     assert main(["inspect", str(path), "--base", "stabilityai/stable-diffusion-xl-base-1.0"]) == 0
     out = capsys.readouterr().out
     assert "layout:      kohya" in out
-    assert "base model:  SDXL" in out
+    assert "base model:  SDXL (guessed from shapes; model family SDXL)" in out
     assert "attention projections: 3" in out
+    assert "per route:   attention 3, blocks 3 (default attention)" in out
     assert "ranks:       8 (3)" in out
     assert "alphas:      4 (3)" in out
     assert "scales:      0.5 (3)" in out
@@ -48,8 +49,8 @@ def test_json(tmp_path, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layout"] == "kohya"
-    assert report["family"] == "SDXL"
-    assert report["attention_projections"] == 3
+    assert (report["family"], report["base_model"]) == ("sdxl", "SDXL")
+    assert report["attention_projections"] == 3 and report["routes"] == {"attention": 3, "blocks": 3}
     assert report["ranks"] == {"8": 3}
     assert report["other_modules"] == {"UNet conv/resnet/projection": 1, "text encoder 1": 1}
     to_k = report["projections"]["down_blocks.2.attentions.0.transformer_blocks.3.attn2.to_k"]
@@ -72,7 +73,7 @@ KOHYA_METADATA = {
 
 
 def test_training_info_from_kohya_and_modelspec_metadata():
-    from estlora.lora import training_info
+    from estlora.loading.inspect import training_info
 
     assert training_info(KOHYA_METADATA) == {
         "title": "my_dog_v2",

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import attention_shapes as projection_shapes
 from estlora import cli
-from estlora.base import SDXL_UNET_CONFIG, projection_shapes
+from estlora.families.sdxl import SDXL_UNET_CONFIG
 from estlora.errors import (
     BaseModelMismatchError,
     LoraFormatError,
@@ -26,7 +27,7 @@ from estlora.errors import (
     LoraValueError,
     PickleRefusedError,
 )
-from estlora.lora import load_lora
+from estlora.loading.lora import base_guess, load_lora
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_UNET_CONFIG = {  # SD 1.5's UNet shapes: four blocks, cross-attention from CLIP-L (768)
@@ -319,7 +320,7 @@ def test_trap_fires_when_unpickled(tmp_path):
 
 def test_sd15_lora_against_sdxl_is_a_mismatch(tmp_path):
     path = write(tmp_path / "sd15.safetensors", lora_state(SD15_LORA))
-    assert load_lora(path).family() == "SD 1.x"
+    assert base_guess(load_lora(path)) == "SD 1.x"
     with pytest.raises(BaseModelMismatchError) as info:
         load_lora(path, base_shapes=projection_shapes(SDXL_UNET_CONFIG), base_name=SDXL_BASE)
     assert_clear(str(info.value), path, "another base model")
@@ -338,13 +339,13 @@ def test_sdxl_lora_fits_sdxl(tmp_path):
     path = write(tmp_path / "sdxl.safetensors", lora_state(shapes, rank=1))
     lora = load_lora(path, base_shapes=shapes, base_name=SDXL_BASE)
     assert len(lora.projections) == len(shapes) == 560
-    assert lora.family() == "SDXL"
+    assert base_guess(lora) == "SDXL" and lora.family == "sdxl"
 
 
 def test_full_sd15_lora_family_is_sd1(tmp_path):
     """All 128 SD 1.5 projections, down_blocks.2 included: still recognised as SD 1.x."""
     path = write(tmp_path / "sd15.safetensors", lora_state(projection_shapes(SD15_UNET_CONFIG), rank=1))
-    assert load_lora(path).family() == "SD 1.x"
+    assert base_guess(load_lora(path)) == "SD 1.x"
 
 
 # ---------------------------------------------------------------- the CLI: one line on stderr, exit 2

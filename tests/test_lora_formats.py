@@ -14,7 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from estlora.lora import load_lora, read_safetensors
+from estlora.families import family_named
+from estlora.files.safetensors import read_safetensors
+from estlora.loading.lora import load_lora
+
+SDXL = family_named("sdxl")
 
 # SDXL's SGM (kohya / original Stability) block names for the diffusers attention blocks.
 SGM_BLOCKS = {
@@ -42,6 +46,17 @@ def truth(tiny_shapes):
         alpha = float(rank * (1 + i % 2)) if i % 7 else 3.0
         out[module] = (torch.randn(rank, n, generator=generator), torch.randn(o, rank, generator=generator), alpha)
     return out
+
+
+def attention(lora) -> set[str]:
+    """The projections route `attention` covers (the default on SDXL)."""
+    return {m for m in lora.projections if SDXL.in_route(m, "attention")}
+
+
+def beside_attention(lora) -> dict[str, int]:
+    """What route `attention` leaves to --other-weights, by kind: the file's other keys and its
+    routable linears outside attention (proj_in/out, feed-forward), under the loader's names."""
+    return SDXL.other_modules(lora.unrouted(attention(lora)))
 
 
 def assert_loaded(lora, truth, with_alpha=True):
@@ -249,8 +264,13 @@ def test_lycoris_library_names(tmp_path, truth):
     state["lycoris_down_blocks_1_attentions_0_proj_in.lora_up.weight"] = torch.zeros(8, 2)
     lora = load_lora(write(tmp_path / "lycoris.safetensors", state))
     assert lora.layout == "lycoris"
+    proj_in = "down_blocks.1.attentions.0.proj_in"
+    assert set(lora.projections) - attention(lora) == {proj_in}  # route blocks routes it
+    lora.projections.pop(proj_in)
     assert_loaded(lora, half_truth(truth))
-    assert set(lora.other) == {  # kept in kohya's spelling, which diffusers' loader reads under --other-weights merge
+    assert lora.other == {}
+    # kept in kohya's spelling, which diffusers' loader reads under route attention + --other-weights merge
+    assert set(lora.unrouted(attention(lora))) == {
         "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight",
         "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight",
     }
@@ -272,11 +292,12 @@ def test_comfyui_other_keys_take_kohya_names(tmp_path, truth):
     state["diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.2.lora_down.weight"] = torch.zeros(2, 8)
     state["diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.2.lora_up.weight"] = torch.zeros(8, 2)
     lora = load_lora(write(tmp_path / "comfy_ff.safetensors", state))
-    assert sorted(lora.other) == [
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2" in lora.projections  # route blocks
+    assert sorted(lora.unrouted(attention(lora))) == [
         "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.lora_down.weight",
         "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.lora_up.weight",
     ]
-    assert lora.other_modules() == {"UNet feed-forward": 1}
+    assert beside_attention(lora) == {"UNet feed-forward": 1}
 
 
 def test_fp8_factors_load_exactly(tmp_path, truth):
@@ -309,9 +330,17 @@ def test_kohya_golden_key_names(tmp_path):
 
 def test_kohya_other_keys_are_kept_and_counted(tmp_path, truth):
     lora = load_lora(kohya_file(tmp_path / "kohya_full.safetensors", truth, extras=True))
-    assert len(lora.projections) == len(truth)
-    assert len(lora.other) == 3 * len(EXTRA_KOHYA_MODULES)  # down, up, alpha each
-    assert lora.other_modules() == {
+    assert len(attention(lora)) == len(truth)
+    assert set(lora.projections) - attention(lora) == {  # route blocks routes them
+        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.2",
+        "down_blocks.1.attentions.0.proj_in",
+    }
+    assert lora.projections["down_blocks.1.attentions.0.proj_in"].alpha == 2.0
+    assert len(lora.other) == 3 * (len(EXTRA_KOHYA_MODULES) - 3)  # down, up, alpha each
+    assert SDXL.other_modules(lora.other) == {"text encoder 1": 2, "text encoder 2": 1, "UNet conv/resnet/projection": 1}
+    assert len(lora.unrouted(attention(lora))) == 3 * len(EXTRA_KOHYA_MODULES)
+    assert beside_attention(lora) == {
         "text encoder 1": 2,
         "text encoder 2": 1,
         "UNet feed-forward": 2,
@@ -330,7 +359,7 @@ def test_peft_text_encoder_keys_are_other(tmp_path, truth):
     state["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 2)
     lora = load_lora(write(tmp_path / "p2.safetensors", state))
     assert len(lora.projections) == len(truth)
-    assert lora.other_modules() == {"text encoder 1": 1, "text encoder 2": 1}
+    assert SDXL.other_modules(lora.other) == {"text encoder 1": 1, "text encoder 2": 1}
 
 
 # ---------------------------------------------------------------- agreement with diffusers' own loader

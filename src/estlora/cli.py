@@ -1,4 +1,9 @@
-"""`estlora` command line: a thin shell over the library. Bad input -> one line on stderr, exit 2."""
+"""`estlora` command line: a thin shell over the commands. Every setting's flag, type, default and help
+come from its declaration (`estlora.config`).
+
+Bad input (an `EstloraError`) -> one line on stderr, exit 2. Anything else is a bug and keeps its
+traceback, with a line saying where to report it, exit 1.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+import traceback
+from dataclasses import replace
 
 # Quiet the import-time chatter of transformers/diffusers (torchvision fallbacks, progress bars);
 # our own progress and errors are what the user should see.
@@ -13,15 +20,67 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from .base import DEFAULT_BASE  # noqa: E402
-from .discrepancy import DEFAULT_DINO  # noqa: E402
-from .errors import EstloraError  # noqa: E402
-from .metrics import DEFAULT_CLIP  # noqa: E402
-from .toy_world import STYLES, SUBJECTS  # noqa: E402
+from .config import DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of  # noqa: E402
+from .errors import REPORT_BUG, EstloraError, SettingError  # noqa: E402
+from .toy.world import STYLES, SUBJECTS  # noqa: E402
+
+LORA_HELP = "a .safetensors file, a folder holding one, a hub id, example:{0} or toy:{1}"
+
+
+# ---------------------------------------------------------------- flags from the settings' declarations
+
+
+def _typed(item: Setting):
+    def parse(text: str):
+        try:
+            return item.parse(text)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(exc.problem) from None
+
+    parse.__name__ = item.name  # argparse names the type in some messages
+    return parse
+
+
+def add_settings(
+    parser: argparse.ArgumentParser,
+    group: type,
+    title: str,
+    skip: tuple[str, ...] = (),
+    overrides: bool = False,
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """One flag per setting of `group`. With `overrides`, a flag not given is absent from the result
+    (the grid's spec keeps its value) instead of taking the default."""
+    arguments = parser.add_argument_group(title)
+    for item in settings_of(group):
+        if item.name in skip:
+            continue
+        default = argparse.SUPPRESS if overrides else item.default
+        help = f"{item.help} (default {item.describe_default()})"
+        if item.kind is bool:
+            arguments.add_argument(item.flag, action="store_true", default=default, help=help)
+            continue
+        options = (choices or {}).get(item.name, item.choices)
+        metavar = None if options else item.name.upper()
+        arguments.add_argument(item.flag, type=_typed(item), choices=options, default=default, help=help, metavar=metavar)
+
+
+def values(args: argparse.Namespace, group: type) -> dict:
+    """The flags of `group` that `args` holds, by setting name."""
+    return {item.name: getattr(args, item.name) for item in settings_of(group) if hasattr(args, item.name)}
+
+
+def scheduler_choices() -> dict[str, tuple[str, ...]]:
+    from .families import scheduler_names
+
+    return {"scheduler": scheduler_names()}
+
+
+# ---------------------------------------------------------------- commands
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
-    from .tiny_model import write_tiny_sdxl
+    from .testing.tiny_sdxl import write_tiny_sdxl
 
     try:
         folder = write_tiny_sdxl(args.dir, seed=args.seed)
@@ -30,53 +89,51 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny SDXL pipeline (560 attention projections, seed {args.seed}) to {folder}")
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from .lora import load_lora, summary
+def _checked_base(args: argparse.Namespace, loras) -> None:
+    """With --base, every LoRA fits that base: its family and its shapes (read from a config or a header)."""
+    if args.base:
+        from .families import family_named
+        from .loading.base import check_fits, describe_base
 
-    lora = load_lora(args.lora, base_shapes=_base_shapes(args), base_name=args.base or "the base model")
+        source = describe_base(args.base, args.base_config, family_named(loras[0].family))
+        check_fits(source, loras)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .loading.inspect import report, summary
+    from .loading.lora import load_lora
+
+    lora = load_lora(args.lora)
+    _checked_base(args, [lora])
     if args.json:
-        print(json.dumps(inspect_report(lora), indent=2))
+        print(json.dumps(report(lora), indent=2))
     else:
         print(summary(lora))
         if args.base:
             print(f"fits base:   {args.base} (every projection's shape matches)")
 
 
-def _base_shapes(args: argparse.Namespace):
-    if not args.base:
-        return None
-    from .base import base_projection_shapes
-
-    return base_projection_shapes(args.base, args.base_config)
-
-
-def fusion_config(args: argparse.Namespace):
-    from .plan import FusionConfig
-
-    return FusionConfig(method=args.method, beta=args.beta, **fusion_options(args))
-
-
-def fusion_options(args: argparse.Namespace) -> dict:
-    """The `add_fusion_options` flags other than method and beta, as FusionConfig / Request fields."""
-    from .plan import FUSION_OPTIONS
-
-    return {name: getattr(args, name) for name in FUSION_OPTIONS}
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .lora import load_pair
-    from .plan import build_plan, cached_pair_scores
-    from .plan_view import heatmap, summary
+    from .commands.plan_view import heatmap, summary
+    from .families import family_named
+    from .loading.lora import load_pair
+    from .plan import build_plan
+    from .score_cache import cached_pair_scores
 
-    subject, style = load_pair(args.subject, args.style, _base_shapes(args), args.base or "the base model")
-    config = fusion_config(args)
-    plan = build_plan(cached_pair_scores(subject, style, config), config, args.steps, (subject.sha256, style.sha256))
+    subject, style = load_pair(args.subject, args.style)
+    _checked_base(args, [subject, style])
+    family = family_named(subject.family)
+    config = FusionConfig(**values(args, FusionConfig))
+    config = replace(config, route=config.route or family.default_route)
+    layers = family.routed(set(subject.projections) | set(style.projections), config.route)
+    scores = cached_pair_scores(subject, style, layers, config)
+    plan = build_plan(scores, config, args.steps, (subject.sha256, style.sha256))
     if args.png:
-        heatmap(plan, args.png)
+        heatmap(plan, family, args.png)
     if args.json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({"family": family.name, **plan.to_dict()}))
         return
-    print(summary(plan))
+    print(summary(plan, family))
     if plan.beta_source == "default":
         print(
             f"\nnote: beta was not measured; {plan.beta:g} is K-LoRA's default (give --beta, or let "
@@ -86,51 +143,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"heatmap: {args.png}")
 
 
-def beta_value(text: str) -> float | None:
-    """--beta: a number, or "auto" (None: measured for est, K-LoRA's default for klora)."""
-    if text == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"beta must be a number or auto, not {text!r}") from None
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import Request, generate
+    from .commands.generate import generate
+    from .session import Request
 
     request = Request(
         subject=args.subject,
         style=args.style,
         prompt=args.prompt,
-        base=args.base,
-        base_config=args.base_config,
-        vae=args.vae,
-        negative_prompt=args.negative_prompt,
-        method=args.method,
-        steps=args.steps,
-        scheduler=args.scheduler,
-        timestep_spacing=args.timestep_spacing,
-        guidance=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        width=args.width,
-        height=args.height,
-        seed=args.seed,
-        num_images=args.num_images,
-        beta=args.beta,
-        beta_probe_steps=args.beta_probe_steps,
-        dino_model=args.dino_model,
-        device=args.device,
-        dtype=args.dtype,
-        **fusion_options(args),
-        cpu_offload=args.cpu_offload,
-        out=args.out,
+        fusion=FusionConfig(**values(args, FusionConfig)),
+        sampling=SamplingConfig(**values(args, SamplingConfig)),
     )
-    generate(request)
+    generate(request, ModelConfig(**values(args, ModelConfig)), args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     run_demo(args.out, args.steps, args.num_images, args.device, args.subject, args.style)
 
@@ -138,12 +166,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_grid(args: argparse.Namespace) -> None:
     import torch
 
-    from .grid import GridSpec, load_spec, run_grid
+    from .commands.grid import GridSpec, load_spec, run_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    overrides = {**values(args, ModelConfig), **values(args, SamplingConfig), **values(args, FusionConfig)}
+    overrides |= {key: getattr(args, key) for key in ("prompts", "seeds", "methods") if getattr(args, key)}
     if args.spec:
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, overrides)
     else:
         if not (args.subjects and args.styles):
             raise EstloraError(None, "give a spec file, or --subjects and --styles")
@@ -151,22 +181,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
             "subjects": [{"name": _stem(p), "lora": p} for p in args.subjects],
             "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
         }
-        spec = GridSpec.from_dict(data, "flags")
-    for key in (
-        "base",
-        "base_config",
-        "vae",
-        "prompts",
-        "seeds",
-        "methods",
-        "steps",
-        "scheduler",
-        "timestep_spacing",
-        "beta",
-    ):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(spec, key, value)
+        spec = GridSpec.from_dict({**data, **overrides}, "flags")
     done = run_grid(spec, args.out, device=args.device)
     print(f"grid: {done} images rendered by this process into {args.out}")
 
@@ -178,7 +193,7 @@ def _stem(path: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate
+    from .commands.evaluation import evaluate
 
     report = evaluate(args.run_dir, args.clip_model, args.dino_model, args.device, args.batch_size)
     print(f"wrote {report}, report.html, scores.csv and summary.json in {args.run_dir}")
@@ -190,94 +205,22 @@ def cmd_ui(args: argparse.Namespace) -> None:
     launch(base=args.base, base_config=args.base_config, vae=args.vae, host=args.host, port=args.port)
 
 
-def add_fusion_options(parser: argparse.ArgumentParser, beta_help: str) -> None:
-    """Options shared by every command that fuses (plan, generate, ...)."""
-    from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
-
-    group = parser.add_argument_group("fusion")
-    group.add_argument("--method", choices=METHODS, default="est", help="fusion method (default est)")
-    group.add_argument("--alpha", type=float, default=1.5, help="time-scale slope alpha (default 1.5)")
-    group.add_argument("--beta", type=beta_value, default=None, help=beta_help)
-    group.add_argument("--pattern", choices=PATTERNS, default="s", help="time pattern: s (rising) or s* (wrapping)")
-    group.add_argument(
-        "--gamma-rule",
-        choices=GAMMA_RULES,
-        default="reference",
-        help="gamma: reference (L1 ratio, outliers dropped) or energy (sum E_c / sum E_s)",
-    )
-    group.add_argument("--subject-scale", type=float, default=1.0, help="strength of the subject LoRA (default 1)")
-    group.add_argument("--style-scale", type=float, default=1.0, help="strength of the style LoRA (default 1)")
-    group.add_argument(
-        "--raw-energy", action="store_true", help="score B @ A without alpha/rank, as the research code does"
-    )
-    group.add_argument("--switch-every", type=int, default=5, help="LoRA Switch period in steps (default 5)")
-    group.add_argument(
-        "--other-weights",
-        choices=OTHER_WEIGHTS,
-        default="ignore",
-        help="LoRA weights outside the attention projections (feed-forward, conv, text encoders): ignore them, "
-        "as the reference does (default), or merge them statically at each LoRA's strength",
-    )
+# ---------------------------------------------------------------- the parser
 
 
-def inspect_report(lora) -> dict:
-    return {
-        "file": str(lora.path),
-        "sha256": lora.sha256,
-        "layout": lora.layout,
-        "family": lora.family(),
-        "attention_projections": len(lora.projections),
-        "ranks": {str(k): v for k, v in sorted(lora.ranks.items())},
-        "alphas": {f"{k:g}": v for k, v in sorted(lora.alphas.items())},
-        "training": lora.training(),
-        "other_tensors": len(lora.other),
-        "other_modules": dict(sorted(lora.other_modules().items())),
-        "projections": {
-            name: {"rank": f.rank, "alpha": f.alpha, "scale": f.scale, "in": f.in_features, "out": f.out_features}
-            for name, f in lora.projections.items()
-        },
-    }
-
-
-def add_base_options(parser: argparse.ArgumentParser, purpose: str, default: str | None = None) -> None:
-    parser.add_argument(
-        "--base", default=default, help=f"{purpose}: a diffusers folder, hub id, single-file .safetensors, or toy"
-    )
-    parser.add_argument(
-        "--base-config",
-        help="for a single-file base: the diffusers SDXL folder or hub id whose configs and tokenizers it uses"
-        f" (default {DEFAULT_BASE})",
-    )
-
-
-def add_vae_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--vae",
-        help="replace the base's VAE: a diffusers VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), "
-        "or a single .safetensors VAE",
-    )
-
-
-def add_scheduler_option(parser: argparse.ArgumentParser, default: str | None) -> None:
-    from .pipelines import SCHEDULERS, TIMESTEP_SPACINGS
-
-    parser.add_argument(
-        "--scheduler",
-        choices=list(SCHEDULERS),
-        default=default,
-        help="sampler (default: the base's own; SDXL's is Euler); karras = Karras sigmas, -a = ancestral",
-    )
-    parser.add_argument(
-        "--timestep-spacing",
-        choices=TIMESTEP_SPACINGS,
-        help="which timesteps the steps take (default: the base's own, SDXL's leading; Lightning/Turbo: trailing)",
-    )
+def add_base_options(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """--base and --base-config, for commands that only check LoRAs against a base (no model loads)."""
+    base, config = (item for item in settings_of(ModelConfig) if item.name in ("base", "base_config"))
+    parser.add_argument(base.flag, help=f"{purpose}: {base.help}")
+    parser.add_argument(config.flag, help=f"{config.help} (default {config.describe_default()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .metrics import DEFAULT_CLIP
+
     parser = argparse.ArgumentParser(
         prog="estlora",
-        description="EST-LoRA: adaptive, training-free fusion of a subject LoRA and a style LoRA (SDXL).",
+        description="EST-LoRA: adaptive, training-free fusion of a subject LoRA and a style LoRA.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -287,52 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     inspect = commands.add_parser("inspect", help="summarise a LoRA file: layout, projections, ranks, alphas")
-    inspect.add_argument(
-        "lora", help="a .safetensors file, a folder holding one, a hub id, example:subject or toy:heart"
-    )
+    inspect.add_argument("lora", help=LORA_HELP.format("subject", "heart"))
     add_base_options(inspect, "also check it fits this base model")
     inspect.add_argument("--json", action="store_true", help="print a JSON report instead")
     inspect.set_defaults(func=cmd_inspect)
 
     plan = commands.add_parser("plan", help="compute the fusion plan: which LoRA each projection uses at each step")
-    plan.add_argument("subject", help="subject LoRA (file, folder, hub id, example:subject, toy:heart)")
-    plan.add_argument("style", help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
+    plan.add_argument("subject", help="subject LoRA: " + LORA_HELP.format("subject", "heart"))
+    plan.add_argument("style", help="style LoRA: " + LORA_HELP.format("style", "diagonal"))
     plan.add_argument("--steps", type=int, default=30, help="number of denoising steps (default 30)")
     add_base_options(plan, "check both LoRAs fit this base model")
     plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     plan.add_argument("--png", help="also draw the plan as a heatmap PNG")
-    add_fusion_options(plan, "time-scale offset beta (default auto: K-LoRA's 0.5 here; generate measures it)")
+    add_settings(plan, FusionConfig, "fusion")
     plan.set_defaults(func=cmd_plan)
 
     gen = commands.add_parser("generate", help="render the subject in the style with a fusion method")
-    gen.add_argument("--subject", required=True, help="subject LoRA (file, folder, hub id, example:subject, toy:heart)")
-    gen.add_argument("--style", required=True, help="style LoRA (file, folder, hub id, example:style, toy:diagonal)")
+    gen.add_argument("--subject", required=True, help="subject LoRA: " + LORA_HELP.format("subject", "heart"))
+    gen.add_argument("--style", required=True, help="style LoRA: " + LORA_HELP.format("style", "diagonal"))
     gen.add_argument("--prompt", required=True, help='e.g. "a sks dog in szn style"')
-    gen.add_argument("--negative-prompt")
-    add_base_options(gen, f"the SDXL base (default {DEFAULT_BASE})", default=DEFAULT_BASE)
-    add_vae_option(gen)
-    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    add_scheduler_option(gen, "default")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    gen.add_argument(
-        "--guidance-rescale",
-        type=float,
-        default=0.0,
-        help="rescale the guided prediction toward the conditional one's spread (0 off; 0.7 for v-prediction models)",
-    )
-    gen.add_argument("--width", type=int, help="image width (default: the model's, 1024 for SDXL)")
-    gen.add_argument("--height", type=int, help="image height (default: the model's)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--beta-probe-steps", type=int, help="steps of the beta probe renders (default: --steps)")
-    gen.add_argument("--dino-model", default=DEFAULT_DINO, help="DINO model for beta (id or folder)")
-    gen.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
-    gen.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU"
-    )
-    gen.add_argument("--cpu-offload", action="store_true", help="keep only the running model on the GPU")
+    add_settings(gen, ModelConfig, "model")
+    add_settings(gen, SamplingConfig, "sampling", choices=scheduler_choices())
+    add_settings(gen, FusionConfig, "fusion")
     gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
-    add_fusion_options(gen, "time-scale offset beta, or auto (default: measured by style discrepancy for est)")
     gen.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="fuse a subject and a style on the shipped toy SDXL, offline")
@@ -344,19 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=cmd_demo)
 
-    grid = commands.add_parser("grid", help="subjects x styles x prompts x seeds x methods, resumable")
-    grid.add_argument("spec", nargs="?", help="grid spec, YAML or JSON (see estlora.grid)")
+    grid = commands.add_parser(
+        "grid", help="subjects x styles x prompts x seeds x methods, resumable; flags override the spec's settings"
+    )
+    grid.add_argument("spec", nargs="?", help="grid spec, YAML or JSON (see estlora.commands.grid)")
     grid.add_argument("--out", required=True, help="run folder (rerun with the same folder to resume)")
     grid.add_argument("--subjects", nargs="+", help="subject LoRAs (instead of a spec file)")
     grid.add_argument("--styles", nargs="+", help="style LoRAs (instead of a spec file)")
-    add_base_options(grid, "override the spec's base model")
-    add_vae_option(grid)
     grid.add_argument("--prompts", nargs="+", help='prompt templates, e.g. "a {subject} in {style} style"')
     grid.add_argument("--seeds", nargs="+", type=int)
     grid.add_argument("--methods", nargs="+")
-    grid.add_argument("--steps", type=int)
-    add_scheduler_option(grid, None)
-    grid.add_argument("--beta", type=float, help="fixed beta instead of measuring it per pair and prompt")
+    skip = ("seed", "num_images", "device")  # per image, or per process
+    add_settings(grid, ModelConfig, "model", skip=skip, overrides=True)
+    add_settings(grid, SamplingConfig, "sampling", skip=skip, overrides=True, choices=scheduler_choices())
+    add_settings(grid, FusionConfig, "fusion (a spec may give lists, which the grid varies)", skip=("method",), overrides=True)
     grid.add_argument("--device", default="auto", help="device for a single process (accelerate picks its own)")
     grid.add_argument("--threads", type=int, help="CPU threads per process (numerics depend on it)")
     grid.set_defaults(func=cmd_grid)
@@ -370,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
-    add_base_options(ui, "the SDXL base (default: the shipped toy model, toy)")
-    add_vae_option(ui)
+    add_base_options(ui, "the base (default: the shipped toy model, toy)")
+    vae = next(item for item in settings_of(ModelConfig) if item.name == "vae")
+    ui.add_argument(vae.flag, help=vae.help)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
     ui.set_defaults(func=cmd_ui)
@@ -385,12 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     except EstloraError as exc:
         print(f"estlora: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # invalid option combinations from the config dataclasses
-        print(f"estlora: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("estlora: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"estlora: {REPORT_BUG}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 from . import cache
+from .config import DEFAULT_DINO
 from .errors import EstloraError, first_line
-
-DEFAULT_DINO = "facebook/dino-vits16"
-TOY_EMBEDDER = "toy"  # the toy world's scorer features stand in for DINO there (see estlora.toy_scorer)
+from .registry import EMBEDDERS
 
 
 class ImageEmbedderError(EstloraError, OSError):
@@ -82,11 +81,9 @@ class DinoEmbedder(PretrainedEmbedder):
 
 
 def image_embedder(model_id: str | os.PathLike, device: str | torch.device = "cpu"):
-    """DINO (a hub id or folder), or `toy`: the toy world's own feature space."""
-    if str(model_id) == TOY_EMBEDDER:
-        from .toy_scorer import ToyEmbedder
-
-        return ToyEmbedder()
+    """DINO (a hub id or folder), or a registered embedder (`toy`: the toy world's own feature space)."""
+    if str(model_id) in EMBEDDERS:
+        return EMBEDDERS[str(model_id)](device)
     return DinoEmbedder(model_id, device=device)
 
 

@@ -1,7 +1,8 @@
-"""Typed errors for bad input. Each carries the offending file, and its message is one line.
+"""Typed errors for bad input. Each carries the offending file or setting, and its message is one line.
 
-The CLI turns any `EstloraError` into that one line on stderr and exit code 2; Python callers can
-catch the precise subclass.
+The CLI turns an `EstloraError`, and only that, into one line on stderr and exit code 2: anything
+else is a bug (ours or a library's) and keeps its traceback. Python callers can catch the precise
+subclass; every one is also a `ValueError` or an `OSError`, as the standard library would raise.
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ class BaseModelMismatchError(LoraError):
 
 class BaseModelError(EstloraError, ValueError):
     """The base model folder or id cannot be read."""
+
+
+class UnsupportedModelError(EstloraError, ValueError):
+    """A pipeline, base or LoRA of a model family estlora does not serve (yet)."""
+
+
+class SettingError(EstloraError, ValueError):
+    """A setting out of range, of the wrong type, or not one of its choices (`path` names the setting)."""
+
+
+class FusionError(EstloraError, ValueError):
+    """A fusion asked of a pipeline that cannot take it (one is already installed, say)."""
+
+
+# What the CLI prints under a traceback that is not one of ours.
+REPORT_BUG = (
+    "this is not a problem with your input but a bug in estlora or a library it uses; please report it "
+    "to estlora's issue tracker with the command you ran and the traceback above"
+)
 
 
 def first_line(error: BaseException) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .discrepancy import DEFAULT_DINO, DinoEmbedder, ImageEmbedderError, PretrainedEmbedder
+from .config import DEFAULT_DINO
+from .discrepancy import DinoEmbedder, ImageEmbedderError, PretrainedEmbedder
 from .errors import EstloraError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

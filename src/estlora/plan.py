@@ -1,8 +1,9 @@
-"""Fusion plans: for every attention projection and every denoising step, the weights (w_subject, w_style).
+"""Fusion plans: for every routed projection and every denoising step, the weights (w_subject, w_style).
 
-A plan is pure data computed before sampling from the two LoRAs' static scores (no model needed).
-Each method is a function with one signature, `(scores, config, steps) -> weights` with weights of
-shape (steps, projections, 2); the runtime only looks rows up.
+A plan is pure data computed before sampling from the two LoRAs' static scores (no model, no
+diffusers, no files). Each method is a function with one signature,
+`(scores, config, steps, gamma) -> weights` with weights of shape (steps, projections, 2); the
+runtime only looks rows up.
 
 Methods:
 - `est`: EST-LoRA (Zhang & Xiong 2025, arXiv 2508.02165): apply the subject LoRA where
@@ -26,91 +27,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import scores as S
-from .lora import Lora, unet_order
-
-METHODS = ("est", "klora", "merge", "switch", "subject", "style")
-PATTERNS = ("s", "s*")
-GAMMA_RULES = ("reference", "energy")
-# K-LoRA's hand-set betas; also est's beta until one is measured (by `generate --beta auto`).
-DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
-SCORES_VERSION = 1
-# What happens to LoRA weights outside the attention projections (feed-forward, convolutions, text
-# encoders): left out, as the reference does, or applied statically at each LoRA's strength.
-OTHER_WEIGHTS = ("ignore", "merge")
-# FusionConfig fields other than method and beta: the options every fusing command passes through.
-FUSION_OPTIONS = (
-    "alpha",
-    "pattern",
-    "gamma_rule",
-    "subject_scale",
-    "style_scale",
-    "raw_energy",
-    "switch_every",
-    "other_weights",
-)
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """What to fuse how. Frozen: a plan is a function of (LoRA pair, config, steps)."""
-
-    method: str = "est"
-    alpha: float = 1.5
-    beta: float | None = None  # None: DEFAULT_BETA[pattern] (est: until measured)
-    pattern: str = "s"
-    gamma_rule: str = "reference"
-    subject_scale: float = 1.0
-    style_scale: float = 1.0
-    raw_energy: bool = False  # research-code compatibility: scores of B @ A without alpha / rank
-    switch_every: int = 5
-    other_weights: str = "ignore"  # OTHER_WEIGHTS
-
-    def __post_init__(self):
-        for name, value, allowed in (
-            ("method", self.method, METHODS),
-            ("pattern", self.pattern, PATTERNS),
-            ("gamma_rule", self.gamma_rule, GAMMA_RULES),
-            ("other_weights", self.other_weights, OTHER_WEIGHTS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        if self.switch_every < 1:
-            raise ValueError("switch_every must be >= 1")
-        for name in ("alpha", "beta", "subject_scale", "style_scale"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, not {value}")
-        if self.pattern == "s*" and self.alpha <= 0:
-            raise ValueError("pattern s* needs alpha > 0")
-
-    @property
-    def effective_beta(self) -> float:
-        return DEFAULT_BETA[self.pattern] if self.beta is None else self.beta
-
-    @property
-    def gated(self) -> bool:
-        return self.method in ("est", "klora")
-
-    @property
-    def static_weights(self) -> tuple[float, float]:
-        """(subject, style) strength of the weights outside the attention projections, for the whole run.
-
-        Zero for a LoRA the method leaves out (the other one's reference render) or when they are ignored.
-        """
-        if self.other_weights == "ignore":
-            return 0.0, 0.0
-        return (
-            0.0 if self.method == "style" else self.subject_scale,
-            0.0 if self.method == "subject" else self.style_scale,
-        )
-
+from .config import FusionConfig
+from .errors import SettingError
+from .updates import Lora, LoraFactors
 
 # ---------------------------------------------------------------- static scores of a pair
 
 
 @dataclass
 class PairScores:
-    """Per-projection scores of both LoRAs, in UNet order; column 0 subject, column 1 style.
+    """Per-projection scores of both LoRAs, in plan order; column 0 subject, column 1 style.
 
     Absent projections have zero scores and `present` False. l1 and topk need the dense delta W and
     are filled only when a method needs them.
@@ -137,25 +63,30 @@ class PairScores:
 def pair_scores(
     subject: Lora,
     style: Lora,
+    layers: list[str],
     raw: bool = False,
     need_l1: bool = True,
     need_topk: bool = False,
     cached: PairScores | None = None,
 ) -> PairScores:
-    """Compute (or complete a cached) PairScores for the two LoRAs."""
-    layers = sorted(set(subject.projections) | set(style.projections), key=unet_order)
+    """Compute (or complete a cached) PairScores for the two LoRAs over `layers`, the routed projections
+    in the order the plan's rows follow (the model family's, `ModelFamily.ordered`)."""
     loras = (subject, style)
     present = torch.tensor([[name in lora.projections for lora in loras] for name in layers], dtype=torch.bool)
 
-    def table(score: Callable) -> torch.Tensor:
+    def scale(factors: LoraFactors) -> float:
+        # raw: the research code's form, B @ A without alpha / rank (identical when alpha == rank).
+        return 1.0 if raw else factors.scale
+
+    def table(score: Callable[[str, LoraFactors], float]) -> torch.Tensor:
         return torch.tensor(
-            [[score(lora.projections[n]) if n in lora.projections else 0.0 for lora in loras] for n in layers],
+            [[score(n, lora.projections[n]) if n in lora.projections else 0.0 for lora in loras] for n in layers],
             dtype=torch.float64,
         )
 
-    result = cached or PairScores(layers, present, table(lambda f: S.energy(f, raw)), raw=raw)
+    result = cached or PairScores(layers, present, table(lambda n, f: S.energy(f.down, f.up, scale(f))), raw=raw)
     if need_l1 and result.l1 is None:
-        result.l1 = table(lambda f: S.l1_norm(f, raw))
+        result.l1 = table(lambda n, f: S.l1_norm(f.down, f.up, scale(f)))
     if need_topk and result.topk is None:
         # k = rank_c * rank_s per projection (K-LoRA); a one-sided projection needs no score.
         ks = {
@@ -163,10 +94,7 @@ def pair_scores(
             for n in layers
             if n in subject.projections and n in style.projections
         }
-        result.topk = torch.tensor(
-            [[S.topk_sum(lora.projections[n], ks[n], raw) if n in ks else 0.0 for lora in loras] for n in layers],
-            dtype=torch.float64,
-        )
+        result.topk = table(lambda n, f: S.topk_sum(f.down, f.up, scale(f), ks[n]) if n in ks else 0.0)
     return result
 
 
@@ -227,15 +155,21 @@ def plan_switch(scores: PairScores, config: FusionConfig, steps: int, gamma: flo
     return weights
 
 
-def _single(column: int) -> Callable:
-    def plan_single(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
-        weights = torch.zeros(steps, len(scores.layers), 2)
-        strength = (config.subject_scale, config.style_scale)[column]
-        weights[:, :, column] = scores.present[:, column].float() * strength
-        return weights
+def _alone(scores: PairScores, config: FusionConfig, steps: int, column: int) -> torch.Tensor:
+    weights = torch.zeros(steps, len(scores.layers), 2)
+    strength = (config.subject_scale, config.style_scale)[column]
+    weights[:, :, column] = scores.present[:, column].float() * strength
+    return weights
 
-    plan_single.__doc__ = f"The {('subject', 'style')[column]} LoRA alone."
-    return plan_single
+
+def plan_subject(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """The subject LoRA alone (the reference beta's subject render is made with)."""
+    return _alone(scores, config, steps, 0)
+
+
+def plan_style(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """The style LoRA alone (the reference beta's style render is made with)."""
+    return _alone(scores, config, steps, 1)
 
 
 METHOD_FUNCTIONS: dict[str, Callable] = {
@@ -243,8 +177,8 @@ METHOD_FUNCTIONS: dict[str, Callable] = {
     "klora": plan_klora,
     "merge": plan_merge,
     "switch": plan_switch,
-    "subject": _single(0),
-    "style": _single(1),
+    "subject": plan_subject,
+    "style": plan_style,
 }
 
 
@@ -272,6 +206,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "method": self.config.method,
+            "route": self.config.route,
             "steps": self.steps,
             "alpha": self.config.alpha,
             "beta": self.beta,
@@ -315,7 +250,7 @@ def build_plan(
 ) -> Plan:
     """The (steps x projections) weights of `config.method` for a pair's scores."""
     if steps < 1:
-        raise ValueError("steps must be >= 1")
+        raise SettingError("steps", f"must be at least 1, not {steps}")
     if scores.raw != config.raw_energy:
         raise ValueError("scores were computed with another raw_energy setting than the config asks")
     gamma = None
@@ -346,52 +281,3 @@ def needs(config: FusionConfig) -> dict[str, bool]:
         "need_l1": config.gated and config.gamma_rule == "reference",
         "need_topk": config.method == "klora",
     }
-
-
-# ---------------------------------------------------------------- cached scores
-
-
-def _scores_to_json(scores: PairScores) -> dict:
-    def listed(t):
-        return None if t is None else t.tolist()
-
-    return {
-        "layers": scores.layers,
-        "present": listed(scores.present),
-        "energy": listed(scores.energy),
-        "l1": listed(scores.l1),
-        "topk": listed(scores.topk),
-        "raw": scores.raw,
-    }
-
-
-def _scores_from_json(value: dict) -> PairScores:
-    def tensor(v, dtype=torch.float64):
-        return None if v is None else torch.tensor(v, dtype=dtype)
-
-    return PairScores(
-        value["layers"],
-        tensor(value["present"], torch.bool),
-        tensor(value["energy"]),
-        tensor(value["l1"]),
-        tensor(value["topk"]),
-        value["raw"],
-    )
-
-
-def cached_pair_scores(subject: Lora, style: Lora, config: FusionConfig) -> PairScores:
-    """PairScores from the disk cache (keyed by both files' sha256), computing only what is missing."""
-    from . import cache
-
-    key = {"v": SCORES_VERSION, "subject": subject.sha256, "style": style.sha256, "raw": config.raw_energy}
-    stored = cache.read("scores", key)
-    cached = _scores_from_json(stored) if stored else None
-
-    def held(scores: PairScores | None) -> tuple:
-        return None if scores is None else (scores.l1 is not None, scores.topk is not None)
-
-    before = held(cached)  # taken now: pair_scores completes `cached` in place
-    scores = pair_scores(subject, style, config.raw_energy, **needs(config), cached=cached)
-    if held(scores) != before:
-        cache.write("scores", key, _scores_to_json(scores))
-    return scores

@@ -1,8 +1,9 @@
 """Scores of one LoRA projection, pure tensor math (no diffusers): energy, L1 norm, top-k sum, gamma.
 
-delta W = s * B @ A, with B (out x rank), A (rank x in), s = alpha / rank. The energy needs only the
-two rank x rank Gram matrices; the L1 norm and the top-k sum need the dense delta W, which is built
-in row chunks (fp32, a bounded number of elements at a time) and never kept.
+Each takes the factors and the scale of delta W = s * B @ A, with B (out x rank), A (rank x in) and
+s = alpha / rank (or 1 for the research code's unscaled scores). The energy needs only the two
+rank x rank Gram matrices; the L1 norm and the top-k sum need the dense delta W, which is built in
+row chunks (fp32, a bounded number of elements at a time) and never kept.
 """
 
 from __future__ import annotations
@@ -11,52 +12,45 @@ import math
 
 import torch
 
-from .lora import LoraFactors
-
 # Dense delta W is built this many elements at a time (16 MB of fp32).
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _scale(factors: LoraFactors, raw: bool) -> float:
-    # raw: the research code's form, B @ A without alpha / rank (identical when alpha == rank).
-    return 1.0 if raw else factors.scale
-
-
-def energy(factors: LoraFactors, raw: bool = False) -> float:
-    """E = ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)) (EST-LoRA's E), from r x r Gram matrices.
+def energy(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
+    """E = ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)), EST-LoRA's E (Zhang & Xiong 2025), from r x r Grams.
 
     The Grams are fp32 (relative error ~1e-6, like the dense fp32 delta W the research code uses);
     their r x r product is summed in fp64.
     """
-    down, up = factors.down.float(), factors.up.float()
+    down, up = down.float(), up.float()
     gram_up, gram_down = up.T @ up, down @ down.T
-    return _scale(factors, raw) ** 2 * float((gram_up * gram_down).sum(dtype=torch.float64))
+    return scale**2 * float((gram_up * gram_down).sum(dtype=torch.float64))
 
 
-def _dense_chunks(factors: LoraFactors, raw: bool):
+def _dense_chunks(down: torch.Tensor, up: torch.Tensor, scale: float):
     """Row blocks of |delta W| in fp32, each at most CHUNK_ELEMENTS elements."""
-    down = factors.down.float()
-    up = factors.up.float() * _scale(factors, raw)
-    rows = max(1, CHUNK_ELEMENTS // max(1, factors.in_features))
-    for start in range(0, factors.out_features, rows):
+    down = down.float()
+    up = up.float() * scale
+    rows = max(1, CHUNK_ELEMENTS // max(1, down.shape[1]))
+    for start in range(0, up.shape[0], rows):
         yield (up[start : start + rows] @ down).abs_()
 
 
-def l1_norm(factors: LoraFactors, raw: bool = False) -> float:
+def l1_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
     """||s B A||_1, the sum of absolute entries (K-LoRA's gamma uses its ratio)."""
     # fp32 sums within a chunk (torch sums pairwise; an fp64 sum here costs 3x the whole pass),
     # exact summation across chunks.
-    return math.fsum(float(chunk.sum()) for chunk in _dense_chunks(factors, raw))
+    return math.fsum(float(chunk.sum()) for chunk in _dense_chunks(down, up, scale))
 
 
-def topk_sum(factors: LoraFactors, k: int, raw: bool = False) -> float:
+def topk_sum(down: torch.Tensor, up: torch.Tensor, scale: float, k: int) -> float:
     """Sum of the k largest |delta W| entries (K-LoRA's score S, with k = rank_c * rank_s).
 
     A running top-k: each chunk contributes only the entries above the current k-th largest, so
     the full top-k runs on a handful of candidates instead of on every chunk.
     """
     best = torch.empty(0)
-    for chunk in _dense_chunks(factors, raw):
+    for chunk in _dense_chunks(down, up, scale):
         flat = chunk.flatten()
         if best.numel() >= k:
             flat = flat[flat > best[-1]]

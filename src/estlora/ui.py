@@ -1,51 +1,45 @@
 """`estlora ui`: a local web page (Gradio) to fuse a subject and a style LoRA, compare methods and see the plan.
 
-The pipeline is loaded once per app, each LoRA file once (by path and content hash), and one `Fusion` is kept
-per (subject, style) pair: a new method or option re-plans it with `Fusion.set`, never reloads. Everything
-that touches the pipeline shares one queue slot, so a second request waits in line instead of being lost
-or racing the first. Every image is saved with `save_image` (PNG text chunk + JSON sidecar), and the page
+A shell over one `Session`, as the command line is: the base is loaded once per app, each LoRA file
+once (by path and content hash), one fusion is kept for the current pair and re-planned for a new
+method or option, and beta is measured under the very sampler and settings of the render. Every
+widget is built from its setting's declaration (`estlora.config`). Everything that touches the
+pipeline shares one queue slot, so a second request waits in line instead of being lost or racing
+the first. Every image is saved with its settings (PNG text chunk + JSON sidecar), and the page
 serves those very files, so the settings travel with each download.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .demo import PROMPT
-from .discrepancy import DEFAULT_DINO
-from .errors import EstloraError, LoraError
-from .fusion import Fusion, fuse, unet_projection_shapes
-from .generate import Request, metadata, render, save_image
-from .lora import Lora, check_pair, file_sha256, load_lora
-from .pipelines import SCHEDULERS, TIMESTEP_SPACINGS
-from .plan import GAMMA_RULES, METHODS, OTHER_WEIGHTS, PATTERNS
-from .plan_view import heatmap, summary
-from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
-from .toy_world import STYLES, SUBJECTS
+from .commands.plan_view import heatmap, summary
+from .config import FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of
+from .errors import EstloraError, LoraError, SettingError
+from .loading.inspect import training_info
+from .loading.lora import check_pair
+from .session import Request, Session
 
 if TYPE_CHECKING:
     import gradio as gr
 
 UPLOAD = "upload"
-# The toy LoRAs, defaults first: outline is the style that fuses best on the toy model (benchmarks/RESULTS.md).
-BUILTIN = {
-    "subject": tuple(f"toy:{s}" for s in SUBJECTS),
-    "style": tuple(f"toy:{s}" for s in sorted(STYLES, key=lambda s: s != "outline")),
-}
+DEFAULT = "default"  # the choice that leaves an optional setting to the base or the family
 OTHER_PROMPT = "a photo of sks dog in szn style"
 MAX_UPLOAD_ENV = "ESTLORA_UI_MAX_UPLOAD_MB"  # uploads above this many MiB are refused (default 1024)
 OUT_ENV = "ESTLORA_UI_OUT"  # where images are saved (default ./estlora-ui-outputs)
-KEPT_LORAS = 4  # loaded LoRAs kept in memory; SDXL ones weigh hundreds of MB each
 BETA_NOTES = {
     "measured": "measured: 1 - DINO cosine of the subject-only and style-only renders",
     "given": "given",
     "default": "K-LoRA's default, not measured",
 }
+# Settings shown above the option panels; the rest follow in declaration order.
+UP_FRONT = ("negative_prompt", "method", "beta")
 
 
 def _gradio():
@@ -84,28 +78,32 @@ class StepProgress:
 
 
 class Studio:
-    """What the page works on: one pipeline, the LoRAs loaded so far and the fusion of the current pair."""
+    """What the page works on: one session (the pipeline, the LoRAs loaded so far, the current pair's fusion)."""
 
     def __init__(self, base: str | None, out: Path, base_config: str | None = None, vae: str | None = None):
-        from .pipelines import load_pipeline
-
-        self.toy = base in (None, "toy")  # the shipped toy SDXL and its LoRAs: works offline, out of the box
-        self.base, self.out = "toy" if self.toy else str(base), out
-        self.dino = "toy" if self.toy else DEFAULT_DINO
-        self.base_name = "the toy SDXL" if self.toy else self.base
+        self.base, self.out = base or "toy", out  # default: the shipped toy SDXL, offline, out of the box
         self.base_config, self.vae = base_config, vae
-        self.pipe = load_pipeline(self.base, config=base_config, vae=vae)
-        self.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
-        self.shapes = unet_projection_shapes(self.pipe.unet)
-        self.default_size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        self.session = Session.open(ModelConfig(base=self.base, base_config=base_config, vae=vae), report=lambda _: None)
+        self.session.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
+        self.preset = self.session.source.preset
+        self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
+        self.base_name = self.session.label
+        # Widget defaults: the settings as this base runs them when left unset.
+        self.defaults = self.session.resolve(Request("", "", ""))
         self.max_upload = max_upload_bytes()
-        self.loras: dict[tuple[str, str], Lora] = {}  # by (path, sha256)
-        self.fusion: Fusion | None = None
+
+    @property
+    def pipe(self):
+        return self.session.pipe
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return self.session.shapes
 
     # ------------------------------------------------------------ LoRAs
 
-    def lora(self, role: str, choice: str, upload: str | None) -> Lora:
-        """The chosen LoRA, loaded once per file and checked against the loaded UNet."""
+    def lora(self, role: str, choice: str, upload: str | None):
+        """The chosen LoRA, loaded once per file and checked against the loaded base."""
         if choice == UPLOAD:
             if not upload:
                 raise user_error(f"{role} LoRA: choose a .safetensors file to upload")
@@ -115,123 +113,67 @@ class Studio:
             if path.stat().st_size > self.max_upload:
                 limit = f"{self.max_upload / 2**20:g} MiB"
                 raise user_error(f"{role} LoRA {path.name}: larger than the upload limit ({limit})")
-        elif choice in BUILTIN[role]:
-            path = toy_lora_path(choice)
+            source = str(path)
+        elif choice in self.builtin[role]:
+            source = choice
         else:
             raise user_error(f"{role} LoRA: unknown choice {choice!r}")
-        key = (str(path), file_sha256(path))  # an upload reusing a name with new bytes is a new LoRA
-        if key not in self.loras:
-            try:
-                lora = load_lora(path, self.shapes, self.base_name)
-            except LoraError as exc:
-                raise user_error(lora_message(role, exc)) from None
-            if len(self.loras) >= KEPT_LORAS:
-                self.loras.pop(next(iter(self.loras)))
-            self.loras[key] = lora
-        return self.loras[key]
+        try:
+            return source, self.session.lora(source)
+        except LoraError as exc:
+            raise user_error(lora_message(role, exc)) from None
 
-    def pair(self, settings: dict) -> tuple[Lora, Lora]:
+    def pair(self, settings: dict):
+        """((subject source, subject), (style source, style)), both loaded and checked against each other."""
         subject = self.lora("subject", settings["subject_choice"], settings["subject_file"])
         style = self.lora("style", settings["style_choice"], settings["style_file"])
         try:
-            check_pair(subject, style)
+            check_pair(subject[1], style[1])
         except LoraError as exc:
             raise user_error(lora_message("style", exc)) from None
         return subject, style
 
     def describe(self, settings: dict) -> str:
         """What the "Load LoRAs" button shows: both LoRAs, and that they fit the base and each other."""
-        subject, style = self.pair(settings)
+        (_, subject), (_, style) = self.pair(settings)
         lines = [f"Both LoRAs fit {self.base_name} and each other."]
-        for role, lora, choice in (
-            ("subject", subject, settings["subject_choice"]),
-            ("style", style, settings["style_choice"]),
-        ):
+        for role, lora in (("subject", subject), ("style", style)):
             ranks = ", ".join(str(r) for r in sorted(lora.ranks))
+            choice = settings[f"{role}_choice"]
             name = lora.path.name if choice == UPLOAD else choice
             other = f", {len(lora.other)} tensors outside them" if lora.other else ""
-            training = lora.training()
+            training = training_info(lora.metadata)
             words = training.get("trigger") or training.get("top_tags")
             trigger = f"; trigger words: {words}" if words else ""
             lines.append(
-                f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} attention projections{other}, "
+                f"- **{role}**: `{name}` ({lora.layout}, {len(lora.projections)} routable projections{other}, "
                 f"rank {ranks}, sha256 {lora.sha256[:12]}){trigger}"
             )
         if subject.other or style.other:
             lines.append(
-                "\nWeights outside the attention projections (feed-forward, conv, text encoders) are ignored, "
-                "as the reference does, unless *other weights* is set to merge (Fusion options)."
+                "\nWeights outside the routed linears (convolutions, text encoders, ...) are ignored, as the "
+                "reference does, unless *other weights* is set to merge (Fusion options)."
             )
         return "\n".join(lines)
 
-    def fusion_for(self, subject: Lora, style: Lora) -> Fusion:
-        """The pair's fusion, created once; another pair takes its place in the pipeline (one at a time)."""
-        if self.fusion is not None and self.fusion.subject is subject and self.fusion.style is style:
-            return self.fusion
-        if self.fusion is not None:
-            self.fusion.remove()
-            self.fusion = None
-        self.fusion = fuse(self.pipe, subject, style)
-        return self.fusion
-
     # ------------------------------------------------------------ rendering
 
-    def request(self, settings: dict, subject: Lora, style: Lora) -> Request:
-        def source(choice: str, lora: Lora) -> str:
-            return str(lora.path) if choice == UPLOAD else choice
-
-        manual = settings["beta_mode"] == "manual"
-        for name in ("alpha", "switch_every", "seed", *(("beta",) if manual else ())):
-            if settings[name] is None:  # a cleared number field
-                raise user_error(f"{name.replace('_', ' ')} is empty")
-        return Request(
-            subject=source(settings["subject_choice"], subject),
-            style=source(settings["style_choice"], style),
-            prompt=settings["prompt"],
-            base=self.base,
-            base_config=self.base_config,
-            vae=self.vae,
-            negative_prompt=settings["negative_prompt"] or None,
-            method=settings["method"],
-            steps=int(settings["steps"]),
-            scheduler=settings["scheduler"],
-            timestep_spacing=None if settings["timestep_spacing"] == "default" else settings["timestep_spacing"],
-            guidance=float(settings["guidance"]),
-            guidance_rescale=float(settings["guidance_rescale"]),
-            width=int(settings["width"]),
-            height=int(settings["height"]),
-            seed=int(settings["seed"]),
-            num_images=int(settings["num_images"]),
-            beta=float(settings["beta"]) if manual else None,
-            dino_model=self.dino,
-            alpha=float(settings["alpha"]),
-            pattern=settings["pattern"],
-            gamma_rule=settings["gamma_rule"],
-            subject_scale=float(settings["subject_scale"]),
-            style_scale=float(settings["style_scale"]),
-            switch_every=int(settings["switch_every"]),
-            other_weights=settings["other_weights"],
-        )
-
-    def configure(self, fusion: Fusion, request: Request, steps: StepProgress) -> str:
-        """Re-plan the fusion for this request (measuring beta for est on auto); returns how beta was set."""
-        fusion.set(method=request.method, beta=request.beta, **request.config_options())
-        note = ""
-        if request.method == "est" and request.beta is None:
-            probe_steps = request.beta_probe_steps or request.steps
-            steps.start("measuring beta: subject-only and style-only renders", 2 * probe_steps)
-            probe = fusion.measure_beta(
-                request.prompt,
-                seed=0,
-                dino_model=request.dino_model,
-                callback_on_step_end=steps,
-                **request.pipe_kwargs(probe_steps),
+    def request(self, settings: dict) -> Request:
+        """The page's values as a request; a value out of range is a message on the page."""
+        (subject, _), (style, _) = self.pair(settings)
+        values = dict(settings)
+        if values.pop("beta_mode") == "auto":
+            values["beta"] = None
+        try:
+            return Request(
+                subject=subject,
+                style=style,
+                prompt=settings["prompt"],
+                fusion=FusionConfig(**_typed(FusionConfig, values)),
+                sampling=SamplingConfig(**_typed(SamplingConfig, values)),
             )
-            note = ", cached" if probe.cached else ""
-        plan = fusion.plan_for(request.steps)
-        if not fusion.config.gated:
-            return "beta not used"
-        return f"beta = {plan.beta:.4g} ({BETA_NOTES[plan.beta_source]}{note})"
+        except SettingError as exc:
+            raise user_error(str(exc)) from None
 
     def run(self, settings: dict, methods: list[str], num_images: int, progress) -> tuple:
         """Render `num_images` seeds with every method into a new run folder; what the result panel shows."""
@@ -239,42 +181,60 @@ class Studio:
             raise user_error("write a prompt")
         if not methods:
             raise user_error("tick at least one method to compare")
-        subject, style = self.pair(settings)
-        try:
-            base_request = self.request(settings, subject, style)
-        except ValueError as exc:  # a setting out of range (Request checks them)
-            raise user_error(str(exc)) from None
-        try:
-            fusion = self.fusion_for(subject, style)
-        except LoraError as exc:
-            raise user_error(lora_message("style", exc)) from None
-        seeds = [base_request.seed + k for k in range(num_images)]
+        base_request = self.request(settings)
+        seeds = [base_request.sampling.seed + k for k in range(num_images)]
         run_dir = self.out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         steps = StepProgress(progress)
         images, heatmaps, files, notes, summaries = [], [], [], [], []
         for method in methods:
-            request = replace(base_request, method=method, out=str(run_dir))
+            request = dataclasses.replace(base_request, fusion=dataclasses.replace(base_request.fusion, method=method))
+            if method == "est" and request.fusion.beta is None:
+                probe_steps = request.sampling.beta_probe_steps or request.sampling.steps or self.defaults.sampling.steps
+                steps.start("measuring beta: subject-only and style-only renders", 2 * probe_steps)
             try:
-                beta = self.configure(fusion, request, steps)
-            except (EstloraError, ValueError) as exc:
+                prepared = self.session.configure(request, callback=steps)
+            except EstloraError as exc:
                 raise user_error(str(exc)) from None
-            steps.start(f"{method}: rendering {len(seeds)} image(s)", request.steps * len(seeds))
+            steps.start(f"{method}: rendering {len(seeds)} image(s)", prepared.steps * len(seeds))
             for seed in seeds:
-                image = render(fusion, request, seed, callback_on_step_end=steps)
-                path = save_image(image, run_dir / f"{method}-seed{seed}.png", metadata(request, fusion, seed))
+                image = self.session.render(prepared, seed, callback=steps)
+                path = self.session.save(prepared, image, run_dir / f"{method}-seed{seed}.png", seed)
                 images.append((str(path), f"{method} · seed {seed}"))
                 files += [str(path), str(path.with_suffix(".json"))]
-            plan = fusion.plan_for(request.steps)
+            plan = prepared.plan
             plan_png = run_dir / f"plan-{method}.png"
-            heatmap(plan, plan_png)
+            heatmap(plan, self.session.family, plan_png)
             heatmaps.append((str(plan_png), f"plan: {method}"))
             files.append(str(plan_png))
-            notes.append(f"- **{method}**: {beta}")
-            summaries.append(summary(plan))
+            notes.append(f"- **{method}**: {beta_note(prepared)}")
+            summaries.append(summary(plan, self.session.family))
         notes.append(
             f"\nSaved to `{run_dir}`: each PNG carries its settings (text chunk `estlora`, and a JSON sidecar)."
         )
         return images, "\n".join(notes), heatmaps, "\n\n".join(summaries), files
+
+
+def _typed(group: type, values: dict) -> dict:
+    """A group's settings out of the page's values: numbers as their type, `default` and blanks as None."""
+    typed = {}
+    for item in settings_of(group):
+        if item.name not in values:
+            continue
+        value = values[item.name]
+        if value == DEFAULT or (value == "" and item.optional):
+            value = None
+        elif item.kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        typed[item.name] = value
+    return typed
+
+
+def beta_note(prepared) -> str:
+    plan = prepared.plan
+    if not prepared.fusion.config.gated:
+        return "beta not used"
+    cached = ", cached" if prepared.probe is not None and prepared.probe.cached else ""
+    return f"beta = {plan.beta:.4g} ({BETA_NOTES[plan.beta_source]}{cached})"
 
 
 def lora_message(role: str, exc: LoraError) -> str:
@@ -288,31 +248,53 @@ def user_error(message: str):
     return _gradio().Error(html.escape(message), print_exception=False)
 
 
+def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, step: float | None = None):
+    """The widget a setting's declaration calls for, labelled and explained by it."""
+    label, info, elem_id = item.name.replace("_", " "), item.help, item.name.replace("_", "-")
+    choices = choices or item.choices
+    if choices:
+        options = [DEFAULT, *choices] if item.optional else list(choices)
+        kind = gr.Radio if len(options) <= 4 else gr.Dropdown
+        return kind(options, value=DEFAULT if value is None else value, label=label, info=info, elem_id=elem_id)
+    if item.kind is bool:
+        return gr.Checkbox(value, label=label, info=info, elem_id=elem_id)
+    if item.kind in (int, float) and item.ui:
+        low, high, default_step = item.ui
+        return gr.Slider(low, high, value, step=step or default_step, label=label, info=info, elem_id=elem_id)
+    if item.kind in (int, float):
+        precision = 0 if item.kind is int else None
+        return gr.Number(value, precision=precision, minimum=item.minimum, label=label, info=info, elem_id=elem_id)
+    return gr.Textbox(value or "", label=label, info=info, elem_id=elem_id)
+
+
 def build_app(base: str | None = None, base_config: str | None = None, vae: str | None = None) -> gr.Blocks:
     """The page: LoRAs and settings on the left, images, beta and plan on the right."""
     gr = _gradio()
     studio = Studio(base, output_dir(), base_config, vae)
-    toy = studio.toy  # the toy LoRAs fit the toy model only
+    family, preset = studio.session.family, studio.preset
+    defaults = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
+    special = {"scheduler": {"choices": tuple(family.schedulers)}, "width": {"step": family.size_multiple}}
+    special["height"] = special["width"]
+    fusion, sampling = settings_of(FusionConfig), settings_of(SamplingConfig)
+    by_name = {item.name: item for item in (*fusion, *sampling)}
     fields = {}
+
+    def add(name: str) -> None:
+        fields[name] = widget(gr, by_name[name], defaults[name], **special.get(name, {}))
+
     with gr.Blocks(title="estlora") as app:
-        gr.Markdown(
-            "# estlora: a subject LoRA in a style LoRA (EST-LoRA)\n"
-            f"Base: `{studio.base_name}`"
-            + (
-                ", trained on 32 x 32 coloured shapes: `sks` is the subject LoRA's shape, `szn` the style LoRA's"
-                " texture. For SDXL itself: `estlora ui --base stabilityai/stable-diffusion-xl-base-1.0`."
-                if toy
-                else "."
-            )
-        )
+        about = f", {preset.description}." if preset and preset.description else "."
+        hint = " For SDXL itself: `estlora ui --base stabilityai/stable-diffusion-xl-base-1.0`." if preset else ""
+        gr.Markdown(f"# estlora: a subject LoRA in a style LoRA (EST-LoRA)\nBase: `{studio.base_name}`{about}{hint}")
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Row():
                     for role in ("subject", "style"):
+                        builtin = studio.builtin[role]
                         with gr.Column(min_width=200):
                             fields[f"{role}_choice"] = gr.Dropdown(
-                                [*BUILTIN[role], UPLOAD] if toy else [UPLOAD],
-                                value=BUILTIN[role][0] if toy else UPLOAD,
+                                [*builtin, UPLOAD],
+                                value=builtin[0] if builtin else UPLOAD,
                                 label=f"{role.capitalize()} LoRA",
                                 elem_id=f"{role}-choice",
                             )
@@ -324,55 +306,28 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                             )
                 load = gr.Button("Load LoRAs", elem_id="load")
                 lora_info = gr.Markdown(elem_id="lora-info")
-                prompt = PROMPT if toy else OTHER_PROMPT
+                prompt = preset.prompt if preset and preset.prompt else OTHER_PROMPT
                 fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
-                fields["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
-                fields["method"] = gr.Radio(list(METHODS), value="est", label="Method", elem_id="method")
+                add("negative_prompt")
+                add("method")
+                beta = by_name["beta"]
                 with gr.Row():
                     fields["beta_mode"] = gr.Radio(
-                        ["auto", "manual"],
-                        value="auto",
-                        label="beta",
-                        info="auto: measured for est, K-LoRA's 0.5 for klora",
-                        elem_id="beta-mode",
+                        ["auto", "manual"], value="auto", label="beta", info=beta.help, elem_id="beta-mode"
                     )
                     fields["beta"] = gr.Number(0.5, label="manual beta", elem_id="beta")
                 with gr.Accordion("Fusion options", open=False):
-                    with gr.Row():
-                        fields["alpha"] = gr.Number(1.5, label="alpha (time-scale slope)")
-                        fields["pattern"] = gr.Radio(list(PATTERNS), value="s", label="pattern")
-                        fields["gamma_rule"] = gr.Radio(list(GAMMA_RULES), value="reference", label="gamma rule")
-                    with gr.Row():
-                        fields["subject_scale"] = gr.Slider(0, 2, 1.0, step=0.05, label="subject strength")
-                        fields["style_scale"] = gr.Slider(0, 2, 1.0, step=0.05, label="style strength")
-                        fields["switch_every"] = gr.Number(5, precision=0, minimum=1, label="switch every (steps)")
-                    fields["other_weights"] = gr.Radio(
-                        list(OTHER_WEIGHTS),
-                        value="ignore",
-                        label="other weights",
-                        info="LoRA weights outside the attention projections: ignore (reference) or merge statically",
-                    )
+                    for item in fusion:
+                        if item.name not in UP_FRONT:
+                            add(item.name)
                 with gr.Accordion("Sampling", open=True):
-                    with gr.Row():
-                        steps = SAMPLE_STEPS if toy else 30
-                        fields["steps"] = gr.Slider(1, 100, steps, step=1, label="steps", elem_id="steps")
-                        fields["guidance"] = gr.Slider(1, 15, GUIDANCE if toy else 5.0, step=0.5, label="guidance")
-                        fields["guidance_rescale"] = gr.Slider(0, 1, 0, step=0.05, label="guidance rescale")
-                    with gr.Row():
-                        fields["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="default", label="scheduler")
-                        spacings = ["default", *TIMESTEP_SPACINGS]
-                        fields["timestep_spacing"] = gr.Dropdown(spacings, value="default", label="timestep spacing")
-                    with gr.Row():
-                        size = studio.default_size
-                        fields["width"] = gr.Slider(32, 2048, size, step=8, label="width", elem_id="width")
-                        fields["height"] = gr.Slider(32, 2048, size, step=8, label="height", elem_id="height")
-                    with gr.Row():
-                        fields["seed"] = gr.Number(0, precision=0, label="seed (image k: seed + k)", elem_id="seed")
-                        fields["num_images"] = gr.Slider(1, 8, 1, step=1, label="images", elem_id="num-images")
+                    for item in sampling:
+                        if item.name not in UP_FRONT:
+                            add(item.name)
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Row():
                     compare_methods = gr.CheckboxGroup(
-                        list(METHODS),
+                        list(by_name["method"].choices),
                         value=["est", "klora"],
                         label="Compare: the same seed with these methods",
                         elem_id="compare-methods",

@@ -13,37 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .base import SDXL_SCHEDULER_CONFIG
-from .cache import cache_dir
-from .outputs import cached_folder, write_folder
+from ..cache import cache_dir
+from ..families.sdxl import SDXL_SCHEDULER_CONFIG
+from ..outputs import cached_folder, write_folder
+from ..tokenizers import tiny_clip_tokenizer
 
 TINY_SEED = 0
 # Bump when the weights or the layout change, so cached copies are rebuilt.
 TINY_MODEL_VERSION = 1
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's byte -> printable-unicode table, in byte order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """A character-level CLIP tokenizer (514 tokens, no merges), built offline."""
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
 def tiny_unet():

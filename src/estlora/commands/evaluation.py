@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EstloraError
+from ..errors import EstloraError
+from ..outputs import atomic_path, write_text
 from .grid import GridSpec, Job, manifest_entries
-from .outputs import atomic_path, write_text
 
 METRICS = ("style_clip", "subject_dino", "subject_clip", "text_clip")
 LABELS = {
@@ -45,27 +45,16 @@ def load_run(run_dir: Path) -> tuple[GridSpec, list[Job]]:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
         raise EstloraError(run_dir, "not a grid run folder (no readable run.json)") from None
-    spec = GridSpec.from_dict(
-        {
-            **record["spec"],
-            "subjects": [_as_item(e) for e in record["spec"]["subjects"]],
-            "styles": [_as_item(e) for e in record["spec"]["styles"]],
-        },
-        str(run_dir / "run.json"),
-    )
+    spec = GridSpec.from_dict(record["spec"], str(run_dir / "run.json"))
     seen, finished = set(), []
     for entry in manifest_entries(run_dir):
-        job = Job(entry["subject"], entry["style"], entry["prompt_index"], entry["method"], entry["seed"])
+        job = Job.from_record(entry)
         if job not in seen and (run_dir / job.relpath).exists():
             seen.add(job)
             finished.append(job)
     if not finished:
         raise EstloraError(run_dir, "no finished images in this run")
     return spec, finished
-
-
-def _as_item(entry: dict) -> dict:
-    return {**{k: v for k, v in entry.items() if k != "class_word"}, "class": entry.get("class_word", "")}
 
 
 def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> list[dict]:
@@ -79,7 +68,7 @@ def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> lis
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .metrics import load_reference_images
+    from ..metrics import load_reference_images
 
     entries = {e.name: e for e in spec.subjects + spec.styles}
     refs = {name: scorer.embed_refs(load_reference_images(e.references)) for name, e in entries.items() if e.references}
@@ -99,7 +88,7 @@ def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> lis
             row = {
                 "subject": job.subject,
                 "style": job.style,
-                "method": job.method,
+                "method": job.label,
                 "prompt_index": job.prompt_index,
                 "seed": job.seed,
                 "path": job.relpath,
@@ -146,7 +135,7 @@ def image_grid(run_dir: Path, spec: GridSpec, method: str, finished: set, cell: 
                 (
                     j
                     for j in sorted(finished, key=lambda j: (j.prompt_index, j.seed))
-                    if (j.subject, j.style, j.method) == (subject.name, style.name, method)
+                    if (j.subject, j.style, j.label) == (subject.name, style.name, method)
                 ),
                 None,
             )
@@ -215,13 +204,13 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def evaluate(run_dir: str | Path, clip_model: str, dino_model: str, device: str = "cpu", batch_size: int = 16) -> Path:
     """Score the run and write scores.csv, summary.json, report.md, report.html and figures into it."""
-    from .metrics import Scorer
+    from ..metrics import Scorer
 
     run_dir = Path(run_dir)
     spec, finished = load_run(run_dir)
-    finished.sort(key=lambda j: (j.subject, j.style, j.method, j.prompt_index, j.seed))
+    finished.sort(key=lambda j: (j.subject, j.style, j.label, j.prompt_index, j.seed))
     rows = score_run(run_dir, spec, finished, Scorer(clip_model, dino_model, device, batch_size))
-    methods = [m for m in spec.methods if any(r["method"] == m for r in rows)]
+    methods = [m for m in spec.labels() if any(r["method"] == m for r in rows)]
     summary = summarise(rows, methods)
 
     text = io.StringIO()

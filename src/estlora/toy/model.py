@@ -4,9 +4,9 @@ Every part is a class diffusers or transformers ships, so `StableDiffusionXLPipe
 loads it with no custom code: a UNet with SDXL's block kinds (plain down block, then cross-attention
 blocks, a cross-attention mid block) and `text_time` conditioning, the two CLIP text encoders whose
 hidden states are concatenated, a small `AutoencoderKL` (32 x 32 pixels <-> 8 x 16 x 16 latents) and
-SDXL's own Euler scheduler. `estlora.toy_training` trains all of it from scratch on two CPU cores.
+SDXL's own Euler scheduler. `estlora.toy.training` trains all of it from scratch on two CPU cores.
 
-Shipped files (package data, `estlora/toy_assets/`): `model/` (the pipeline), `loras/<name>.safetensors`
+Shipped files (package data, `estlora/toy/assets/`): `model/` (the pipeline), `loras/<name>.safetensors`
 (one per subject and style, diffusers format) and `scorer.safetensors`. `toy:<name>` names a shipped
 LoRA wherever a LoRA path is accepted, `toy` the base model.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .base import SDXL_SCHEDULER_CONFIG
-from .toy_world import MAX_TOKENS, SIZE, STYLES, SUBJECTS, toy_tokenizer
+from ..families.sdxl import SDXL_SCHEDULER_CONFIG
+from .world import MAX_TOKENS, SIZE, STYLES, SUBJECTS, toy_tokenizer
 
-ASSETS = Path(__file__).parent / "toy_assets"
+ASSETS = Path(__file__).parent / "assets"
 PREFIX = "toy:"
 LATENT_CHANNELS = 8
 TEXT_WIDTH = 64
@@ -30,6 +30,7 @@ LORA_RANK = 8
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SAMPLE_STEPS = 20
 GUIDANCE = 4.0
+PROMPT = "a sks shape in szn style"
 
 
 def toy_model_path() -> Path:
@@ -40,7 +41,7 @@ def toy_lora_path(reference: str) -> Path:
     """`toy:heart` (or plain `heart`) -> the shipped LoRA file."""
     name = reference.removeprefix(PREFIX)
     if name not in SUBJECTS + STYLES:
-        from .errors import LoraNotFoundError
+        from ..errors import LoraNotFoundError
 
         raise LoraNotFoundError(reference, f"no such toy LoRA (choose from {', '.join(SUBJECTS + STYLES)})")
     return ASSETS / "loras" / f"{name}.safetensors"

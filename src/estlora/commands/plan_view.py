@@ -8,7 +8,8 @@ from collections import Counter
 
 import torch
 
-from .plan import Plan
+from ..families import ModelFamily
+from ..plan import Plan
 
 COLOURS = {
     "subject": (230, 126, 34),
@@ -27,23 +28,17 @@ def choices(plan: Plan) -> torch.Tensor:
 CODE_NAMES = ("none", "subject", "style", "both")
 
 
-def block_of(name: str) -> str:
-    """'up_blocks.0.attentions.1.transformer_blocks.3.attn2.to_q' -> 'up_blocks.0.attentions.1'."""
-    parts = name.split(".")
-    return ".".join(parts[:3] if parts[0] == "mid_block" else parts[:4])
-
-
-def blocks(plan: Plan) -> list[tuple[str, list[int]]]:
-    """Blocks in UNet order with the indices of their projections."""
+def blocks(plan: Plan, family: ModelFamily) -> list[tuple[str, list[int]]]:
+    """Blocks in the model's order with the indices of their projections."""
     grouped: dict[str, list[int]] = {}
     for i, name in enumerate(plan.layers):
-        grouped.setdefault(block_of(name), []).append(i)
+        grouped.setdefault(family.block_of(name), []).append(i)
     return list(grouped.items())
 
 
 def headline(plan: Plan) -> str:
     cfg = plan.config
-    parts = [f"method {cfg.method}", f"{plan.steps} steps"]
+    parts = [f"method {cfg.method}", f"{plan.steps} steps", f"route {cfg.route}"]
     if cfg.gated:
         source = {"default": "default, not measured", "given": "given", "measured": "measured"}[plan.beta_source]
         parts += [
@@ -59,7 +54,7 @@ def headline(plan: Plan) -> str:
     return ", ".join(parts)
 
 
-def summary(plan: Plan) -> str:
+def summary(plan: Plan, family: ModelFamily) -> str:
     """What a user reads: how many projections stay with one LoRA, how many flip, and when, per block."""
     codes = choices(plan)
     flips = plan.flip_steps()
@@ -82,7 +77,7 @@ def summary(plan: Plan) -> str:
     ]
     header = f"{'block':28} {'proj':>4} {'subject@0':>9} {'style@end':>9} {'flip':>5}  first/median/last flip step"
     lines += ["", header]
-    for block, indices in blocks(plan):
+    for block, indices in blocks(plan, family):
         first_subject = sum(int(codes[0, i]) & 1 for i in indices)
         last_style = sum(int(codes[-1, i]) >> 1 for i in indices)
         flipped = [flips[i] for i in indices if flips[i] is not None]
@@ -98,14 +93,14 @@ def summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def heatmap(plan: Plan, path: str | os.PathLike) -> None:
+def heatmap(plan: Plan, family: ModelFamily, path: str | os.PathLike) -> None:
     """Draw the plan: one row per projection grouped by block, one column per step, colour = LoRA used."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .outputs import atomic_path
+    from ..outputs import atomic_path
 
     codes = choices(plan)
-    groups = blocks(plan)
+    groups = blocks(plan, family)
     row_h, gap, label_w, top, bottom = 2, 6, 230, 40, 44
     col_w = max(4, min(24, 720 // plan.steps))
     font = ImageFont.load_default(size=12)

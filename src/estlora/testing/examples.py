@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
-from .tiny_model import TINY_MODEL_VERSION
+from ..cache import cache_dir
+from .tiny_sdxl import TINY_MODEL_VERSION
 
 EXAMPLES = {
     # name: (seed, rank, alpha, relative strength in down / mid / up blocks)
@@ -52,11 +52,12 @@ def write_example_lora(name: str, directory: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from .base import projection_shapes
-    from .outputs import atomic_path
-    from .tiny_model import tiny_unet
+    from ..families.sdxl import ATTENTION, SDXL
+    from ..outputs import atomic_path
+    from .tiny_sdxl import tiny_unet
 
-    state, config = example_state_dict(name, projection_shapes(dict(tiny_unet().config)))
+    shapes = SDXL().shapes_from_config(dict(tiny_unet().config))
+    state, config = example_state_dict(name, {m: s for m, s in shapes.items() if ATTENTION.fullmatch(m)})
     tensors = {f"unet.{key}": value.contiguous() for key, value in state.items()}
     metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)}
     target = Path(directory) / f"{name}.safetensors"
@@ -69,7 +70,7 @@ def example_lora_path(reference: str) -> Path:
     """Resolve `example:subject` / `example:style` to a file in the cache, writing it on first use."""
     name = reference.removeprefix(PREFIX)
     if name not in EXAMPLES:
-        from .errors import LoraNotFoundError
+        from ..errors import LoraNotFoundError
 
         raise LoraNotFoundError(reference, f"no such built-in example (choose from {', '.join(EXAMPLES)})")
     folder = cache_dir() / f"example-loras-v{TINY_MODEL_VERSION}"

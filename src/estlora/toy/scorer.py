@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .toy_world import BACKGROUND, COLOURS, SHAPES, SIZE, TEXTURES, WHITE, Scene, random_scene, render
+from .world import BACKGROUND, COLOURS, SHAPES, SIZE, TEXTURES, WHITE, Scene, random_scene, render
 
 NONE = "none"
 HEADS = {"shape": SHAPES + (NONE,), "colour": tuple(COLOURS) + (NONE,), "texture": TEXTURES + (NONE,)}
@@ -54,7 +54,7 @@ class Prediction:
 def load_scorer(path: str | Path | None = None) -> ToyScorer:
     from safetensors.torch import load_file
 
-    from .toy_model import ASSETS
+    from .model import ASSETS
 
     scorer = ToyScorer()
     scorer.load_state_dict(load_file(str(path or ASSETS / "scorer.safetensors")))

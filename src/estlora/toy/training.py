@@ -1,7 +1,7 @@
 """Train the toy world's models from scratch on a CPU: scorer, VAE, base model, then one LoRA per concept.
 
-    python -m estlora.toy_training all                    # everything, in order (hours on 2 cores)
-    python -m estlora.toy_training base --max-minutes 30  # one chunk; run it again to resume
+    python -m estlora.toy.training all                    # everything, in order (hours on 2 cores)
+    python -m estlora.toy.training base --max-minutes 30  # one chunk; run it again to resume
 
 Each stage is seeded and checkpointed (`<work>/<stage>/checkpoint.pt`, every 200 steps and when a
 chunk's time is up), and a batch depends only on (stage, seed, step), so a resumed run continues
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .outputs import atomic_path, write_text
-from .toy_model import ASSETS, LORA_RANK, LORA_TARGETS, build_toy_pipeline
-from .toy_world import SHAPES, SIZE, STYLES, SUBJECTS, TEXTURES, batch, random_scene, render, to_tensor
+from ..outputs import atomic_path, write_text
+from .model import ASSETS, LORA_RANK, LORA_TARGETS, build_toy_pipeline
+from .world import SHAPES, SIZE, STYLES, SUBJECTS, TEXTURES, batch, random_scene, render, to_tensor
 
 STAGE_SEEDS = {"scorer": 1, "vae": 2, "base": 3, **{name: 10 + i for i, name in enumerate(SUBJECTS + STYLES)}}
 SETTINGS = {
@@ -124,7 +124,7 @@ def record(out: Path, stage: str, entry: dict) -> None:
 def train_scorer(work: Path, out: Path, seed: int, max_minutes: float | None) -> bool:
     from safetensors.torch import save_file
 
-    from .toy_scorer import HEADS, ToyScorer, scorer_batch
+    from .scorer import HEADS, ToyScorer, scorer_batch
 
     s = SETTINGS["scorer"]
     torch.manual_seed(seed)
@@ -160,7 +160,7 @@ def scorer_accuracy(scorer, n: int = 600) -> dict:
     """Accuracy on fresh clean renders of every concept (a seed training never used), and on noise."""
     import numpy as np
 
-    from .toy_scorer import NONE, noise_image, predict
+    from .scorer import NONE, noise_image, predict
 
     rng = np.random.default_rng([99, 99])
     scenes = [random_scene(rng, SHAPES, TEXTURES) for _ in range(n)]
@@ -185,7 +185,7 @@ def scorer_accuracy(scorer, n: int = 600) -> dict:
 def train_vae(work: Path, out: Path, seed: int, max_minutes: float | None) -> bool:
     import numpy as np
 
-    from .toy_model import toy_vae
+    from .model import toy_vae
 
     s = SETTINGS["vae"]
     torch.manual_seed(seed)
@@ -378,7 +378,7 @@ def run_stage(stage: str, work: Path, out: Path, seed: int, max_minutes: float |
 
 def main(argv: list[str] | None = None) -> int:
     order = [*STAGES, *SUBJECTS, *STYLES]
-    parser = argparse.ArgumentParser(prog="python -m estlora.toy_training", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m estlora.toy.training", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=[*order, "all", "loras"])
     parser.add_argument("--work", type=Path, default=Path("toy-training"), help="checkpoints (default ./toy-training)")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where finished weights go (default: the package's)")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
-from .outputs import cached_folder, write_folder
-from .tiny_model import tiny_clip_tokenizer
+from ..cache import cache_dir
+from ..outputs import cached_folder, write_folder
+from ..tokenizers import tiny_clip_tokenizer
 
 TINY_SEED = 0
 # Bump when the weights or the layout change, so cached copies are rebuilt.

@@ -1,9 +1,9 @@
-"""Runtime routing: each UNet attention projection applies the plan's weights for the current step.
+"""Runtime routing: each routed linear of the denoiser applies the plan's weights for the current step.
 
-Mechanism (shared/design/environment.md section 4, "M3"): every projection that either LoRA touches
+Mechanism (shared/design/environment.md section 4, "M3"): every routed linear that either LoRA touches
 is replaced by a `RoutedLinear` that owns the original `nn.Linear` and both LoRAs' factors, and
-reads its two LoRA scales for this step from one shared `Router`. One forward pre-hook on the UNet asks the
-scheduler which denoising step is running and points the router at that step's row of the plan.
+reads its two LoRA scales for this step from one shared `Router`. One forward pre-hook on the denoiser
+asks the scheduler which denoising step is running and points the router at that step's row of the plan.
 
 Why this one: the per-step work is one list lookup whatever the number of projections (nothing is
 written to 560 modules), only the LoRA with a nonzero weight is computed, it depends on no private
@@ -12,17 +12,19 @@ peft state, it leaves a user's own peft adapters alone, and removing it puts the
 then style), so a plan that mirrors a diffusers adapter setting gives the same bits.
 
 Under `torch.compile` the scales come from a tensor instead (`Router.scales`, overwritten in place
-each step): Python floats would be baked into the graph and every new row would recompile the UNet.
+each step): Python floats would be baked into the graph and every new row would recompile the model.
 There both LoRAs are computed, the unused one times zero, which costs what a two-LoRA merge costs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraFactors
+from ..updates import LoraFactors
 
 
 class Router:
@@ -41,14 +43,14 @@ class Router:
         self.table: torch.Tensor | None = None  # every step's scales, (steps, projections, 2)
 
     def set_rows(self, rows: list[list[tuple[float, float]]]) -> None:
-        """A new plan's scales; until the next UNet call says which step it is, the base alone."""
+        """A new plan's scales; until the next denoiser call says which step it is, the base alone."""
         self.rows, self.step, self.row = rows, None, self.idle
         self.table = torch.tensor(rows, dtype=torch.float32, device=self.scales.device) if rows else None
         self.scales.zero_()
 
     def go_to(self, step: int | None, device: torch.device) -> None:
-        """Point at a step's row (None: the base alone). Writes the tensor in place, on the UNet's
-        device, so a compiled UNet sees the same input every step and nothing waits on the host."""
+        """Point at a step's row (None: the base alone). Writes the tensor in place, on the model's
+        device, so a compiled model sees the same input every step and nothing waits on the host."""
         if self.scales.device != device:
             self.scales = self.scales.to(device)
             self.table = None if self.table is None else self.table.to(device)
@@ -114,18 +116,39 @@ class RoutedLinear(nn.Module):
         return F.linear(F.linear(x.to(down.dtype), down), up)
 
 
-def denoising_step(scheduler, timestep) -> tuple[int, int]:
-    """(i, N): which of the N scheduled denoising steps this UNet call belongs to.
+def denoising_step(scheduler, timestep: Callable[[], object]) -> tuple[int | None, int]:
+    """(i, N): which of the N scheduled denoising steps this denoiser call belongs to; i is None
+    outside a sampling run (the base alone).
 
-    Uses the scheduler's own step counter where it has one (no device sync; img2img's skipped
-    steps included through its begin index), else finds the timestep in the schedule. Second-order
-    schedulers make `order` UNet calls per step.
+    The scheduler's own step counter where it has one (no device sync; img2img's skipped steps
+    included through its begin index). Before a run's first `step()` the counter is unset and the
+    first step is meant: the begin index, else the timestep found in the schedule, as diffusers'
+    `_init_step_index` does; once the counter has passed the last timestep the run is over.
+    Schedulers without a counter: the timestep found in the schedule, none found: no run.
+    `timestep()` gives the call's timestep, read only when needed. Second-order schedulers make
+    `order` calls per step.
     """
     steps = scheduler.num_inference_steps
     order = getattr(scheduler, "order", 1)
-    index = getattr(scheduler, "step_index", None)
-    if index is None:
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        matches = torch.nonzero(scheduler.timesteps.cpu().float() == value)
-        index = int(matches[0]) if len(matches) else 0
+    timesteps = scheduler.timesteps
+    if hasattr(scheduler, "step_index"):
+        index = scheduler.step_index
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+        if index is None:
+            index = _position(timesteps, timestep()) or 0
+        if index >= len(timesteps):
+            return None, steps
+    else:
+        index = _position(timesteps, timestep())
+        if index is None:
+            return None, steps
     return min(index // order, steps - 1), steps
+
+
+def _position(timesteps: torch.Tensor, timestep) -> int | None:
+    if timestep is None:
+        return None
+    value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    matches = torch.nonzero(timesteps.cpu().float() == value)
+    return int(matches[0]) if len(matches) else None

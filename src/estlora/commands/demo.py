@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fusion import fuse
-from .generate import Request, measure_beta, metadata, render, save_image
-from .outputs import atomic_path, write_text
-from .pipelines import load_pipeline
+from ..config import FusionConfig, ModelConfig, SamplingConfig
+from ..errors import SettingError
+from ..images import overview
+from ..outputs import write_text
+from ..session import Request, Session
+from ..toy.model import GUIDANCE, SAMPLE_STEPS
+from ..toy.world import STYLES, SUBJECTS
 from .plan_view import heatmap, summary
-from .toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path
-from .toy_world import STYLES, SUBJECTS
 
 PROMPT = "a sks shape in szn style"
 
@@ -31,36 +32,31 @@ def run_demo(
 ) -> Path:
     out = Path(out)
     if subject not in SUBJECTS or style not in STYLES:
-        raise ValueError(f"the demo's subjects are {', '.join(SUBJECTS)} and its styles {', '.join(STYLES)}")
+        raise SettingError(None, f"the demo's subjects are {', '.join(SUBJECTS)} and its styles {', '.join(STYLES)}")
     request = Request(
-        subject=str(toy_lora_path(subject)),
-        style=str(toy_lora_path(style)),
+        subject=f"toy:{subject}",
+        style=f"toy:{style}",
         prompt=PROMPT,
-        base="toy",
-        steps=steps,
-        guidance=GUIDANCE,
-        num_images=num_images,
-        dino_model="toy",
-        device=device,
-        out=str(out),
+        fusion=FusionConfig(method="est"),
+        sampling=SamplingConfig(steps=steps, guidance=GUIDANCE, num_images=num_images, dino_model="toy"),
     )
-    pipe = load_pipeline(request.base, request.device)
-    with fuse(pipe, request.subject, request.style, method="est") as fusion:
+    session = Session.open(ModelConfig(base="toy", device=device), check=request)
+    try:
         print("measuring beta: subject-only and style-only renders, style discrepancy ...")
-        probe = measure_beta(fusion, request, use_cache=False)
+        prepared = session.configure(request, use_cache=False)
+        probe = prepared.probe
         files, sheet = [], []
         for method in ("subject", "style"):
-            with fusion.using(method=method):
-                image = probe.images[method]
-                files.append(save_image(image, out / f"{method}-only-seed0.png", metadata(request, fusion, 0)))
-                sheet.append(image)
+            image = probe.images[method]
+            files.append(session.save(prepared, image, out / f"{method}-only-seed0.png", 0, method=method))
+            sheet.append(image)
         for k in range(num_images):
-            image = render(fusion, request, k, f"fused image {k + 1}/{num_images}")
-            files.append(save_image(image, out / f"fused-est-seed{k}.png", metadata(request, fusion, k)))
+            image = session.render(prepared, k, f"fused image {k + 1}/{num_images}")
+            files.append(session.save(prepared, image, out / f"fused-est-seed{k}.png", k))
             sheet.append(image)
         overview(sheet, out / "overview.png")
-        plan = fusion.plan_for(steps)
-        heatmap(plan, out / "plan.png")
+        plan = prepared.plan
+        heatmap(plan, session.family, out / "plan.png")
         page = "\n".join(
             [
                 "# estlora demo",
@@ -82,7 +78,7 @@ def run_demo(
                 "## The plan",
                 "",
                 "```",
-                summary(plan),
+                summary(plan, session.family),
                 "```",
                 "",
                 "Regenerate any image with the `command` in its JSON sidecar (or its PNG `estlora` text chunk).",
@@ -90,18 +86,8 @@ def run_demo(
             ]
         )
         write_text(out / "summary.md", page)
+    finally:
+        session.close()
     print(f"demo written to {out.resolve()}: {len(files)} images, overview.png, plan.png, summary.md")
     print(f"beta {probe.beta:.4g}; look at {out / 'overview.png'}")
     return out
-
-
-def overview(images: list, path: Path, zoom: int = 4) -> None:
-    """One enlarged row: toy images are 32 x 32, too small to judge at their own size."""
-    from PIL import Image
-
-    w, h = images[0].size
-    sheet = Image.new("RGB", (len(images) * (w * zoom + 8) - 8, h * zoom), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image.resize((w * zoom, h * zoom), Image.NEAREST), (i * (w * zoom + 8), 0))
-    with atomic_path(path) as staging:
-        sheet.save(staging, format="PNG")

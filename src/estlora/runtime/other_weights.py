@@ -1,11 +1,12 @@
-"""LoRA weights outside the attention projections: left out (the reference) or applied statically.
+"""LoRA weights outside the routed linears: left out (the reference) or applied statically.
 
-EST-LoRA routes the UNet's attention projections only. A kohya / Civitai LoRA, or one trained with
-`--train_text_encoder`, also changes feed-forward layers, convolutions and the text encoders. The
-reference ignores those parts (policy `ignore`). Under policy `merge` each LoRA's other part is
-loaded by diffusers' own loader, as a peft adapter, exactly as `load_lora_weights` would load it
-from the whole file, and applied for the whole run at that LoRA's strength, as `set_adapters` does.
-So `method="subject"` with `merge` gives what a plain diffusers run with the subject LoRA gives.
+EST-LoRA routes the denoiser's attention projections (or, with route `blocks`, every linear of its
+transformer blocks). A kohya / Civitai LoRA, or one trained with `--train_text_encoder`, also changes
+other layers, convolutions and the text encoders. The reference ignores those parts (policy
+`ignore`). Under policy `merge` each LoRA's other part is loaded by diffusers' own loader, as a peft
+adapter, exactly as `load_lora_weights` would load it from the whole file, and applied for the whole
+run at that LoRA's strength, as `set_adapters` does. So `method="subject"` with `merge` gives what a
+plain diffusers run with the subject LoRA gives.
 
 The user's own adapters stay active at their own scales; ours are added to each layer's active set.
 """
@@ -17,51 +18,56 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .errors import LoraFormatError
-from .lora import Lora, module_of
+import torch
+
+from ..errors import LoraFormatError
+from ..families import ModelFamily
+from ..files.lora_keys import module_of
+from ..updates import Lora
 
 
-def describe(role: str, lora: Lora, strength: float, policy: str) -> str | None:
-    """One line saying what happens to a LoRA's weights outside the attention projections (None if it has none)."""
-    if not lora.other:
+def describe(role: str, family: ModelFamily, tensors: dict[str, torch.Tensor], strength: float, policy: str) -> str | None:
+    """One line saying what happens to a LoRA's weights outside the routed linears (None if it has none)."""
+    if not tensors:
         return None
-    kinds = ", ".join(sorted(lora.other_modules()))
-    what = f"{role} LoRA: {len(lora.other)} tensors outside the attention projections ({kinds})"
+    kinds = ", ".join(family.other_modules(tensors))
+    what = f"{role} LoRA: {len(tensors)} tensors outside the routed linears ({kinds})"
     if policy == "ignore":
         return f"{what}: ignored, as the reference does (--other-weights merge applies them)"
     return f"{what}: merged statically at strength {strength:g}"
 
 
-def components(pipe) -> list:
-    """The parts diffusers loads LoRA weights into: the UNet and the text encoders."""
-    parts = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
+def components(pipe, family: ModelFamily) -> list:
+    """The parts diffusers loads LoRA weights into (the denoiser and the text encoders)."""
+    parts = [getattr(pipe, name, None) for name in family.lora_components]
     return [part for part in parts if part is not None]
 
 
-def tuner_layers(pipe) -> list:
-    """Every peft LoRA layer in the pipeline's UNet and text encoders."""
+def tuner_layers(pipe, family: ModelFamily) -> list:
+    """Every peft LoRA layer in the pipeline's denoiser and text encoders."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for c in components(pipe) for m in c.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for c in components(pipe, family) for m in c.modules() if isinstance(m, BaseTunerLayer)]
 
 
 class StaticAdapters:
     """Each LoRA's non-attention part as a peft adapter of the pipeline, at a strength set per run."""
 
-    def __init__(self, pipe, loras: dict[str, Lora]):
-        """`loras`: role ("subject", "style") -> LoRA; those without other weights are skipped."""
-        self.pipe = pipe
+    def __init__(self, pipe, family: ModelFamily, loras: dict[str, Lora], tensors: dict[str, dict[str, torch.Tensor]]):
+        """`loras`: role ("subject", "style") -> LoRA; `tensors`: role -> its tensors to load (those
+        outside the route, under the loader's names); a role with none is skipped."""
+        self.pipe, self.family = pipe, family
         # peft freezes what it loads adapters into; remove() gives every parameter its flag back.
-        self.requires_grad = {p: p.requires_grad for c in components(pipe) for p in c.parameters()}
-        had_adapters = bool(tuner_layers(pipe))
+        self.requires_grad = {p: p.requires_grad for c in components(pipe, family) for p in c.parameters()}
+        had_adapters = bool(tuner_layers(pipe, family))
         self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
         self.names: dict[str, str] = {}
         try:
             for role, lora in loras.items():
-                if lora.other:
+                if tensors[role]:
                     self.names[role] = f"estlora-{role}-{lora.sha256[:8]}"
-                    _load(pipe, lora, self.names[role])
+                    _load(pipe, lora, tensors[role], self.names[role])
         except BaseException:
             self.remove()
             raise
@@ -71,7 +77,7 @@ class StaticAdapters:
         """Strength per role; a LoRA at zero is left out of the active set, so nothing is computed for it."""
         strengths = {role: float(weights.get(role, 0.0)) for role in self.names}
         active = self.user_adapters + [name for role, name in self.names.items() if strengths[role]]
-        for layer in tuner_layers(self.pipe):
+        for layer in tuner_layers(self.pipe, self.family):
             layer.set_adapter(active)
             for role, name in self.names.items():
                 layer.set_scale(name, strengths[role])
@@ -84,21 +90,21 @@ class StaticAdapters:
             else:
                 loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
                 self.pipe.delete_adapters([name for name in self.names.values() if name in loaded])
-                for layer in tuner_layers(self.pipe):
+                for layer in tuner_layers(self.pipe, self.family):
                     layer.set_adapter(self.user_adapters)
         for parameter, flag in self.requires_grad.items():
             parameter.requires_grad_(flag)
         self.names = {}
 
 
-def _load(pipe, lora: Lora, name: str) -> None:
-    """diffusers' loader on the file minus its attention projections (same key names, same header)."""
+def _load(pipe, lora: Lora, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """diffusers' loader on the file minus its routed linears (same key names, same header)."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="estlora-") as folder:
         part = Path(folder) / "other.safetensors"
-        metadata = _narrowed(lora.metadata, lora.other)
-        save_file({k: v.contiguous() for k, v in lora.other.items()}, str(part), metadata=metadata or None)
+        metadata = _narrowed(lora.metadata, tensors)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(part), metadata=metadata or None)
         diffusers_log = logging.getLogger("diffusers")
         level = diffusers_log.level
         diffusers_log.setLevel(logging.CRITICAL)  # it logs the failure at length; ours is the one-line error
@@ -107,7 +113,7 @@ def _load(pipe, lora: Lora, name: str) -> None:
         except Exception as exc:
             raise LoraFormatError(
                 lora.path,
-                f"diffusers could not load its weights outside the attention projections ({_reason(exc)}); "
+                f"diffusers could not load its weights outside the routed linears ({_reason(exc)}); "
                 "use --other-weights ignore",
             ) from None
         finally:
@@ -123,8 +129,8 @@ def _reason(exc: Exception) -> str:
 def _narrowed(metadata: dict[str, str], other: dict) -> dict[str, str]:
     """The header, with each component's peft `target_modules` cut down to the modules `other` holds.
 
-    diffusers builds the adapter config from this metadata, and its target list names the attention
-    projections too: left as is, peft would wrap those (with empty factors) under estlora's routing.
+    diffusers builds the adapter config from this metadata, and its target list names the routed
+    linears too: left as is, peft would wrap those (with empty factors) under estlora's routing.
     """
     try:
         config = json.loads(metadata.get("lora_adapter_metadata") or "null")

@@ -191,9 +191,9 @@ def toy_tokenizer():
     """
     from transformers import CLIPTokenizer
 
-    from .tiny_model import _bytes_to_unicode
+    from ..tokenizers import bytes_to_unicode
 
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     chains = {}
     for word in WORDS:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]

@@ -1,0 +1,223 @@
+"""Load one LoRA file, whatever its layout and model family, into per-linear factors keyed by module path.
+
+Every layout found in the wild is normalised to the same thing: for each routable linear of the
+denoiser (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, ...) the down factor A
+(rank x in), the up factor B (out x rank) and the scale diffusers/peft apply, so that
+delta W = scale * B @ A is exactly the update a plain diffusers run would add. The family the file
+was made for reads its layouts (`ModelFamily.lora_parts`); the checks on the values are the same for
+every family and live here.
+
+Only safetensors is read; pickle checkpoints are refused without being opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+
+from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
+from ..families import FAMILIES, ModelFamily, family_named, family_of_lora
+from ..files.lora_keys import check_alpha
+from ..files.safetensors import file_sha256, read_safetensors
+from ..files.sources import resolve_lora_path
+from ..updates import Lora, LoraFactors
+
+def load_lora(
+    source: str | os.PathLike,
+    base_shapes: dict[str, tuple[int, int]] | None = None,
+    base_name: str = "the base model",
+    family: ModelFamily | None = None,
+) -> Lora:
+    """Load and validate one LoRA. Raises a `LoraError` subclass naming the file on bad input.
+
+    With `base_shapes` (routable linear -> (out, in), as `estlora.loading.base.describe_base` gives
+    them), also checks it fits that base; with `family`, that it was made for that family.
+    """
+    path = resolve_lora_path(source)
+    tensors, metadata = read_safetensors(path)
+    found = _family(path, tensors, family)
+    parts = found.lora_parts(path, tensors, metadata)
+    projections = _factors(path, found, parts.parts, metadata)
+    if not projections:
+        raise found.no_projections(path, parts.other)
+    for key, tensor in parts.other.items():  # not routed, but merged under --other-weights merge: broken either way
+        if tensor.is_floating_point() and not torch.isfinite(_arithmetic(tensor)).all():
+            raise LoraValueError(path, f"{key} holds NaN or infinite values")
+    lora = Lora(
+        source=str(source),
+        path=path,
+        layout=parts.layout,
+        projections=projections,
+        other=parts.other,
+        sha256=file_sha256(path),
+        metadata=metadata,
+        family=found.name,
+        projection_keys={module: parts.keys[module] for module in projections},
+    )
+    if base_shapes is not None:
+        check_against_base(lora, base_shapes, base_name)
+    return lora
+
+
+def load_pair(
+    subject: str | os.PathLike,
+    style: str | os.PathLike,
+    base_shapes: dict[str, tuple[int, int]] | None = None,
+    base_name: str = "the base model",
+    family: ModelFamily | None = None,
+) -> tuple[Lora, Lora]:
+    """Subject and style LoRAs, each checked against the base (when given) and against each other."""
+    pair = (
+        load_lora(subject, base_shapes, base_name, family),
+        load_lora(style, base_shapes, base_name, family),
+    )
+    check_pair(*pair)
+    return pair
+
+
+def _family(path, tensors: dict[str, torch.Tensor], family: ModelFamily | None) -> ModelFamily:
+    """The family the file's keys follow; refused in one line when it is no LoRA, or not the given family's."""
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in tensors):
+        # DoRA rescales W + BA by a magnitude vector: its update is not s * B @ A, so energies would lie.
+        raise LoraFormatError(path, "DoRA weights (dora_scale / lora_magnitude_vector) are not supported")
+    keys = list(tensors)
+    found = family_of_lora(keys)
+    if found is None:
+        raise _not_a_lora(path, tensors)
+    if family is not None and found is not family:
+        raise BaseModelMismatchError(path, f"a {found.label} LoRA, but the base is {family.label}")
+    return found
+
+
+def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
+    if not tensors:
+        return LoraFormatError(path, "safetensors file holds no tensors")
+    keys = list(tensors)
+    if any(re.search(r"\.(hada_|lokr_)", k) for k in keys):
+        return LoraFormatError(
+            path, "LyCORIS LoHa/LoKr weights are not LoRA factors; only LoRA (down/up) files are supported"
+        )
+    sample = ", ".join(keys[:2])
+    if any("lora" in k.lower() for k in keys):
+        return LoraFormatError(path, f"holds LoRA keys in a layout estlora does not know; first keys: {sample}")
+    reason = next((r for r in (f.not_a_lora(keys) for f in FAMILIES) if r), None)
+    return LoraFormatError(path, reason or f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}")
+
+
+def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, LoraFactors]:
+    """LoraFactors per module, in the family's order, after checking every part."""
+    from peft.utils.other import get_pattern_key
+
+    meta_alpha, alpha_pattern, rslora = metadata_alphas(metadata, family.lora_prefix)
+    projections = {}
+    for module in family.ordered(parts):
+        got = parts[module]
+        if "A" not in got or "B" not in got:
+            missing = "down (A)" if "A" not in got else "up (B)"
+            raise LoraShapeError(path, f"{module}: {missing} factor missing")
+        down, up = _as_matrix(path, module, got["A"]), _as_matrix(path, module, got["B"])
+        if down.shape[0] != up.shape[1]:
+            raise LoraShapeError(
+                path,
+                f"{module}: rank mismatch, down (A) is {tuple(down.shape)} but up (B) is {tuple(up.shape)}",
+            )
+        for name, tensor in (("down", down), ("up", up)):
+            if not torch.isfinite(tensor).all():
+                raise LoraValueError(path, f"{module}: {name} factor holds NaN or infinite values")
+        rank = down.shape[0]
+        if rank == 0:
+            raise LoraShapeError(path, f"{module}: rank 0 (empty factors)")
+        if "alpha" in got:
+            alpha = float(check_alpha(path, module, got["alpha"]).float().item())
+        elif alpha_pattern and get_pattern_key(alpha_pattern, module) in alpha_pattern:
+            alpha = float(alpha_pattern[get_pattern_key(alpha_pattern, module)])
+        else:
+            alpha = meta_alpha if meta_alpha is not None else float(rank)
+        if not math.isfinite(alpha):
+            raise LoraValueError(path, f"{module}: alpha is {alpha}")
+        projections[module] = LoraFactors(down=down, up=up, alpha=alpha, rslora=rslora)
+    return projections
+
+
+def metadata_alphas(metadata: dict[str, str], prefix: str) -> tuple[float | None, dict[str, float], bool]:
+    """lora_alpha, alpha_pattern and use_rslora from diffusers' adapter metadata for the denoiser."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, {}, False
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, {}, False
+    if not isinstance(config, dict):
+        return None, {}, False
+    # diffusers packs per-component configs as "unet.lora_alpha"; a bare peft config has no prefix.
+    config = {k.removeprefix(f"{prefix}."): v for k, v in config.items() if not k.startswith("text_encoder")}
+    alpha = config.get("lora_alpha")
+    return (
+        (None if alpha is None else float(alpha)),
+        dict(config.get("alpha_pattern") or {}),
+        bool(config.get("use_rslora")),
+    )
+
+
+def _as_matrix(path, module: str, tensor: torch.Tensor) -> torch.Tensor:
+    # Some trainers store linear factors as 1x1 convolutions: (r, in, 1, 1).
+    if tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+        tensor = tensor[:, :, 0, 0]
+    if tensor.ndim != 2:
+        raise LoraShapeError(path, f"{module}: factor has shape {tuple(tensor.shape)}, expected a matrix")
+    if not tensor.is_floating_point():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise LoraValueError(path, f"{module}: factor has dtype {dtype}, expected floats")
+    return _arithmetic(tensor)
+
+
+def _arithmetic(tensor: torch.Tensor) -> torch.Tensor:
+    """fp8 factors as fp32 (exact): torch has no arithmetic on 8-bit floats; peft upcasts them on load too."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
+def check_against_base(lora: Lora, base_shapes: dict[str, tuple[int, int]], base_name: str) -> None:
+    """Raise BaseModelMismatchError unless every projection exists in the base with the same widths."""
+    guess = base_guess(lora)
+    for module, factors in lora.projections.items():
+        expected = base_shapes.get(module)
+        if expected is None:
+            raise BaseModelMismatchError(
+                lora.path, f"made for another base model (looks like {guess}): {base_name} has no module {module}"
+            )
+        got = (factors.out_features, factors.in_features)
+        if got != expected:
+            raise BaseModelMismatchError(
+                lora.path,
+                f"made for another base model (looks like {guess}): {module} is {got[1]}->{got[0]} "
+                f"in the LoRA but {expected[1]}->{expected[0]} in {base_name}",
+            )
+
+
+def base_guess(lora: Lora) -> str:
+    """Which base the LoRA looks made for, from its shapes (SD 1.x, SDXL, ...), for messages and `inspect`."""
+    if not lora.family:
+        return "unknown"
+    shapes = {name: (f.out_features, f.in_features) for name, f in lora.projections.items()}
+    return family_named(lora.family).guess_base(shapes)
+
+
+def check_pair(subject: Lora, style: Lora) -> None:
+    """Raise BaseModelMismatchError if the two LoRAs disagree on their family or a shared projection's shape."""
+    if subject.family and style.family and subject.family != style.family:
+        raise BaseModelMismatchError(
+            style.path, f"made for another model family ({style.family}) than the subject LoRA ({subject.family})"
+        )
+    for module in subject.projections.keys() & style.projections.keys():
+        a, b = subject.projections[module], style.projections[module]
+        if (a.out_features, a.in_features) != (b.out_features, b.in_features):
+            raise BaseModelMismatchError(
+                style.path,
+                f"made for another base model than the subject LoRA {subject.path}: {module} is "
+                f"{b.in_features}->{b.out_features} here but {a.in_features}->{a.out_features} there",
+            )

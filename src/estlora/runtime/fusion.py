@@ -1,0 +1,259 @@
+"""`estlora.fuse`: EST-LoRA (or a baseline) inside a diffusers pipeline the user already has.
+
+    fusion = estlora.fuse(pipe, subject="dog.safetensors", style="watercolor.safetensors", beta=0.6)
+    image = pipe("a sks dog in szn style", num_inference_steps=30).images[0]
+    fusion.set(method="merge")          # re-plans; the LoRAs are not reloaded
+    fusion.remove()                     # the pipeline is exactly as before
+
+The pipeline's model family (`estlora.families`) says which module is the denoiser and which of its
+linears the route covers. Both LoRAs are loaded and checked against that denoiser once. The plan for
+a step count is built (from cached scores) the first time the pipeline runs with that many steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import fields, replace
+
+import torch
+
+from ..config import FusionConfig
+from ..errors import BaseModelMismatchError, FusionError
+from ..families import ModelFamily, family_named, family_of
+from ..loading.lora import check_against_base, check_pair, load_lora
+from ..plan import Plan, build_plan
+from ..score_cache import cached_pair_scores, covers
+from ..updates import Lora
+from .other_weights import StaticAdapters
+from .routing import RoutedLinear, Router, denoising_step
+
+LoraSource = str | os.PathLike | Lora
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 256) -> str:
+    """A model's identity for cached results and image metadata: names, shapes and `samples` evenly
+    spaced values of every parameter, hashed. Two checkpoints never share a cached beta, even loaded
+    from one path or with no path at all (`from_single_file` pipelines have none), and a LoRA merged
+    into a single weight changes it (a low-rank update changes every entry). Values are read in
+    float32 (exact for every float dtype) in one transfer, so it costs milliseconds on a GPU."""
+    digest = hashlib.sha256()
+    picked = []
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name}{tuple(parameter.shape)};".encode())
+        if parameter.is_meta:  # offloaded weights (sequential offload) have no values here
+            continue
+        flat = parameter.detach().reshape(-1)
+        picked.append(flat[:: max(1, flat.numel() // samples)][:samples].to(torch.float32))
+    if picked:
+        digest.update(torch.cat([p.to(picked[0].device) for p in picked]).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Fusion:
+    """Two LoRAs routed into one pipeline's denoiser by a fusion plan."""
+
+    def __init__(
+        self,
+        pipe,
+        subject: Lora,
+        style: Lora,
+        config: FusionConfig,
+        beta_source: str | None = None,
+        family: ModelFamily | None = None,
+    ):
+        self.family = family or family_of(pipe)
+        model = self.family.denoiser_of(pipe)
+        if any(isinstance(m, RoutedLinear) for m in model.modules()):
+            raise FusionError(None, "this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first")
+        shapes = self.family.linear_shapes(model)
+        base_name = getattr(pipe, "name_or_path", None) or f"the pipeline's {self.family.denoiser}"
+        for lora in (subject, style):
+            if lora.family and lora.family != self.family.name:
+                label = family_named(lora.family).label
+                raise BaseModelMismatchError(lora.path, f"a {label} LoRA, but the pipeline is {self.family.label}")
+            check_against_base(lora, shapes, base_name)
+        check_pair(subject, style)
+        self.pipe, self.subject, self.style = pipe, subject, style
+        self.config, self.beta_source = self._resolved(config), beta_source
+        self.fingerprint = weights_fingerprint(model)  # before routing renames its modules
+        self._plans: dict[int, Plan] = {}
+        self._scores = None
+        self._hook = None
+        self._install()
+
+    def _resolved(self, config: FusionConfig) -> FusionConfig:
+        """The family's route where none is given (the plan and metadata name the route used)."""
+        if config.route is None:
+            return replace(config, route=self.family.default_route)
+        self.family.route_pattern(config.route)  # a route this family has, or a SettingError
+        return config
+
+    # ------------------------------------------------------------ plans
+
+    @property
+    def scores(self):
+        if self._scores is None or not covers(self._scores, self.config):
+            self._scores = cached_pair_scores(self.subject, self.style, self.layers, self.config)
+        return self._scores
+
+    def plan_for(self, steps: int) -> Plan:
+        """The plan for a run of `steps` denoising steps (built once per step count and config)."""
+        if steps not in self._plans:
+            hashes = (self.subject.sha256, self.style.sha256)
+            self._plans[steps] = build_plan(self.scores, self.config, steps, hashes, self.beta_source)
+        return self._plans[steps]
+
+    def set(self, beta_source: str | None = None, **changes) -> Fusion:
+        """Change method, beta, alpha, route, strengths...: re-plans (re-routes for a new route), never reloads."""
+        config = self._resolved(replace(self.config, **changes))
+        if config.route != self.config.route:
+            self._uninstall()
+            self.config = config
+            self._scores = None
+            self._install()
+        else:
+            self._apply_other_weights(config)
+            self.config = config
+        if "beta" in changes:
+            self.beta_source = beta_source or ("given" if changes["beta"] is not None else None)
+        self._reset()
+        return self
+
+    def _reset(self) -> None:
+        self._plans.clear()
+        self.router.set_rows([])
+
+    @contextlib.contextmanager
+    def using(self, **changes) -> Iterator[Fusion]:
+        """Temporarily another config (e.g. method="subject" for a reference render)."""
+        saved = (self.config, self.beta_source)
+        self.set(**changes)
+        try:
+            yield self
+        finally:
+            config, beta_source = saved
+            self.set(**{item.name: getattr(config, item.name) for item in fields(config)})
+            self.beta_source = beta_source
+
+    def _apply_other_weights(self, config: FusionConfig) -> None:
+        """Weights outside the routed linears at the config's static strengths (loaded on first use)."""
+        subject, style = config.static_weights
+        unrouted = {role: lora.unrouted(self.routed) for role, lora in (("subject", self.subject), ("style", self.style))}
+        if self.static is None and (subject or style) and any(unrouted.values()):
+            loras = {"subject": self.subject, "style": self.style}
+            self.static = StaticAdapters(self.pipe, self.family, loras, unrouted)
+        if self.static is not None:
+            self.static.set_weights({"subject": subject, "style": style})
+
+    # ------------------------------------------------------------ the pipeline side
+
+    def _install(self) -> None:
+        model = self.family.denoiser_of(self.pipe)
+        touched = set(self.subject.projections) | set(self.style.projections)
+        self.layers = self.family.routed(touched, self.config.route)
+        self.routed = frozenset(self.layers)
+        self.router = Router(len(self.layers))
+        self.static: StaticAdapters | None = None  # the LoRAs' weights outside the route, when merged
+        # Frozen as peft freezes a model it loads adapters into (every parameter but its `lora_` ones):
+        # on the CPU torch picks another matmul kernel for weights that require grad, so otherwise a
+        # fused run could differ from a diffusers LoRA run in the last bits. remove() unfreezes them.
+        self._frozen = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+        for parameter in self._frozen:
+            parameter.requires_grad_(False)
+        self._originals = {}
+        for index, name in enumerate(self.layers):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            self._originals[name] = original
+            routed = RoutedLinear(
+                original, index, self.router, self.subject.projections.get(name), self.style.projections.get(name)
+            )
+            setattr(parent, child, routed)
+        parameters = list(inspect.signature(model.forward).parameters)
+        argument = self.family.timestep_argument
+        self._timestep_at = parameters.index(argument) if argument in parameters else None
+        # Runs as Python even in a compiled model: a new step is new data, not a new graph. (Wrapped
+        # here, not decorated: the decorator would import torch._dynamo, 0.9 s, with `import estlora`.)
+        hook = torch.compiler.disable(self._on_denoiser_call)
+        self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        self._apply_other_weights(self.config)
+
+    def _timestep(self, args: tuple, kwargs: dict):
+        name, at = self.family.timestep_argument, self._timestep_at
+        if name in kwargs:
+            return kwargs[name]
+        return args[at] if at is not None and at < len(args) else None
+
+    def _on_denoiser_call(self, module, args, kwargs) -> None:
+        scheduler = self.pipe.scheduler
+        step = None  # outside a sampling run: the base model alone
+        if getattr(scheduler, "num_inference_steps", None) is not None:
+            step, steps = denoising_step(scheduler, lambda: self._timestep(args, kwargs))
+            if step is not None and len(self.router.rows) != steps:
+                self.router.set_rows(self.scale_rows(self.plan_for(steps)))
+        device = next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), self.router.scales.device)
+        if step != self.router.step or self.router.scales.device != device:
+            self.router.go_to(step, device)
+
+    def scale_rows(self, plan: Plan) -> list[list[tuple[float, float]]]:
+        """Per step and projection, (w_c * alpha_c / r_c, w_s * alpha_s / r_s): what each LoRA is multiplied by.
+
+        Worked out in peft's order of operations (`LoraFactors.scale_at`), so results match it bit for bit.
+        """
+        factors = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
+        return [
+            [
+                (c.scale_at(w_c) if c and w_c else 0.0, s.scale_at(w_s) if s and w_s else 0.0)
+                for (w_c, w_s), (c, s) in zip(row, factors, strict=True)
+            ]
+            for row in plan.weights.tolist()
+        ]
+
+    def _uninstall(self) -> None:
+        self._hook.remove()
+        self._hook = None
+        model = self.family.denoiser_of(self.pipe)
+        for name, original in self._originals.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, original)
+        self._originals = {}
+        if self.static is not None:  # first: it puts back the flags it found, some frozen by _install
+            self.static.remove()
+            self.static = None
+        for parameter in self._frozen:
+            parameter.requires_grad_(True)
+        self._frozen = []
+
+    def remove(self) -> None:
+        """Put the original linears back and drop the hook: the pipeline is as it was."""
+        if self._hook is not None:
+            self._uninstall()
+
+    def __enter__(self) -> Fusion:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def fuse(
+    pipe, subject: LoraSource, style: LoraSource, method: str = "est", beta: float | None = None, **options
+) -> Fusion:
+    """Route a subject and a style LoRA into `pipe` (a diffusers pipeline of a family estlora serves) by a plan.
+
+    `subject`/`style`: a .safetensors file, a folder holding one, a hub id, or an already loaded
+    `estlora.updates.Lora`. `method`: est (default), klora, merge, switch, subject, style. `beta`: the
+    time offset; for est, measure it with `estlora.beta.measure_beta` (CLI: `--beta auto`), else
+    K-LoRA's 0.5 is used. Other options are `FusionConfig` fields (route, alpha, pattern, gamma_rule,
+    subject_scale, style_scale, raw_energy, switch_every, other_weights: "ignore" the LoRAs' weights
+    outside the routed linears, as the reference does, or "merge" them statically).
+    """
+    family = family_of(pipe)
+    loras = [s if isinstance(s, Lora) else load_lora(s, family=family) for s in (subject, style)]
+    config = FusionConfig(method=method, beta=beta, **options)
+    return Fusion(pipe, *loras, config, beta_source="given" if beta is not None else None, family=family)
