@@ -26,7 +26,7 @@ from generation import DTYPES, build, model_arguments, peft_state, random_lora, 
 
 import estlora
 from estlora.fusion import unet_projection_shapes
-from estlora.lora import Lora
+from estlora.updates import Lora
 
 CONFIGS = ("single eager", "est eager", "single compiled", "est compiled")
 

@@ -31,7 +31,7 @@ from torch import nn
 
 import estlora
 from estlora.fusion import unet_projection_shapes
-from estlora.lora import Lora, LoraFactors
+from estlora.updates import Lora, LoraFactors
 
 CONFIGS = ("none", "single", "merge", "est", "klora", "research")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # the SDXL model's: fp16 as on GPUs, fp32 for CPUs
@@ -117,7 +117,7 @@ def build(model: str, device: str, size: int | None = None, dtype: torch.dtype =
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if model == "tiny":
-        from estlora.tiny_model import builtin_tiny_sdxl
+        from estlora.testing.tiny_sdxl import builtin_tiny_sdxl
 
         pipe = StableDiffusionXLPipeline.from_pretrained(builtin_tiny_sdxl()).to(device)
         embeds = pipe.encode_prompt("a photo of sks dog in szn style", device=device, do_classifier_free_guidance=True)

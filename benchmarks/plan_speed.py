@@ -22,7 +22,7 @@ import torch
 
 from estlora import plan as P
 from estlora.base import SDXL_UNET_CONFIG, projection_shapes
-from estlora.lora import Lora, LoraFactors
+from estlora.updates import Lora, LoraFactors
 
 
 def random_lora(shapes, rank: int, seed: int) -> Lora:
@@ -82,9 +82,9 @@ def measure_pair(shapes, rank_c: int, rank_s: int, steps: int, repeats: int, top
 def measure_probe(steps: int) -> dict:
     """The beta probe on the tiny SDXL: two renders + DINO when new, a file read when cached."""
     import estlora
-    from estlora.pipelines import load_pipeline
-    from estlora.tiny_encoders import builtin_tiny_dino
-    from estlora.tiny_model import builtin_tiny_sdxl
+    from estlora.loading.base import load_pipeline
+    from estlora.testing.tiny_encoders import builtin_tiny_dino
+    from estlora.testing.tiny_sdxl import builtin_tiny_sdxl
 
     pipe = load_pipeline(builtin_tiny_sdxl(), "cpu")
     pipe.set_progress_bar_config(disable=True)

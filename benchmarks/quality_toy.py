@@ -25,11 +25,11 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 import estlora
-from estlora.evaluation import bootstrap_ci
-from estlora.pipelines import load_pipeline
-from estlora.toy_model import GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
-from estlora.toy_scorer import load_scorer, predict
-from estlora.toy_world import BASE_SHAPES, BASE_TEXTURES, COLOURS, STYLES, SUBJECTS, Scene, caption
+from estlora.commands.evaluation import bootstrap_ci
+from estlora.loading.base import load_pipeline
+from estlora.toy.model import GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy.scorer import load_scorer, predict
+from estlora.toy.world import BASE_SHAPES, BASE_TEXTURES, COLOURS, STYLES, SUBJECTS, Scene, caption
 
 FUSED_PROMPT = "a sks shape in szn style"
 METHODS = {  # row name: fusion settings

@@ -157,7 +157,7 @@ def tiny_sdxl_with_distinct_encoders():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from estlora.tiny_model import build_tiny_sdxl
+    from estlora.testing.tiny_sdxl import build_tiny_sdxl
 
     pipe = build_tiny_sdxl()
     torch.manual_seed(1)

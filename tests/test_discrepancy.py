@@ -17,7 +17,7 @@ from estlora.discrepancy import (
     style_discrepancy,
 )
 from estlora.errors import EstloraError
-from estlora.tiny_encoders import builtin_tiny_dino, write_tiny_dino
+from estlora.testing.tiny_encoders import builtin_tiny_dino, write_tiny_dino
 
 
 @pytest.fixture(scope="module")

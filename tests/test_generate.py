@@ -13,13 +13,14 @@ from PIL import Image
 
 from estlora import discrepancy
 from estlora.cli import main
+from estlora.errors import SettingError
 
 PROMPT = "a photo of sks dog in szn style"
 
 
 @pytest.fixture(scope="module")
 def tiny_dino(tmp_path_factory):
-    from estlora.tiny_encoders import write_tiny_dino
+    from estlora.testing.tiny_encoders import write_tiny_dino
 
     return write_tiny_dino(tmp_path_factory.mktemp("dino") / "dino")
 
@@ -139,7 +140,7 @@ def test_a_lora_that_changes_nothing_is_named(tiny_dir, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from estlora.lora import load_lora
+    from estlora.loading.lora import load_lora
 
     state = load_file(str(load_lora("example:style").path))
     zero = {k: torch.zeros_like(v) if "lora_B" in k or "lora.up" in k else v for k, v in state.items()}
@@ -149,7 +150,7 @@ def test_a_lora_that_changes_nothing_is_named(tiny_dir, tmp_path, capsys):
     args[args.index("example:style")] = str(tmp_path / "untrained.safetensors")
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "warning: the style LoRA changes nothing: its update is zero in every attention projection" in said
+    assert "warning: the style LoRA changes nothing: its update is zero in every routed linear" in said
     assert "subject LoRA changes nothing" not in said
 
 
@@ -179,25 +180,24 @@ def test_demo(tmp_path, capsys):
 
 
 def test_every_scheduler_is_built_from_the_bases_own_config(tiny_dir):
-    from estlora.fusion import scheduler_settings
-    from estlora.pipelines import SCHEDULERS, load_pipeline, set_scheduler
+    from estlora.families.sdxl import SCHEDULERS, SDXL
+    from estlora.loading.base import load_pipeline
+    from estlora.loading.samplers import make_scheduler, scheduler_settings
 
-    pipe = load_pipeline(tiny_dir)
-    own = pipe.scheduler
+    own = load_pipeline(tiny_dir).scheduler
     settings = {}
     for name, choice in SCHEDULERS.items():
-        set_scheduler(pipe, name)
+        scheduler = make_scheduler(own, SDXL(), name)
         expected = type(own).__name__ if choice is None else choice[0]
-        assert type(pipe.scheduler).__name__ == expected
-        assert pipe.scheduler.config.beta_schedule == own.config.beta_schedule == "scaled_linear"
-        assert pipe.scheduler.config.timestep_spacing == own.config.timestep_spacing
-        settings[name] = scheduler_settings(pipe.scheduler)
+        assert type(scheduler).__name__ == expected
+        assert scheduler.config.beta_schedule == own.config.beta_schedule == "scaled_linear"
+        assert scheduler.config.timestep_spacing == own.config.timestep_spacing
+        settings[name] = scheduler_settings(scheduler)
     assert settings["dpm++2m-karras"]["use_karras_sigmas"] and not settings["dpm++2m"]["use_karras_sigmas"]
     assert settings["dpm++2m-sde-karras"]["algorithm_type"] == "sde-dpmsolver++"
-    set_scheduler(pipe, "default")
-    assert pipe.scheduler is own
-    with pytest.raises(ValueError, match="scheduler must be one of default, euler"):
-        set_scheduler(pipe, "dpm++ 2m")
+    assert make_scheduler(own, SDXL(), "default") is own
+    with pytest.raises(SettingError, match="scheduler: must be one of default, euler"):
+        make_scheduler(own, SDXL(), "dpm++ 2m")
 
 
 @pytest.mark.parametrize("name", ["dpm++2m-karras", "euler-a"])
@@ -207,8 +207,8 @@ def test_scheduler_choice_equals_a_plain_diffusers_run(tiny_dir, tmp_path, name)
     import diffusers
     import torch
 
-    from estlora.lora import load_lora
-    from estlora.pipelines import SCHEDULERS
+    from estlora.families.sdxl import SCHEDULERS
+    from estlora.loading.lora import load_lora
 
     assert main(gen_args(tiny_dir, tmp_path, "--method", "subject", "--scheduler", name, "--seed", "4")) == 0
     (png,) = tmp_path.glob("*.png")
@@ -227,7 +227,7 @@ def test_guidance_rescale_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     import diffusers
     import torch
 
-    from estlora.lora import load_lora
+    from estlora.loading.lora import load_lora
 
     assert main(gen_args(tiny_dir, tmp_path, "--method", "subject", "--guidance-rescale", "0.7", "--seed", "2")) == 0
     (png,) = tmp_path.glob("*.png")
@@ -246,8 +246,10 @@ def test_timestep_spacing_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     import diffusers
     import torch
 
-    from estlora.lora import load_lora
-    from estlora.pipelines import load_pipeline, set_scheduler
+    from estlora.families.sdxl import SDXL
+    from estlora.loading.base import load_pipeline
+    from estlora.loading.lora import load_lora
+    from estlora.loading.samplers import make_scheduler
 
     args = ["--method", "subject", "--scheduler", "euler-a", "--timestep-spacing", "trailing", "--seed", "6"]
     assert main(gen_args(tiny_dir, tmp_path, *args)) == 0
@@ -258,37 +260,34 @@ def test_timestep_spacing_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     plain.load_lora_weights(str(load_lora("example:subject").path))
     expected = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(6))
     assert np.array_equal(pixels(png), np.asarray(expected.images[0]))
-    pipe = load_pipeline(tiny_dir)
-    own = pipe.scheduler
-    set_scheduler(pipe, "default", "trailing")
-    pipe.scheduler.set_timesteps(3)
-    assert type(pipe.scheduler) is type(own) and pipe.scheduler.timesteps.tolist() == [
-        999,
-        666,
-        332,
-    ]  # round(1000 - 1000 k / 3) - 1
-    with pytest.raises(ValueError, match="timestep spacing must be one of leading, trailing, linspace"):
-        set_scheduler(pipe, "euler", "uniform")
+    own = load_pipeline(tiny_dir).scheduler
+    trailing = make_scheduler(own, SDXL(), "default", "trailing")
+    trailing.set_timesteps(3)
+    assert type(trailing) is type(own) and trailing.timesteps.tolist() == [999, 666, 332]  # round(1000 - 1000 k / 3) - 1
+    with pytest.raises(SettingError, match="timestep-spacing: must be one of leading, trailing, linspace"):
+        make_scheduler(own, SDXL(), "euler", "uniform")
 
 
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--steps", "0", "steps must be at least 1, not 0"),
-        ("--num-images", "0", "num-images must be at least 1, not 0"),
-        ("--beta-probe-steps", "-2", "beta-probe-steps must be at least 1, not -2"),
-        ("--width", "100", "width must be a positive multiple of 8 (the VAE's scale), not 100"),
-        ("--height", "0", "height must be a positive multiple of 8 (the VAE's scale), not 0"),
-        ("--guidance-rescale", "1.5", "guidance-rescale must be between 0 and 1, not 1.5"),
+        ("--steps", "0", "steps: must be at least 1, not 0"),
+        ("--num-images", "0", "num-images: must be at least 1, not 0"),
+        ("--beta-probe-steps", "-2", "beta-probe-steps: must be at least 1, not -2"),
+        ("--width", "100", "width: must be a multiple of 8 on SDXL (the VAE's scale), not 100"),
+        ("--height", "0", "height: must be at least 8, not 0"),
+        ("--guidance-rescale", "1.5", "guidance-rescale: must be at most 1, not 1.5"),
+        ("--seed", "-1", "seed: must be at least 0, not -1"),
+        ("--alpha", "nan", "alpha: must be a finite number, not nan"),
     ],
 )
 def test_settings_out_of_range_are_refused_before_loading(
     tiny_dir, tmp_path, capsys, monkeypatch, flag, value, message
 ):
     """diffusers would fail later, `--steps 0` with a ZeroDivisionError traceback."""
-    import estlora.generate
+    import estlora.session
 
-    monkeypatch.setattr(estlora.generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(estlora.session, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     out = tmp_path / "out"
     assert main([*gen_args(tiny_dir, out, "--beta", "0.5"), flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"estlora: error: {message}"

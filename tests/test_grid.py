@@ -17,13 +17,13 @@ import yaml
 from PIL import Image
 
 from estlora.cli import main
-from estlora.evaluation import bootstrap_ci
-from estlora.grid import GridSpec, jobs, manifest_entries, share
+from estlora.commands.evaluation import bootstrap_ci
+from estlora.commands.grid import GridSpec, jobs, manifest_entries, share
 
 
 @pytest.fixture(scope="module")
 def encoders():
-    from estlora.tiny_encoders import builtin_tiny_clip, builtin_tiny_dino
+    from estlora.testing.tiny_encoders import builtin_tiny_clip, builtin_tiny_dino
 
     return str(builtin_tiny_clip()), str(builtin_tiny_dino())
 
@@ -182,11 +182,15 @@ def test_bad_specs(tmp_path, spec_file, capsys):
     bad.write_text("subjects: [{name: s, lora: x}]\nstyles: [{name: t, lora: y}]\nsteeps: 3\n")
     assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "unknown grid settings: steeps" in capsys.readouterr().err
-    bad.write_text("subjects: [{name: s, lora: x}]\nstyles: [{name: t, lora: y}]\nwidth: 100\n")
+    loras = "subjects: [{name: s, lora: 'example:subject'}]\nstyles: [{name: t, lora: 'example:style'}]\n"
+    bad.write_text(loras + "width: 100\n")
     assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2  # before the model or any file
-    assert "width must be a positive multiple of 8 (the VAE's scale), not 100" in capsys.readouterr().err
+    assert "width: must be a multiple of 8 on SDXL (the VAE's scale), not 100" in capsys.readouterr().err
+    bad.write_text(loras + "alpha: [1.0, .nan]\n")  # a varied setting: every value is checked
+    assert main(["grid", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "alpha: must be a finite number, not nan" in capsys.readouterr().err
     assert main(["grid", str(spec_file), "--steps", "0", "--out", str(tmp_path / "r")]) == 2
-    assert "steps must be at least 1, not 0" in capsys.readouterr().err
+    assert "steps: must be at least 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     run = tmp_path / "run"
     run.mkdir()

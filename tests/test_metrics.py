@@ -18,7 +18,7 @@ from estlora.metrics import (
     neutral_prompt,
     paired_cosine,
 )
-from estlora.tiny_encoders import builtin_tiny_clip, write_tiny_clip
+from estlora.testing.tiny_encoders import builtin_tiny_clip, write_tiny_clip
 
 PROMPTS = ["a dog", "a dog in watercolor style", "a cat on a beach", "an oil painting of a dog", "x"]
 

@@ -1,8 +1,9 @@
-"""LoRA weights outside the attention projections (feed-forward, conv, text encoders): ignore or merge.
+"""LoRA weights outside the routed linears (feed-forward, conv, text encoders): ignore or merge.
 
 With `other_weights="merge"` a one-LoRA method must give exactly what a plain diffusers run with
-that whole file gives (bit for bit, tiny SDXL, fp32, CPU); with "ignore" (the reference, default),
-exactly what diffusers gives for the file's attention projections alone.
+that whole file gives (bit for bit, tiny SDXL, fp32, CPU), whichever route routes the rest; with
+"ignore" (the reference, default), exactly what diffusers gives for the file's attention
+projections alone.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from safetensors.torch import save_file
 
 import estlora
 from estlora.errors import LoraFormatError
-from estlora.lora import load_lora
-from test_lora_formats import comfy_name, kohya_name
+from estlora.loading.lora import load_lora
+from test_lora_formats import attention, beside_attention, comfy_name, kohya_name
 from test_routing import load_pipe, run
 
 # kohya's names (SGM blocks) for non-attention modules, and the diffusers module each one is.
@@ -143,7 +144,7 @@ def test_one_lora_with_merge_equals_a_plain_diffusers_run(pipe, tiny_dir, kohya_
     """diffusers cannot read ComfyUI's layout: its reference is the same LoRA in kohya's."""
     path = request.getfixturevalue(which)
     lora = load_lora(path)
-    assert lora.other, "the file has weights outside the attention projections"
+    assert lora.unrouted(attention(lora)), "the file has weights outside the attention projections"
     assert lora.layout == {"kohya_path": "kohya", "peft_path": "diffusers-peft", "comfy_path": "comfyui"}[which]
     expected = plain_diffusers(load_pipe(tiny_dir), kohya_path if which == "comfy_path" else path)
     with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge"):
@@ -151,6 +152,9 @@ def test_one_lora_with_merge_equals_a_plain_diffusers_run(pipe, tiny_dir, kohya_
     assert torch.equal(got, expected)
     with estlora.fuse(pipe, load_lora("example:subject"), lora, method="style") as fusion:
         fusion.set(other_weights="merge")  # loaded on first use, under the routing already in place
+        assert torch.equal(run(pipe), expected)
+    with estlora.fuse(pipe, lora, "example:style", method="subject", other_weights="merge", route="blocks") as fusion:
+        assert fusion.routed > attention(lora)  # its feed-forward and proj_in are routed, not merged
         assert torch.equal(run(pipe), expected)
 
 
@@ -223,16 +227,24 @@ def test_weights_diffusers_cannot_load_are_one_clear_error(pipe, kohya_path, tmp
     from safetensors.torch import load_file
 
     state = load_file(str(kohya_path))
-    state["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"] = torch.zeros(4, 3)  # wrong width
+    conv = state["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"]
+    state["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"] = torch.zeros(4, 3, *conv.shape[2:])  # wrong width
     save_file(state, str(tmp_path / "bad.safetensors"))
     untouched = run(pipe)
     with pytest.raises(LoraFormatError) as error:
         estlora.fuse(pipe, tmp_path / "bad.safetensors", "example:style", other_weights="merge")
     message = str(error.value)
     assert "\n" not in message
-    assert re.match(r".*bad\.safetensors: diffusers could not load its weights outside the attention", message)
-    assert "size mismatch for down_blocks.1.attentions.0.proj_in" in message
+    assert re.match(r".*bad\.safetensors: diffusers could not load its weights outside the routed linears", message)
+    assert "size mismatch for down_blocks.0.resnets.0.conv1" in message
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+    assert torch.equal(run(pipe), untouched)
+    # A routable linear of the wrong width (any route may route it) is refused before diffusers sees it.
+    state = load_file(str(kohya_path))
+    state["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"] = torch.zeros(4, 3)
+    save_file(state, str(tmp_path / "bad-proj.safetensors"))
+    with pytest.raises(estlora.errors.BaseModelMismatchError, match="proj_in is 3->64 in the LoRA but 64->64"):
+        estlora.fuse(pipe, tmp_path / "bad-proj.safetensors", "example:style", other_weights="merge")
     assert torch.equal(run(pipe), untouched)
 
 
@@ -250,11 +262,11 @@ def test_cli_says_which_policy_applies_and_records_it(tiny_dir, kohya_path, tmp_
         return np.asarray(Image.open(png)), json.loads(png.with_suffix(".json").read_text())
 
     ignored, _ = generate(tmp_path / "ignore")
-    assert "subject LoRA: 48 tensors outside the attention projections" in capsys.readouterr().out
+    assert "subject LoRA: 48 tensors outside the routed linears" in capsys.readouterr().out
     merged, meta = generate(tmp_path / "merge", "--other-weights", "merge")
     said = capsys.readouterr().out
     assert re.search(
-        r"subject LoRA: 48 tensors outside the attention projections \(UNet conv/resnet/projection, "
+        r"subject LoRA: 48 tensors outside the routed linears \(UNet conv/resnet/projection, "
         r"UNet feed-forward, text encoder 1, text encoder 2\): merged statically at strength 1\n",
         said,
     )
@@ -290,8 +302,9 @@ def test_locon_on_every_unet_layer_equals_diffusers(pipe, tiny_dir, tmp_path):
     path = tmp_path / "locon.safetensors"
     save_file(state, str(path))
     lora = load_lora(path)
-    assert len(lora.projections) == 560 and sum(lora.other_modules().values()) == len(state) // 3 - 560
-    assert lora.other_modules() == {
+    assert len(attention(lora)) == 560 and len(lora.projections) == 560 + 140 + 22  # + feed-forward, proj_in/out
+    assert sum(beside_attention(lora).values()) == len(state) // 3 - 560
+    assert beside_attention(lora) == {
         "UNet feed-forward": 140,
         "UNet conv/resnet/projection": 89,
         "UNet time/size embedding": 4,
@@ -299,9 +312,12 @@ def test_locon_on_every_unet_layer_equals_diffusers(pipe, tiny_dir, tmp_path):
     expected = plain_diffusers(load_pipe(tiny_dir), path)
     with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge") as fusion:
         merged = run(pipe)
+        fusion.set(route="blocks")  # feed-forward and proj_in/out routed now, the rest still merged
+        assert len(fusion.layers) == 722
+        blocks = run(pipe)
         fusion.set(other_weights="ignore")
         ignored = run(pipe)
-    assert torch.equal(merged, expected) and not torch.equal(ignored, expected)
+    assert torch.equal(merged, expected) and torch.equal(blocks, expected) and not torch.equal(ignored, expected)
 
 
 def test_lycoris_library_file_with_merge_equals_its_kohya_twin(pipe, tiny_dir, tiny_shapes, tmp_path):
@@ -319,6 +335,6 @@ def test_lycoris_library_file_with_merge_equals_its_kohya_twin(pipe, tiny_dir, t
     save_file(lycoris, str(tmp_path / "lycoris.safetensors"))
     expected = plain_diffusers(load_pipe(tiny_dir), tmp_path / "kohya.safetensors")
     lora = load_lora(tmp_path / "lycoris.safetensors")
-    assert lora.layout == "lycoris" and lora.other_modules() == {"UNet conv/resnet/projection": 1}
+    assert lora.layout == "lycoris" and beside_attention(lora) == {"UNet conv/resnet/projection": 1}
     with estlora.fuse(pipe, lora, load_lora("example:style"), method="subject", other_weights="merge"):
         assert torch.equal(run(pipe), expected)

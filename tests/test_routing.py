@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import estlora
-from estlora import fusion as fusion_module
-from estlora.lora import load_lora
+from estlora.loading.lora import load_lora
+from estlora.runtime import fusion as fusion_module
 
 PROMPT = "a photo of sks dog in szn style"
 
@@ -130,7 +130,7 @@ def test_remove_restores_the_pipeline(pipe, loras):
 
 def test_est_routes_each_projection_per_step(pipe, loras, monkeypatch):
     """Spy on every routed projection: at step i it applies exactly the plan's row i."""
-    from estlora.routing import RoutedLinear
+    from estlora.runtime.routing import RoutedLinear
 
     seen = {}
     original = RoutedLinear.forward
@@ -275,7 +275,7 @@ def test_torch_compile_reuses_one_graph_across_steps(tiny_dir, loras):
 def test_fuse_into_a_unet_compiled_first(tiny_dir, loras):
     """`torch.compile(pipe.unet)` wraps the UNet (its module names gain `_orig_mod.`): fuse routes
     the UNet inside, and remove() restores it."""
-    from estlora.routing import RoutedLinear
+    from estlora.runtime.routing import RoutedLinear
 
     pipe = load_pipe(tiny_dir)
     inner = pipe.unet
@@ -296,3 +296,57 @@ def test_importing_estlora_does_not_import_the_compiler():
     code = "import sys, estlora; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_between_pipeline_calls_the_unet_is_the_base_alone(pipe, loras):
+    """After a run (and before any), a direct call of the routed UNet, positional or by keywords,
+    gives the base's output: the plan's rows apply inside a sampling run only."""
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 32, 32, generator=generator)
+    text = torch.randn(2, 77, 64, generator=generator)
+    added = {"text_embeds": torch.randn(2, 32, generator=generator), "time_ids": torch.randn(2, 6, generator=generator)}
+
+    def direct(**kwargs):
+        with torch.no_grad():
+            return pipe.unet(sample=sample, timestep=torch.tensor(999), encoder_hidden_states=text, **kwargs).sample
+
+    base = direct(added_cond_kwargs=added)
+    with estlora.fuse(pipe, *loras, method="est", beta=0.3) as fusion:
+        assert torch.equal(direct(added_cond_kwargs=added), base)
+        run(pipe, steps=4)
+        assert fusion.router.step is not None  # the run's last step was routed
+        assert torch.equal(direct(added_cond_kwargs=added), base)
+        with torch.no_grad():
+            positional = pipe.unet(sample, 999, text, added_cond_kwargs=added).sample
+        assert torch.equal(positional, base)
+
+
+def test_denoising_step_outside_a_run():
+    """The step counter past the schedule's end, or a timestep not in a counter-less schedule: no step."""
+    import diffusers
+
+    from estlora.runtime.routing import denoising_step
+
+    euler = diffusers.EulerDiscreteScheduler()
+    euler.set_timesteps(4)
+    assert denoising_step(euler, lambda: euler.timesteps[0]) == (0, 4)  # before the first step: the first
+    euler._step_index = 4
+    assert denoising_step(euler, lambda: None) == (None, 4)
+    euler._step_index, euler._begin_index = None, 2  # img2img: the begin index
+    assert denoising_step(euler, lambda: 0.0) == (2, 4)
+    ddim = diffusers.DDIMScheduler()
+    ddim.set_timesteps(4)
+    assert [denoising_step(ddim, lambda t=t: t)[0] for t in ddim.timesteps] == [0, 1, 2, 3]
+    assert denoising_step(ddim, lambda: 998) == (None, 4)
+
+
+def test_weights_fingerprint_covers_the_routed_weights(tiny_dir):
+    """Two loads of one model share it; a LoRA merged into a single attention weight changes it."""
+    from estlora.runtime.fusion import weights_fingerprint
+
+    unet = load_pipe(tiny_dir).unet
+    assert weights_fingerprint(unet) == weights_fingerprint(load_pipe(tiny_dir).unet)
+    weight = unet.get_submodule("up_blocks.0.attentions.1.transformer_blocks.3.attn2.to_v").weight
+    with torch.no_grad():
+        weight += 1e-3 * torch.randn(weight.shape[0], 2) @ torch.randn(2, weight.shape[1])
+    assert weights_fingerprint(unet) != weights_fingerprint(load_pipe(tiny_dir).unet)

@@ -16,19 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from estlora.base import (
-    DEFAULT_BASE,
-    SGM_ATTENTION,
-    SGM_UNET,
-    base_projection_shapes,
-    projection_shapes,
-    sgm_attention_module,
-)
+from conftest import attention_shapes
+from estlora.families.sdxl import DEFAULT_BASE, SGM_ROUTABLE, SGM_UNET, sgm_module
 from estlora.cli import main
 from estlora.errors import BaseModelError
-from estlora.examples import example_state_dict
-from estlora.fusion import unet_fingerprint
-from estlora.pipelines import load_pipeline
+from estlora.testing.examples import example_state_dict
+from estlora.loading.base import describe_base, load_pipeline
+from estlora.runtime.fusion import weights_fingerprint
 from sgm_checkpoint import tiny_sdxl_with_distinct_encoders, vae_to_sgm, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -41,7 +35,7 @@ def checkpoint(tmp_path_factory):
     pipe = tiny_sdxl_with_distinct_encoders()
     pipe.save_pretrained(root / "folder")
     write_single_file(pipe, root / "tiny-sdxl.safetensors")
-    shapes = projection_shapes(dict(pipe.unet.config))
+    shapes = attention_shapes(dict(pipe.unet.config))
     for name in ("subject", "style"):
         state, config = example_state_dict(name, shapes)
         metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})}
@@ -64,17 +58,17 @@ def test_header_names_map_to_the_modules_diffusers_loads_them_into(checkpoint):
     unet = load_pipeline(single, config=folder).unet
     modules = dict(unet.named_modules())
     state = load_file(single)
-    attention = {k: v for k, v in state.items() if SGM_ATTENTION.match(k)}
-    assert len(attention) == 560
-    for key, tensor in attention.items():
-        assert torch.equal(modules[sgm_attention_module(key)].weight, tensor), key
+    routable = {k: v for k, v in state.items() if SGM_ROUTABLE.match(k)}
+    assert len(routable) == 722  # route blocks: attention, proj_in/out, feed-forward
+    for key, tensor in routable.items():
+        assert torch.equal(modules[sgm_module(key)].weight, tensor), key
 
 
 def test_shapes_come_from_the_header_and_match_the_config(checkpoint):
     single, folder, _ = checkpoint
-    shapes = base_projection_shapes(single, folder)
-    assert shapes == base_projection_shapes(folder)
-    assert len(shapes) == 560 and shapes["mid_block.attentions.0.transformer_blocks.9.attn2.to_k"] == (64, 80)
+    shapes = describe_base(single, folder).shapes
+    assert shapes == describe_base(folder).shapes
+    assert len(shapes) == 722 and shapes["mid_block.attentions.0.transformer_blocks.9.attn2.to_k"] == (64, 80)
 
 
 def test_generate_from_the_file_equals_a_plain_diffusers_run(checkpoint, tmp_path):
@@ -92,11 +86,12 @@ def test_generate_from_the_file_equals_a_plain_diffusers_run(checkpoint, tmp_pat
     assert main([*args, "--out", str(tmp_path)]) == 0
     (png,) = tmp_path.glob("*.png")
     plain = StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder))
+    fingerprint = weights_fingerprint(plain.unet)  # the base's weights, before any LoRA
     plain.load_lora_weights(subject)
     expected = plain("a dog", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected.images[0]))
     meta = json.loads(png.with_suffix(".json").read_text())
-    assert meta["base_unet"] == unet_fingerprint(plain.unet)
+    assert meta["base_fingerprint"] == fingerprint
     assert meta["settings"]["base_config"] == str(folder)
     assert f"--base {single} --base-config {folder}" in meta["command"]
 
@@ -194,7 +189,7 @@ def test_bad_single_files_are_refused_in_one_line(case, checkpoint, tmp_path):
     error, words, build = BAD_FILES[case]
     path = build(checkpoint, tmp_path)
     with pytest.raises(error) as info:
-        base_projection_shapes(path, checkpoint[1])
+        describe_base(path, checkpoint[1])
     message = str(info.value)
     assert message.startswith(f"{path}: ") and words in message and "\n" not in message
 
@@ -215,10 +210,10 @@ def test_cli_refuses_a_bad_base_before_loading_and_writes_nothing(checkpoint, tm
 def test_without_a_config_the_file_must_have_sdxl_shapes(checkpoint):
     single, _, _ = checkpoint
     with pytest.raises(BaseModelError) as info:
-        base_projection_shapes(single)
+        describe_base(single)
     assert f"its UNet does not have the shapes of {DEFAULT_BASE}'s UNet" in str(info.value)
     assert (
-        "(down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k: (64, 64) in the file, (640, 640) expected)"
+        "(down_blocks.1.attentions.0.proj_in: (64, 64) in the file, (640, 640) expected)"
         in str(info.value)
     )
 
@@ -249,10 +244,11 @@ def test_a_config_folder_without_a_tokenizer_is_refused(checkpoint, tmp_path, to
 
 def test_offline_without_cached_sdxl_configs_says_what_to_do(checkpoint, monkeypatch):
     """Real SDXL-size files cannot be made here, so the header check (tested above) is skipped."""
-    import estlora.pipelines
+    from estlora.families import Checkpoint
+    from estlora.families.sdxl import SDXL
 
     single, _, _ = checkpoint
-    monkeypatch.setattr(estlora.pipelines, "header_shapes", lambda base, header, config: None)
+    monkeypatch.setattr(SDXL, "read_checkpoint", lambda self, base, header, config: Checkpoint(header, {}, False, {}))
     with pytest.raises(BaseModelError) as info:
         load_pipeline(single)
     message = str(info.value)
@@ -296,10 +292,10 @@ def test_cached_betas_are_keyed_by_the_weights_not_only_the_name(checkpoint):
     single, folder, _ = checkpoint
     from_file, from_folder = load_pipeline(single, config=folder), load_pipeline(folder)
     assert from_file.name_or_path == str(single)
-    assert unet_fingerprint(from_file.unet) == unet_fingerprint(from_folder.unet)
+    assert weights_fingerprint(from_file.unet) == weights_fingerprint(from_folder.unet)
     with torch.no_grad():
-        from_file.unet.conv_out.weight[0, 0, 0, 0] += 1e-3
-    assert unet_fingerprint(from_file.unet) != unet_fingerprint(from_folder.unet)
+        from_file.unet.conv_out.weight[1, 2, 1, 1] += 1e-3
+    assert weights_fingerprint(from_file.unet) != weights_fingerprint(from_folder.unet)
 
 
 def test_a_config_with_a_folder_base_is_refused_not_ignored(checkpoint, capsys):
@@ -326,8 +322,8 @@ def test_half_and_fp8_checkpoints_load_as_their_exact_values(checkpoint, tmp_pat
     unet = load_pipeline(path, config=folder).unet
     modules = dict(unet.named_modules())
     for key, tensor in state.items():
-        if SGM_ATTENTION.match(key):
-            weight = modules[sgm_attention_module(key)].weight
+        if SGM_ROUTABLE.match(key):
+            weight = modules[sgm_module(key)].weight
             assert weight.dtype == torch.float32 and torch.equal(weight, tensor.float()), key
 
 
@@ -338,7 +334,7 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
     single, folder, _ = checkpoint
     studio = Studio(str(single), tmp_path, base_config=str(folder))
     assert (studio.base, studio.base_config, studio.pipe.name_or_path) == (str(single), str(folder), str(single))
-    assert studio.shapes == base_projection_shapes(single, folder)
+    assert studio.shapes == describe_base(single, folder).shapes
 
 
 @pytest.mark.parametrize("prefix", ["model.diffusion_model.", "", "diffusers"])
@@ -352,7 +348,7 @@ def test_a_unet_alone_takes_the_rest_from_the_config(checkpoint, tmp_path, prefi
     else:
         unet_keys = {k: v for k, v in load_file(single).items() if k.startswith(SGM_UNET)}
         save_file({prefix + k.removeprefix(SGM_UNET): v.contiguous() for k, v in unet_keys.items()}, str(path))
-    assert base_projection_shapes(path, folder) == base_projection_shapes(folder)
+    assert describe_base(path, folder).shapes == describe_base(folder).shapes
     from_unet, from_folder = load_pipeline(path, config=folder), load_pipeline(folder)
     assert from_unet.name_or_path == str(path)
     for name in COMPONENTS:

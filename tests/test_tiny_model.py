@@ -7,9 +7,10 @@ import hashlib
 import pytest
 import torch
 
-from estlora.base import SDXL_UNET_CONFIG, projection_shapes, unet_config
+from conftest import attention_shapes
 from estlora.cli import main
-from estlora.tiny_model import write_tiny_sdxl
+from estlora.families.sdxl import SDXL_UNET_CONFIG, unet_config
+from estlora.testing.tiny_sdxl import write_tiny_sdxl
 
 
 def folder_digest(folder):
@@ -21,10 +22,12 @@ def folder_digest(folder):
 
 
 def test_same_module_paths_as_real_sdxl(tiny_dir):
-    tiny = projection_shapes(unet_config(tiny_dir))
-    sdxl = projection_shapes(SDXL_UNET_CONFIG)
+    tiny = attention_shapes(unet_config(str(tiny_dir)))
+    sdxl = attention_shapes(SDXL_UNET_CONFIG)
     assert len(tiny) == 560
     assert set(tiny) == set(sdxl)
+    blocks = attention_shapes(unet_config(str(tiny_dir)), "blocks")  # + 11 proj_in/out pairs, 70 feed-forwards
+    assert len(blocks) == 560 + 2 * 11 + 2 * 70 and set(blocks) == set(attention_shapes(SDXL_UNET_CONFIG, "blocks"))
     attention_modules = {
         name.rsplit(".", 2)[0] if name.endswith("to_out.0") else name.rsplit(".", 1)[0] for name in tiny
     }
@@ -32,8 +35,11 @@ def test_same_module_paths_as_real_sdxl(tiny_dir):
 
 
 def test_real_sdxl_shapes():
-    sdxl = projection_shapes(SDXL_UNET_CONFIG)
+    sdxl = attention_shapes(SDXL_UNET_CONFIG, "blocks")
     assert sdxl["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == (640, 640)
+    assert sdxl["down_blocks.1.attentions.0.proj_in"] == (640, 640)
+    assert sdxl["mid_block.attentions.0.transformer_blocks.9.ff.net.0.proj"] == (2 * 4 * 1280, 1280)  # GEGLU
+    assert sdxl["up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2"] == (1280, 4 * 1280)
     assert sdxl["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == (1280, 2048)
     assert sdxl["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == (1280, 2048)
     assert sdxl["up_blocks.1.attentions.2.transformer_blocks.1.attn1.to_out.0"] == (640, 640)
@@ -81,9 +87,9 @@ def test_cli_writes_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["subject", "style"])
 def test_example_loras_fit_the_tiny_model(tiny_dir, name):
-    from estlora.lora import load_lora
+    from estlora.loading.lora import load_lora
 
-    lora = load_lora(f"example:{name}", base_shapes=projection_shapes(unet_config(tiny_dir)))
+    lora = load_lora(f"example:{name}", base_shapes=attention_shapes(unet_config(str(tiny_dir))))
     assert len(lora.projections) == 560
     assert lora.layout == "diffusers-peft"
     expected_rank, expected_alpha = {"subject": (4, 4.0), "style": (8, 4.0)}[name]
@@ -92,7 +98,7 @@ def test_example_loras_fit_the_tiny_model(tiny_dir, name):
 
 
 def test_example_loras_are_byte_identical_when_rewritten(tmp_path):
-    from estlora.examples import write_example_lora
+    from estlora.testing.examples import write_example_lora
 
     for name in ("subject", "style"):
         first = write_example_lora(name, tmp_path / "a").read_bytes()

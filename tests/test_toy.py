@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from estlora.toy_model import ASSETS, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
-from estlora.toy_world import (
+from estlora.toy.model import ASSETS, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy.world import (
     BACKGROUND,
     COLOURS,
     DARK,
@@ -118,7 +118,7 @@ def toy_pipe():
 
 @pytest.fixture(scope="module")
 def scorer():
-    from estlora.toy_scorer import load_scorer
+    from estlora.toy.scorer import load_scorer
 
     return load_scorer()
 
@@ -132,7 +132,7 @@ def draw(pipe, prompt, seeds=range(6)):
 
 
 def test_scorer_is_right_on_the_world_and_calls_noise_none(scorer):
-    from estlora.toy_training import scorer_accuracy
+    from estlora.toy.training import scorer_accuracy
 
     accuracy = scorer_accuracy(scorer, n=300)
     assert min(accuracy["shape"], accuracy["colour"], accuracy["texture"]) >= 0.97
@@ -147,7 +147,7 @@ def test_scorer_reads_generated_textures_as_a_person_does(scorer):
     """
     from PIL import Image
 
-    from estlora.toy_scorer import predict
+    from estlora.toy.scorer import predict
 
     data = Path(__file__).parent / "data"
     labels = [entry["texture"] for entry in json.loads((data / "toy_generated_labelled.json").read_text())["images"]]
@@ -160,7 +160,7 @@ def test_scorer_reads_generated_textures_as_a_person_does(scorer):
 
 
 def test_base_model_draws_what_is_asked(toy_pipe, scorer):
-    from estlora.toy_scorer import predict
+    from estlora.toy.scorer import predict
 
     for prompt, shape, colour, texture in [
         ("a red circle", "circle", "red", "solid"),
@@ -175,10 +175,10 @@ def test_base_model_draws_what_is_asked(toy_pipe, scorer):
 def test_shipped_loras_load_and_route_like_diffusers(toy_pipe):
     """estlora's single-LoRA route on the toy model gives diffusers' own single-LoRA image."""
     import estlora
-    from estlora.base import projection_shapes, unet_config
-    from estlora.lora import load_lora
+    from estlora.loading.base import describe_base
+    from estlora.loading.lora import load_lora
 
-    shapes = projection_shapes(unet_config("toy"))
+    shapes = {m: s for m, s in describe_base("toy").shapes.items() if "transformer_blocks" in m and ".attn" in m}
     for name in SUBJECTS + STYLES:
         lora = load_lora(f"toy:{name}", base_shapes=shapes, base_name="toy")
         assert lora.layout.startswith("diffusers") and len(lora.projections) == len(shapes) == 32
@@ -195,7 +195,7 @@ def test_shipped_loras_load_and_route_like_diffusers(toy_pipe):
 
 def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
     import estlora
-    from estlora.toy_scorer import predict
+    from estlora.toy.scorer import predict
 
     with estlora.fuse(toy_pipe, "toy:heart", "toy:outline", method="est", beta=0.5) as fusion:
         with fusion.using(method="subject"):
@@ -209,7 +209,7 @@ def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
 
 def test_unknown_toy_lora_is_one_clear_error():
     from estlora.errors import LoraNotFoundError
-    from estlora.lora import load_lora
+    from estlora.loading.lora import load_lora
 
     with pytest.raises(LoraNotFoundError, match="toy:zebra: no such toy LoRA"):
         load_lora("toy:zebra")
@@ -223,7 +223,7 @@ def test_training_resumes_exactly_and_writes_loadable_weights(tmp_path, monkeypa
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from estlora import toy_training
+    from estlora.toy import training as toy_training
 
     for stage, steps in {"scorer": 3, "vae": 3, "base": 4, "lora": 3}.items():
         monkeypatch.setitem(toy_training.SETTINGS, stage, {**toy_training.SETTINGS[stage], "steps": steps, "batch": 4})

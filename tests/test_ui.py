@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from estlora.toy_model import toy_lora_path
+from estlora.toy.model import toy_lora_path
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags for this closed, loopback-only network (no sandbox as root, no background calls home).

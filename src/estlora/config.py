@@ -89,17 +89,17 @@ class Setting:
         return value
 
     def parse(self, text: str) -> object:
-        """A value as typed on the command line or in a text field."""
+        """A value as typed on the command line: converted to the setting's type, not yet checked
+        (the config group checks it, so a value out of range is one line, from wherever it came)."""
         if self.auto_word is not None and text == self.auto_word:
             return None
         if self.kind in (int, float):
             try:
-                number = float(text)
+                return self.kind(text)
             except ValueError:
-                words = f"a number or {self.auto_word}" if self.auto_word else "a number"
+                words = f"a {'whole ' if self.kind is int else ''}number" + (f" or {self.auto_word}" if self.auto_word else "")
                 raise self._error(f"must be {words}, not {text!r}") from None
-            return self.check(number)
-        return self.check(text)
+        return text
 
     def describe_default(self) -> str:
         if self.default is None:

@@ -32,7 +32,7 @@ from .loading.base import BaseSource, check_fits, describe_base, load_pipeline
 from .loading.lora import check_pair, load_lora, load_pair
 from .loading.samplers import make_scheduler
 from .plan import Plan
-from .runtime.fusion import Fusion
+from .runtime.fusion import Fusion, weights_fingerprint
 from .runtime.other_weights import describe
 from .updates import Lora
 from .version import __version__
@@ -79,6 +79,7 @@ class Session:
         self.report: Callable[[str], object] = report
         self.own_scheduler = pipe.scheduler  # samplers are built from the base's own
         self.shapes = self.family.linear_shapes(self.family.denoiser_of(pipe))
+        self.fingerprint = weights_fingerprint(self.family.denoiser_of(pipe))  # which weights, whatever the path
         self.label = source.label if source else (self.model.base or f"the pipeline's {self.family.denoiser}")
         self.loras: dict[tuple[str, str], Lora] = {}  # by (path, sha256)
         self.fusion: Fusion | None = None
@@ -90,6 +91,8 @@ class Session:
         LoRAs' family's standard one."""
         loras = list(load_pair(check.subject, check.style)) if check else []
         family = family_named(loras[0].family) if loras else None
+        if family is not None:
+            family.check_sampling(check.sampling)
         base = model.base or (family or FAMILIES[0]).default_base
         source = describe_base(base, model.base_config, family)
         check_fits(source, loras)
@@ -126,7 +129,8 @@ class Session:
             self.fusion.remove()
             self.fusion = None
         check_pair(subject, style)
-        self.fusion = Fusion(self.pipe, subject, style, config, "given" if config.beta is not None else None, self.family)
+        source = "given" if config.beta is not None else None
+        self.fusion = Fusion(self.pipe, subject, style, config, source, self.family, self.fingerprint)
         return self.fusion
 
     def close(self) -> None:

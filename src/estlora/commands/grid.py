@@ -101,7 +101,7 @@ class GridSpec:
         )
 
     def to_dict(self) -> dict:
-        """The flat keys `from_dict` reads; settings at their defaults are left out."""
+        """The flat keys `from_dict` reads (run.json holds these)."""
         data = {
             "subjects": [dataclasses.asdict(e) for e in self.subjects],
             "styles": [dataclasses.asdict(e) for e in self.styles],
@@ -110,7 +110,7 @@ class GridSpec:
             "methods": self.methods,
         }
         for group in (self.model, self.sampling):
-            data |= {item.name: getattr(group, item.name) for item in settings_of(type(group))}
+            data |= {item.name: getattr(group, item.name) for item in settings_of(type(group)) if item.name not in PER_JOB}
         return data | self.fusion
 
     def variants(self) -> list[tuple[tuple[str, object], ...]]:
@@ -253,19 +253,19 @@ def _record(run_dir: Path, job: Job) -> None:
         os.close(fd)
 
 
-def prepare_run_dir(spec: GridSpec, run_dir: Path) -> None:
-    """Write run.json, or check that an existing run directory holds this same grid."""
+def check_run_dir(spec: GridSpec, run_dir: Path) -> bool:
+    """Whether `run_dir` already holds this grid (False: a new run); raises if it holds another one."""
     record = {"version": SPEC_VERSION, "spec": spec.to_dict()}
     path = run_dir / "run.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        with contextlib.suppress(EstloraError, TypeError, AttributeError, ValueError):  # unreadable: another grid
-            # settings added since it was written take their defaults
-            existing["spec"] = GridSpec.from_dict(existing.get("spec"), str(path)).to_dict()
-        if existing != json.loads(json.dumps(record)):
-            raise EstloraError(run_dir, "holds another grid (run.json differs); use a new --out folder")
-        return
-    write_text(path, json.dumps(record, indent=2) + "\n")
+    if not path.exists():
+        return False
+    existing = json.loads(path.read_text())
+    with contextlib.suppress(EstloraError, TypeError, AttributeError, ValueError):  # unreadable: another grid
+        # settings added since it was written take their defaults
+        existing["spec"] = GridSpec.from_dict(existing.get("spec"), str(path)).to_dict()
+    if existing != json.loads(json.dumps(record)):
+        raise EstloraError(run_dir, "holds another grid (run.json differs); use a new --out folder")
+    return True
 
 
 def distributed() -> tuple[int, int, str | None]:
@@ -300,26 +300,24 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
     """Render this process's missing images; returns how many it rendered."""
     from tqdm.auto import tqdm
 
-    from ..loading.base import describe_base
-
     run_dir = Path(run_dir)
-    all_jobs = jobs(spec)
-    if spec.model.base:  # settings the base's family cannot take: refused before any write
-        describe_base(spec.model.base, spec.model.base_config).family.check_sampling(spec.sampling)
     rank, world, launched_device = distributed()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(spec, run_dir)
-    mine = share(all_jobs, rank, world)
+    known = check_run_dir(spec, run_dir)
+    mine = share(jobs(spec), rank, world)
+    todo = [job for job in mine if not (run_dir / job.relpath).exists()]
+    session = None
+    if todo:  # LoRAs, settings and base are checked (and the base loaded) before anything is written
+        model = dataclasses.replace(spec.model, device=launched_device or device)
+        session = Session.open(model, check=request_for(spec, todo[0]), report=lambda _: None)
+    if not known:
+        write_text(run_dir / "run.json", json.dumps({"version": SPEC_VERSION, "spec": spec.to_dict()}, indent=2) + "\n")
     recorded = {e["path"] for e in manifest_entries(run_dir)}
     for job in mine:  # finished before an interruption, but not yet recorded
         if (run_dir / job.relpath).exists() and job.relpath not in recorded:
             _record(run_dir, job)
-    todo = [job for job in mine if not (run_dir / job.relpath).exists()]
-    if not todo:
+    if session is None:
         return 0
 
-    model = dataclasses.replace(spec.model, device=launched_device or device)
-    session = Session.open(model, check=request_for(spec, todo[0]))
     entries = {e.name: e for e in spec.subjects + spec.styles}
     bar = tqdm(total=len(todo), desc=f"grid (process {rank + 1}/{world})", disable=not progress)
     try:

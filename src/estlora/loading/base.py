@@ -210,7 +210,7 @@ def _from_single_file(source: BaseSource, torch_dtype: torch.dtype):
         where = (
             ""
             if os.path.isdir(source.config)
-            else " (fetched from the hub; offline, give a local diffusers folder as --base-config)"
+            else f" (fetched from the hub; offline, give a local diffusers {source.family.label} folder as --base-config)"
         )
         problem = f"cannot load it with the configs of {source.config}{where}: {first_line(exc)}"
         raise BaseModelError(source.given, problem) from None

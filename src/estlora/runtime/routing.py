@@ -113,7 +113,10 @@ class RoutedLinear(nn.Module):
 
     @staticmethod
     def _delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x.to(down.dtype), down), up)
+        # Contiguous first: peft's LoRA weights require grad, and for such a weight torch folds a
+        # non-contiguous input (SDXL's proj_in gets a permuted one) into one matrix, a copy, before the
+        # matmul; without it torch takes a batched kernel that sums in another order. A no-op otherwise.
+        return F.linear(F.linear(x.to(down.dtype).contiguous(), down), up)
 
 
 def denoising_step(scheduler, timestep: Callable[[], object]) -> tuple[int | None, int]:
