@@ -25,7 +25,7 @@ import torch._dynamo
 from generation import DTYPES, build, model_arguments, peft_state, random_lora, timed_run
 
 import estlora
-from estlora.fusion import unet_projection_shapes
+from estlora.families import family_named
 from estlora.updates import Lora
 
 CONFIGS = ("single eager", "est eager", "single compiled", "est compiled")
@@ -53,7 +53,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - clock:6.1f} s] {message}", flush=True)
 
     pipe, kwargs = build(args.model, args.device, args.size, DTYPES[args.dtype])
-    shapes = unet_projection_shapes(pipe.unet)
+    shapes = family_named("sdxl").linear_shapes(pipe.unet, "attention")
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
     subject, style = random_lora(shapes, rank_c, 1, "subject"), spread(random_lora(shapes, rank_s, 2, "style"))
     routed_unet = pipe.unet

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import estlora
-from estlora.fusion import unet_projection_shapes
+from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
 CONFIGS = ("none", "single", "merge", "est", "klora", "research")
@@ -123,7 +123,7 @@ def build(model: str, device: str, size: int | None = None, dtype: torch.dtype =
         embeds = pipe.encode_prompt("a photo of sks dog in szn style", device=device, do_classifier_free_guidance=True)
         size = size or 64
     else:
-        from estlora.base import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
+        from estlora.families.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
 
         with torch.device(device):
             unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype)
@@ -200,7 +200,7 @@ def main() -> None:
 
     pipe, kwargs = build(args.model, args.device, args.size, DTYPES[args.dtype])
     log("model built")
-    shapes = unet_projection_shapes(pipe.unet)
+    shapes = family_named("sdxl").linear_shapes(pipe.unet, "attention")
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
     subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")
 
@@ -222,7 +222,7 @@ def main() -> None:
             return lambda: setattr(pipe, "unet", plain_unet)
         if config in ("est", "klora"):
             fusion = estlora.fuse(pipe, subject, style, method=config, beta=0.5)
-            real = fusion._on_unet_call
+            real = fusion._on_denoiser_call
 
             def timed_hook(*a):
                 start = time.perf_counter()

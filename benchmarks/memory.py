@@ -19,12 +19,12 @@ import torch
 from generation import CONFIGS, DTYPES, build, install_research, model_arguments, peft_state, random_lora
 
 import estlora
-from estlora.fusion import unet_projection_shapes
+from estlora.families import family_named
 
 
 def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str, size: int | None, dtype: str) -> dict:
     pipe, kwargs = build(model, device, size, DTYPES[dtype])
-    shapes = unet_projection_shapes(pipe.unet)
+    shapes = family_named("sdxl").linear_shapes(pipe.unet, "attention")
     # Only the LoRAs this configuration holds: on the CPU, unused factors would count in its peak RSS.
     subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject")
     style = None if config in ("none", "single") else random_lora(shapes, ranks[1], 2, "style")

@@ -21,7 +21,9 @@ import time
 import torch
 
 from estlora import plan as P
-from estlora.base import SDXL_UNET_CONFIG, projection_shapes
+from estlora.config import FusionConfig
+from estlora.families import family_named
+from estlora.families.sdxl import SDXL_UNET_CONFIG
 from estlora.updates import Lora, LoraFactors
 
 
@@ -58,12 +60,13 @@ def research_step(subject: Lora, style: Lora) -> None:
 
 def measure_pair(shapes, rank_c: int, rank_s: int, steps: int, repeats: int, topk: bool) -> dict:
     subject, style = random_lora(shapes, rank_c, 1), random_lora(shapes, rank_s, 2)
-    config = P.FusionConfig(method="est", beta=0.5)
-    energies_s, _ = timed(lambda: P.pair_scores(subject, style, need_l1=False), repeats)
-    scores_s, scores = timed(lambda: P.pair_scores(subject, style), repeats)
+    config = FusionConfig(method="est", beta=0.5)
+    layers = family_named("sdxl").ordered(shapes)
+    energies_s, _ = timed(lambda: P.pair_scores(subject, style, layers, need_l1=False), repeats)
+    scores_s, scores = timed(lambda: P.pair_scores(subject, style, layers), repeats)
     build_s, plan = timed(lambda: P.build_plan(scores, config, steps), repeats)
     assert plan.weights.shape == (steps, len(shapes), 2)
-    topk_s = timed(lambda: P.pair_scores(subject, style, need_l1=False, need_topk=True), 1)[0] if topk else None
+    topk_s = timed(lambda: P.pair_scores(subject, style, layers, need_l1=False, need_topk=True), 1)[0] if topk else None
     step_s, _ = timed(lambda: research_step(subject, style), repeats)
     return {
         "ranks": [rank_c, rank_s],
@@ -90,10 +93,10 @@ def measure_probe(steps: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     with estlora.fuse(pipe, "example:subject", "example:style") as fusion:
         kwargs = dict(dino_model=str(builtin_tiny_dino()), num_inference_steps=steps)
-        fusion.measure_beta("warm-up", **kwargs, use_cache=False)
-        cold, _ = timed(lambda: fusion.measure_beta("a sks dog in szn style", **kwargs, use_cache=False), 3)
-        fusion.measure_beta("a sks dog in szn style", **kwargs)  # fills the cache
-        warm, _ = timed(lambda: fusion.measure_beta("a sks dog in szn style", **kwargs), 3)
+        estlora.measure_beta(fusion, "warm-up", **kwargs, use_cache=False)
+        cold, _ = timed(lambda: estlora.measure_beta(fusion, "a sks dog in szn style", **kwargs, use_cache=False), 3)
+        estlora.measure_beta(fusion, "a sks dog in szn style", **kwargs)  # fills the cache
+        warm, _ = timed(lambda: estlora.measure_beta(fusion, "a sks dog in szn style", **kwargs), 3)
     return {"steps": steps, "probe_s": cold, "cached_probe_s": warm}
 
 
@@ -107,7 +110,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    shapes = projection_shapes(SDXL_UNET_CONFIG)
+    sdxl = family_named("sdxl")
+    shapes = {
+        m: shape for m, shape in sdxl.shapes_from_config(SDXL_UNET_CONFIG).items() if sdxl.in_route(m, "attention")
+    }
     elements = sum(o * n for o, n in shapes.values())
     print(
         f"SDXL shapes: {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "

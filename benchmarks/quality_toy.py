@@ -117,7 +117,7 @@ def fusion_table(pipe, scorer, seeds, steps, guidance, grid_pair) -> tuple[dict,
         for style in STYLES:
             pair = f"{subject} x {style}"
             with estlora.fuse(pipe, f"toy:{subject}", f"toy:{style}", method="est") as fusion:
-                betas[pair] = fusion.measure_beta(FUSED_PROMPT, seed=0, dino_model="toy", **call).beta
+                betas[pair] = estlora.measure_beta(fusion, FUSED_PROMPT, seed=0, dino_model="toy", **call).beta
                 per_pair[pair] = {}
                 for method, options in METHODS.items():
                     with fusion.using(**options):

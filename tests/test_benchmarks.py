@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -22,6 +24,7 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_generation_benchmark(tmp_path):
     out = tmp_path / "generation.json"
     said = run("generation.py", "--repeats", "2", "--steps", "2", "--json", str(out))
@@ -35,6 +38,7 @@ def test_generation_benchmark(tmp_path):
     assert "repeat 2/2" in said and f"est / single: {results['est_vs']['single']:.3f}" in said
 
 
+@pytest.mark.slow
 def test_memory_benchmark(tmp_path):
     out = tmp_path / "memory.json"
     said = run("memory.py", "--steps", "1", "--configs", "single,est", "--json", str(out))
@@ -44,6 +48,7 @@ def test_memory_benchmark(tmp_path):
     assert "vs single 1.000" in said
 
 
+@pytest.mark.slow
 def test_compile_benchmark(tmp_path):
     """With the tracing-only backend: every compiled UNet builds one graph and none after."""
     out = tmp_path / "compile.json"

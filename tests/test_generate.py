@@ -263,7 +263,11 @@ def test_timestep_spacing_equals_a_plain_diffusers_run(tiny_dir, tmp_path):
     own = load_pipeline(tiny_dir).scheduler
     trailing = make_scheduler(own, SDXL(), "default", "trailing")
     trailing.set_timesteps(3)
-    assert type(trailing) is type(own) and trailing.timesteps.tolist() == [999, 666, 332]  # round(1000 - 1000 k / 3) - 1
+    assert type(trailing) is type(own) and trailing.timesteps.tolist() == [
+        999,
+        666,
+        332,
+    ]  # round(1000 - 1000 k / 3) - 1
     with pytest.raises(SettingError, match="timestep-spacing: must be one of leading, trailing, linspace"):
         make_scheduler(own, SDXL(), "euler", "uniform")
 

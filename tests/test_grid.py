@@ -66,6 +66,7 @@ def pngs(run):
     return sorted(p.relative_to(run).as_posix() for p in run.rglob("*.png") if p.parent.name != "report")
 
 
+@pytest.mark.slow
 def test_grid_then_eval(spec_file, tmp_path, encoders, capsys):
     run = tmp_path / "run"
     assert main(["grid", str(spec_file), "--out", str(run)]) == 0
@@ -106,6 +107,7 @@ def test_grid_then_eval(spec_file, tmp_path, encoders, capsys):
     assert summary["methods"]["est"]["style_clip"]["mean"] == pytest.approx(sum(means) / len(means))
 
 
+@pytest.mark.slow
 def test_killed_grid_resumes_without_duplicates_or_gaps(spec_file, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "estlora.cli", "grid", str(spec_file), "--out", str(run), "--beta", "0.6"]
@@ -124,6 +126,7 @@ def test_killed_grid_resumes_without_duplicates_or_gaps(spec_file, tmp_path):
     assert not [p for p in run.rglob(".*") if p.is_file()], "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_same_images(spec_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
@@ -204,3 +207,40 @@ def test_bootstrap_ci():
     mean, low, high = bootstrap_ci([0.0, 1.0, math.nan, 2.0, 3.0])
     assert mean == 1.5 and 0.0 <= low < 1.5 < high <= 3.0
     assert all(math.isnan(v) for v in bootstrap_ci([math.nan]))
+
+
+def test_a_grid_varies_fusion_settings(tmp_path, tiny_dir):
+    """Lists of fusion settings multiply the grid; each image's folder names the settings that vary
+    and its metadata carries them; a setting given once stays out of the folder names."""
+    spec = {
+        "base": str(tiny_dir),
+        "subjects": [{"name": "dog", "lora": "example:subject"}],
+        "styles": [{"name": "wc", "lora": "example:style"}],
+        "methods": ["est", "merge"],
+        "alpha": [1.0, 2.5],
+        "route": ["attention", "blocks"],
+        "other_weights": "merge",
+        "beta": 0.4,
+        "steps": 2,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    parsed = GridSpec.from_dict(spec)
+    assert parsed.labels()[:2] == ["est+route=attention+alpha=1", "est+route=attention+alpha=2.5"]  # declared order
+    assert len(jobs(parsed)) == 2 * 2 * 2
+    run = tmp_path / "run"
+    assert main(["grid", str(tmp_path / "spec.yaml"), "--out", str(run)]) == 0
+    assert pngs(run) == sorted(f"images/dog/wc/{label}/p0-seed0.png" for label in parsed.labels())
+    meta = json.loads((run / "images/dog/wc/est+route=blocks+alpha=2.5/p0-seed0.json").read_text())
+    settings = meta["settings"]
+    assert (settings["alpha"], settings["route"], settings["other_weights"], settings["beta"]) == (
+        2.5,
+        "blocks",
+        "merge",
+        0.4,
+    )
+    assert meta["grid"]["variant"] == [["route", "blocks"], ["alpha", 2.5], ["beta", 0.4], ["other_weights", "merge"]]
+    low, high = (
+        np.asarray(Image.open(run / f"images/dog/wc/est+route=attention+alpha={a}/p0-seed0.png")) for a in (1, 2.5)
+    )
+    assert not np.array_equal(low, high)  # alpha moves the flips: other images
+    assert main(["grid", str(tmp_path / "spec.yaml"), "--out", str(run)]) == 0  # resumes: nothing left

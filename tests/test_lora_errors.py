@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from conftest import attention_shapes as projection_shapes
 from estlora import cli
-from estlora.families.sdxl import SDXL_UNET_CONFIG
 from estlora.errors import (
     BaseModelMismatchError,
     LoraFormatError,
@@ -27,6 +26,7 @@ from estlora.errors import (
     LoraValueError,
     PickleRefusedError,
 )
+from estlora.families.sdxl import SDXL_UNET_CONFIG
 from estlora.loading.lora import base_guess, load_lora
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"

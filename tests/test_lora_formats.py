@@ -338,7 +338,11 @@ def test_kohya_other_keys_are_kept_and_counted(tmp_path, truth):
     }
     assert lora.projections["down_blocks.1.attentions.0.proj_in"].alpha == 2.0
     assert len(lora.other) == 3 * (len(EXTRA_KOHYA_MODULES) - 3)  # down, up, alpha each
-    assert SDXL.other_modules(lora.other) == {"text encoder 1": 2, "text encoder 2": 1, "UNet conv/resnet/projection": 1}
+    assert SDXL.other_modules(lora.other) == {
+        "text encoder 1": 2,
+        "text encoder 2": 1,
+        "UNet conv/resnet/projection": 1,
+    }
     assert len(lora.unrouted(attention(lora))) == 3 * len(EXTRA_KOHYA_MODULES)
     assert beside_attention(lora) == {
         "text encoder 1": 2,

@@ -6,6 +6,8 @@ the documented recipe (`callback_on_step_end` calling `set_adapters` for the nex
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -240,6 +242,7 @@ def test_second_fusion_on_the_same_pipeline_is_refused(pipe, loras):
     estlora.fuse(pipe, *loras, beta=0.5).remove()  # fine again once removed
 
 
+@pytest.mark.slow
 def test_torch_compile_reuses_one_graph_across_steps(tiny_dir, loras):
     """A compiled UNet gets the step's scales as data: est (many distinct rows), another method
     and another step count reuse the graphs the first run built, and the images equal eager ones.
@@ -350,3 +353,38 @@ def test_weights_fingerprint_covers_the_routed_weights(tiny_dir):
     with torch.no_grad():
         weight += 1e-3 * torch.randn(weight.shape[0], 2) @ torch.randn(2, weight.shape[1])
     assert weights_fingerprint(unet) != weights_fingerprint(load_pipe(tiny_dir).unet)
+
+
+def test_route_blocks_routes_every_linear_of_the_transformer_blocks(pipe):
+    """Route `blocks`: attention, proj_in/out and the feed-forward linears, 722 on SDXL's layout, each
+    applying its plan row at each step; route `attention` leaves the 162 others alone."""
+    from conftest import attention_shapes, random_lora
+    from estlora.runtime.routing import RoutedLinear
+
+    blocks = attention_shapes(dict(pipe.unet.config), "blocks")
+    pair = [random_lora(blocks, rank, 1.0, seed, name) for rank, seed, name in ((2, 3, "c"), (4, 4, "s"))]
+    for lora in pair:  # updates small enough that the plan has both LoRAs and images stay finite
+        lora.projections = {m: type(f)(f.down * 0.05, f.up * 0.05, f.alpha) for m, f in lora.projections.items()}
+    with estlora.fuse(pipe, *pair, method="est", beta=0.3, route="blocks") as fusion:
+        routed = {n for n, m in pipe.unet.named_modules() if isinstance(m, RoutedLinear)}
+        assert routed == set(blocks) and len(routed) == 722 and fusion.layers == fusion.family.ordered(blocks)
+        plan = fusion.plan_for(4)
+        assert plan.config.route == "blocks" and len(plan.layers) == 722
+        steps = []
+        fusion.router.go_to = (lambda real: lambda step, device: (steps.append(step), real(step, device)))(
+            fusion.router.go_to
+        )
+        run(pipe, steps=4)
+        assert steps == [0, 1, 2, 3]
+    with estlora.fuse(pipe, *pair, method="est", beta=0.3) as fusion:
+        assert fusion.config.route == "attention" and len(fusion.layers) == 560
+        assert sum(isinstance(m, RoutedLinear) for m in pipe.unet.modules()) == 560
+
+
+def test_cli_plan_on_route_blocks(capsys):
+    from estlora.cli import main
+
+    assert main(["plan", "toy:heart", "toy:outline", "--steps", "4", "--route", "blocks", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["family"], report["route"]) == ("sdxl", "blocks")
+    assert len(report["layers"]) == 32  # the toy LoRAs train the attention projections only

@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import attention_shapes
-from estlora.families.sdxl import DEFAULT_BASE, SGM_ROUTABLE, SGM_UNET, sgm_module
 from estlora.cli import main
 from estlora.errors import BaseModelError
-from estlora.testing.examples import example_state_dict
+from estlora.families.sdxl import DEFAULT_BASE, SGM_ROUTABLE, SGM_UNET, sgm_module
 from estlora.loading.base import describe_base, load_pipeline
 from estlora.runtime.fusion import weights_fingerprint
+from estlora.testing.examples import example_state_dict
 from sgm_checkpoint import tiny_sdxl_with_distinct_encoders, vae_to_sgm, write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -212,10 +212,7 @@ def test_without_a_config_the_file_must_have_sdxl_shapes(checkpoint):
     with pytest.raises(BaseModelError) as info:
         describe_base(single)
     assert f"its UNet does not have the shapes of {DEFAULT_BASE}'s UNet" in str(info.value)
-    assert (
-        "(down_blocks.1.attentions.0.proj_in: (64, 64) in the file, (640, 640) expected)"
-        in str(info.value)
-    )
+    assert "(down_blocks.1.attentions.0.proj_in: (64, 64) in the file, (640, 640) expected)" in str(info.value)
 
 
 def test_configs_that_cannot_build_the_pipeline_are_one_line(checkpoint, tmp_path):

@@ -7,6 +7,7 @@ repository root. Without Chromium, Playwright or Gradio the browser tests are sk
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,7 +162,8 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     meta = png_settings(page, image.get_attribute("src"))
     assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
     assert meta["beta_source"] == "measured" and meta["command"].startswith("estlora generate")
-    assert "--base toy --method est" in meta["command"] and "--subject toy:heart" in meta["command"]
+    assert "--base toy" in meta["command"] and "--method est" in meta["command"]
+    assert "--subject toy:heart" in meta["command"] and "--route attention" in meta["command"]
 
 
 def test_compare_two_methods_side_by_side(page):
@@ -215,6 +218,7 @@ def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
     shot(page, "after-bad-upload")
 
 
+@pytest.mark.slow
 def test_second_request_waits_in_the_queue(browser, page, app_url):
     other = browser.new_page(viewport={"width": 1400, "height": 1100})
     other.set_default_timeout(TIMEOUT_MS)
@@ -234,3 +238,33 @@ def test_second_request_waits_in_the_queue(browser, page, app_url):
     expect(page.locator("#gallery img")).to_have_attribute("alt", "klora · seed 0")
     expect(other.locator("#gallery img")).to_have_attribute("alt", "est · seed 0")
     other.close()
+
+
+def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch):
+    """The same settings with a non-default sampler: the page and `estlora generate` measure the same
+    beta (both probe under that sampler) and render the same pixels. Each measures afresh (own cache)."""
+    from PIL import Image
+
+    from estlora.cli import main
+    from estlora.ui import Studio
+
+    monkeypatch.setenv("ESTLORA_CACHE", str(tmp_path / "cli-cache"))
+    prompt, chosen = "a sks shape in szn style", {"steps": 4, "scheduler": "euler-a", "seed": 2}
+    words = ["generate", "--base", "toy", "--subject", "toy:heart", "--style", "toy:outline", "--prompt", prompt]
+    assert main([*words, "--steps", "4", "--scheduler", "euler-a", "--seed", "2", "--out", str(tmp_path / "cli")]) == 0
+    (cli_png,) = (tmp_path / "cli").glob("*.png")
+
+    monkeypatch.setenv("ESTLORA_CACHE", str(tmp_path / "ui-cache"))
+    studio = Studio(None, tmp_path / "ui")
+    page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling), **chosen}
+    page |= {"subject_choice": "toy:heart", "subject_file": None, "style_choice": "toy:outline", "style_file": None}
+    page |= {"prompt": prompt, "beta_mode": "auto", "beta": 0.5}
+    images, notes, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None)
+    ((ui_png, _),) = images
+
+    cli_meta, ui_meta = (json.loads(Path(p).with_suffix(".json").read_text()) for p in (cli_png, ui_png))
+    assert cli_meta["beta_source"] == ui_meta["beta_source"] == "measured"
+    assert cli_meta["beta"] == ui_meta["beta"] and f"beta = {ui_meta['beta']:.4g}" in notes
+    assert cli_meta["scheduler"] == ui_meta["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert np.array_equal(np.asarray(Image.open(cli_png)), np.asarray(Image.open(ui_png)))
+    assert cli_meta["command"] == ui_meta["command"]

@@ -56,13 +56,28 @@ def add_settings(
         if item.name in skip:
             continue
         default = argparse.SUPPRESS if overrides else item.default
-        help = f"{item.help} (default {item.describe_default()})"
+        help = f"{item.help} (default {describe_default(item)})"
         if item.kind is bool:
             arguments.add_argument(item.flag, action="store_true", default=default, help=help)
             continue
         options = (choices or {}).get(item.name, item.choices)
         metavar = None if options else item.name.upper()
-        arguments.add_argument(item.flag, type=_typed(item), choices=options, default=default, help=help, metavar=metavar)
+        arguments.add_argument(
+            item.flag, type=_typed(item), choices=options, default=default, help=help, metavar=metavar
+        )
+
+
+def describe_default(item: Setting) -> str:
+    """The default as --help says it; a family's default names each family's value."""
+    if not item.family_default:
+        return item.describe_default()
+    from .families import FAMILIES
+
+    values = {f.label: getattr(f, item.family_default) for f in FAMILIES}
+    each = ", ".join(
+        f"{label} {value:g}" if isinstance(value, float) else f"{label} {value}" for label, value in values.items()
+    )
+    return f"{item.describe_default()}: {each}"
 
 
 def values(args: argparse.Namespace, group: type) -> dict:
@@ -212,7 +227,7 @@ def add_base_options(parser: argparse.ArgumentParser, purpose: str) -> None:
     """--base and --base-config, for commands that only check LoRAs against a base (no model loads)."""
     base, config = (item for item in settings_of(ModelConfig) if item.name in ("base", "base_config"))
     parser.add_argument(base.flag, help=f"{purpose}: {base.help}")
-    parser.add_argument(config.flag, help=f"{config.help} (default {config.describe_default()})")
+    parser.add_argument(config.flag, help=f"{config.help} (default {describe_default(config)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     skip = ("seed", "num_images", "device")  # per image, or per process
     add_settings(grid, ModelConfig, "model", skip=skip, overrides=True)
     add_settings(grid, SamplingConfig, "sampling", skip=skip, overrides=True, choices=scheduler_choices())
-    add_settings(grid, FusionConfig, "fusion (a spec may give lists, which the grid varies)", skip=("method",), overrides=True)
+    add_settings(
+        grid, FusionConfig, "fusion (a spec may give lists, which the grid varies)", skip=("method",), overrides=True
+    )
     grid.add_argument("--device", default="auto", help="device for a single process (accelerate picks its own)")
     grid.add_argument("--threads", type=int, help="CPU threads per process (numerics depend on it)")
     grid.set_defaults(func=cmd_grid)

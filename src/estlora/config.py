@@ -52,6 +52,7 @@ class Setting:
     unset: str = ""  # what None means, for --help and the UI: "auto", "the family's"...
     auto_word: str | None = None  # a word the command line takes for None ("auto")
     ui: tuple[float, float, float] | None = None  # slider (low, high, step) where a slider fits
+    family_default: str = ""  # the `ModelFamily` attribute that gives the default (front ends list them)
 
     @property
     def flag(self) -> str:
@@ -97,7 +98,9 @@ class Setting:
             try:
                 return self.kind(text)
             except ValueError:
-                words = f"a {'whole ' if self.kind is int else ''}number" + (f" or {self.auto_word}" if self.auto_word else "")
+                words = f"a {'whole ' if self.kind is int else ''}number" + (
+                    f" or {self.auto_word}" if self.auto_word else ""
+                )
                 raise self._error(f"must be {words}, not {text!r}") from None
         return text
 
@@ -159,10 +162,11 @@ class FusionConfig(Settings):
     method: str = setting("est", "fusion method", choices=METHODS)
     route: str | None = setting(
         None,
-        "which linears are routed: attention (the attention projections, the reference on SDXL) or blocks "
+        "which linears are routed: attention (the attention projections, the reference) or blocks "
         "(every linear of the transformer blocks)",
         choices=ROUTES,
-        unset="the model family's (SDXL: attention)",
+        unset="the model family's",
+        family_default="default_route",
     )
     alpha: float = setting(1.5, "time-scale slope alpha")
     beta: float | None = setting(
@@ -218,10 +222,12 @@ class SamplingConfig(Settings):
     """How each image is sampled; None is the base's or the family's own choice."""
 
     negative_prompt: str | None = setting(None, "what the image should not show")
-    steps: int | None = setting(None, "denoising steps", minimum=1, unset="the model family's (SDXL: 30)", ui=(1, 100, 1))
+    steps: int | None = setting(
+        None, "denoising steps", minimum=1, unset="the model family's", ui=(1, 100, 1), family_default="default_steps"
+    )
     scheduler: str = setting(
         "default",
-        "sampler, built from the base's own scheduler config (default: the base's own; SDXL's is Euler); "
+        "sampler, built from the base's own scheduler config (default: the base's own); "
         "karras = Karras sigmas, -a = ancestral",
     )
     timestep_spacing: str | None = setting(
@@ -231,7 +237,12 @@ class SamplingConfig(Settings):
         unset="the base's own",
     )
     guidance: float | None = setting(
-        None, "classifier-free guidance scale", minimum=0, unset="the model family's (SDXL: 5)", ui=(1, 15, 0.5)
+        None,
+        "classifier-free guidance scale",
+        minimum=0,
+        unset="the model family's",
+        ui=(1, 15, 0.5),
+        family_default="default_guidance",
     )
     guidance_rescale: float = setting(
         0.0,
@@ -240,8 +251,8 @@ class SamplingConfig(Settings):
         maximum=1,
         ui=(0, 1, 0.05),
     )
-    width: int | None = setting(None, "image width", minimum=8, unset="the model's (SDXL: 1024)", ui=(32, 2048, 8))
-    height: int | None = setting(None, "image height", minimum=8, unset="the model's", ui=(32, 2048, 8))
+    width: int | None = setting(None, "image width", minimum=8, unset="the base's own", ui=(32, 2048, 8))
+    height: int | None = setting(None, "image height", minimum=8, unset="the base's own", ui=(32, 2048, 8))
     seed: int = setting(0, "seed of the first image; image k uses seed + k", minimum=0)
     num_images: int = setting(1, "images to render", minimum=1, ui=(1, 8, 1))
     beta_probe_steps: int | None = setting(None, "steps of the beta probe renders", minimum=1, unset="--steps")
@@ -257,12 +268,14 @@ class ModelConfig(Settings):
     base: str | None = setting(
         None,
         "the base model: a diffusers folder, hub id, single-file .safetensors, or toy",
-        unset="the LoRAs' family's standard base (SDXL: stabilityai/stable-diffusion-xl-base-1.0)",
+        unset="the LoRAs' family's standard base",
+        family_default="default_base",
     )
     base_config: str | None = setting(
         None,
         "for a single-file base: the diffusers folder or hub id whose configs and tokenizers it uses",
         unset="the family's standard base",
+        family_default="default_base",
     )
     vae: str | None = setting(
         None,

@@ -105,7 +105,9 @@ class Session:
         scheduler = pipe.scheduler.config
         if scheduler.get("prediction_type", "epsilon") != "epsilon":
             zero_snr = " trained to zero terminal SNR" if scheduler.get("rescale_betas_zero_snr") else ""
-            report(f"base: a {scheduler.prediction_type} model{zero_snr}; {type(pipe.scheduler).__name__} is set for it")
+            report(
+                f"base: a {scheduler.prediction_type} model{zero_snr}; {type(pipe.scheduler).__name__} is set for it"
+            )
         return session
 
     # ------------------------------------------------------------ LoRAs and the fusion
@@ -167,14 +169,18 @@ class Session:
         request = self.resolve(request)
         sampling = request.sampling
         self.family.check_sampling(sampling)
-        self.pipe.scheduler = make_scheduler(self.own_scheduler, self.family, sampling.scheduler, sampling.timestep_spacing)
+        self.pipe.scheduler = make_scheduler(
+            self.own_scheduler, self.family, sampling.scheduler, sampling.timestep_spacing
+        )
         fusion = self.fusion_for(self.lora(request.subject), self.lora(request.style), request.fusion)
         probe = None
         if fusion.config.method == "est" and request.fusion.beta is None:
             kwargs = self.family.call_arguments(sampling, sampling.beta_probe_steps or sampling.steps)
             if callback is not None:
                 kwargs["callback_on_step_end"] = callback
-            probe = measure_beta(fusion, request.prompt, seed=0, dino_model=sampling.dino_model, use_cache=use_cache, **kwargs)
+            probe = measure_beta(
+                fusion, request.prompt, seed=0, dino_model=sampling.dino_model, use_cache=use_cache, **kwargs
+            )
         return Prepared(request, fusion, probe)
 
     def render(self, prepared: Prepared, seed: int, label: str = "", callback=None):
@@ -196,7 +202,14 @@ class Session:
         fusion = {**dataclasses.asdict(config), "beta": plan.beta}
         sampling = {**dataclasses.asdict(request.sampling), "seed": seed, "num_images": 1}
         model = dataclasses.asdict(self.model)
-        return {"subject": request.subject, "style": request.style, "prompt": request.prompt, **model, **fusion, **sampling}
+        return {
+            "subject": request.subject,
+            "style": request.style,
+            "prompt": request.prompt,
+            **model,
+            **fusion,
+            **sampling,
+        }
 
     def metadata(self, prepared: Prepared, seed: int, method: str | None = None) -> dict:
         """The settings that regenerate this image bit for bit on the same hardware (with `method`: one of
@@ -252,7 +265,9 @@ class Session:
             if energy == 0:
                 self.report(f"warning: the {role} LoRA changes nothing: its update is zero in every routed linear")
         if prepared.probe is not None:
-            self.report(f"beta = {prepared.probe.beta:.4g} (style discrepancy{', cached' if prepared.probe.cached else ''})")
+            self.report(
+                f"beta = {prepared.probe.beta:.4g} (style discrepancy{', cached' if prepared.probe.cached else ''})"
+            )
         paths = []
         for k in range(sampling.num_images):
             seed = sampling.seed + k

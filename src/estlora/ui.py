@@ -83,7 +83,9 @@ class Studio:
     def __init__(self, base: str | None, out: Path, base_config: str | None = None, vae: str | None = None):
         self.base, self.out = base or "toy", out  # default: the shipped toy SDXL, offline, out of the box
         self.base_config, self.vae = base_config, vae
-        self.session = Session.open(ModelConfig(base=self.base, base_config=base_config, vae=vae), report=lambda _: None)
+        self.session = Session.open(
+            ModelConfig(base=self.base, base_config=base_config, vae=vae), report=lambda _: None
+        )
         self.session.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
         self.preset = self.session.source.preset
         self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
@@ -189,7 +191,9 @@ class Studio:
         for method in methods:
             request = dataclasses.replace(base_request, fusion=dataclasses.replace(base_request.fusion, method=method))
             if method == "est" and request.fusion.beta is None:
-                probe_steps = request.sampling.beta_probe_steps or request.sampling.steps or self.defaults.sampling.steps
+                probe_steps = (
+                    request.sampling.beta_probe_steps or request.sampling.steps or self.defaults.sampling.steps
+                )
                 steps.start("measuring beta: subject-only and style-only renders", 2 * probe_steps)
             try:
                 prepared = self.session.configure(request, callback=steps)
@@ -221,8 +225,10 @@ def _typed(group: type, values: dict) -> dict:
         if item.name not in values:
             continue
         value = values[item.name]
-        if value == DEFAULT or (value == "" and item.optional):
+        if item.optional and value in (DEFAULT, ""):
             value = None
+        elif item.kind in (int, float) and isinstance(value, str):
+            value = item.parse(value.strip())
         elif item.kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         typed[item.name] = value
@@ -254,17 +260,17 @@ def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, ste
     choices = choices or item.choices
     if choices:
         options = [DEFAULT, *choices] if item.optional else list(choices)
-        kind = gr.Radio if len(options) <= 4 else gr.Dropdown
+        kind = gr.Radio if len(options) <= 6 else gr.Dropdown
         return kind(options, value=DEFAULT if value is None else value, label=label, info=info, elem_id=elem_id)
     if item.kind is bool:
         return gr.Checkbox(value, label=label, info=info, elem_id=elem_id)
     if item.kind in (int, float) and item.ui:
         low, high, default_step = item.ui
         return gr.Slider(low, high, value, step=step or default_step, label=label, info=info, elem_id=elem_id)
-    if item.kind in (int, float):
-        precision = 0 if item.kind is int else None
-        return gr.Number(value, precision=precision, minimum=item.minimum, label=label, info=info, elem_id=elem_id)
-    return gr.Textbox(value or "", label=label, info=info, elem_id=elem_id)
+    if item.kind in (int, float) and value is not None:  # out-of-range values get our message, not Gradio's
+        return gr.Number(value, precision=0 if item.kind is int else None, label=label, info=info, elem_id=elem_id)
+    # text, or a number left unset by default: blank is the default, which the placeholder names
+    return gr.Textbox(value or "", placeholder=item.unset or None, label=label, info=info, elem_id=elem_id)
 
 
 def build_app(base: str | None = None, base_config: str | None = None, vae: str | None = None) -> gr.Blocks:
@@ -284,7 +290,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
 
     with gr.Blocks(title="estlora") as app:
         about = f", {preset.description}." if preset and preset.description else "."
-        hint = " For SDXL itself: `estlora ui --base stabilityai/stable-diffusion-xl-base-1.0`." if preset else ""
+        hint = f" For {family.label} itself: `estlora ui --base {family.default_base}`." if preset else ""
         gr.Markdown(f"# estlora: a subject LoRA in a style LoRA (EST-LoRA)\nBase: `{studio.base_name}`{about}{hint}")
         with gr.Row():
             with gr.Column(scale=2):

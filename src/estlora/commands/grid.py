@@ -1,4 +1,5 @@
-"""`estlora grid`: subjects x styles x prompts x seeds x methods (x any fusion setting), resumable, on one or many processes.
+"""`estlora grid`: subjects x styles x prompts x seeds x methods (x any fusion setting), resumable, on
+one or many processes.
 
 One base pipeline is loaded once per process (one `Session`) and each LoRA once. Every image is one
 job with a fixed path; a job is done when its PNG exists (PNGs are written atomically), so a rerun
@@ -110,7 +111,9 @@ class GridSpec:
             "methods": self.methods,
         }
         for group in (self.model, self.sampling):
-            data |= {item.name: getattr(group, item.name) for item in settings_of(type(group)) if item.name not in PER_JOB}
+            data |= {
+                item.name: getattr(group, item.name) for item in settings_of(type(group)) if item.name not in PER_JOB
+            }
         return data | self.fusion
 
     def variants(self) -> list[tuple[tuple[str, object], ...]]:
@@ -199,7 +202,9 @@ class Job:
 
     @property
     def relpath(self) -> str:
-        return f"images/{self.subject}/{self.style}/{self.label or self.method}/p{self.prompt_index}-seed{self.seed}.png"
+        return (
+            f"images/{self.subject}/{self.style}/{self.label or self.method}/p{self.prompt_index}-seed{self.seed}.png"
+        )
 
     @property
     def group(self) -> tuple:
@@ -326,7 +331,9 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
             prepared = session.configure(request_for(spec, run[0]))
             for job in run:
                 image = session.render(prepared, job.seed, f"{job.subject} x {job.style} {job.label}")
-                neutral = spec.prompt(spec.prompts[prompt_index], entries[job.subject], entries[job.style], neutral=True)
+                neutral = spec.prompt(
+                    spec.prompts[prompt_index], entries[job.subject], entries[job.style], neutral=True
+                )
                 grid = {**job.record(), "neutral_prompt": neutral}
                 del grid["path"]
                 session.save(prepared, image, run_dir / job.relpath, job.seed, extra={"grid": grid})

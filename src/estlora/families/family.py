@@ -92,12 +92,14 @@ class ModelFamily:
         """In some route set: a LoRA's update of it becomes a projection, not an 'other' weight."""
         return any(pattern.fullmatch(module) for pattern in self.route_sets.values())
 
-    def linear_shapes(self, model) -> dict[str, tuple[int, int]]:
-        """(out, in) of every routable linear of a live (or meta-device) denoiser, routed or not."""
+    def linear_shapes(self, model, route: str | None = None) -> dict[str, tuple[int, int]]:
+        """(out, in) of every routable linear of a live (or meta-device) denoiser, routed or not;
+        with `route`, those that route covers."""
+        covers = self.routable if route is None else (lambda name: self.in_route(name, route))
         return {
             name: (module.out_features, module.in_features)
             for name, module in model.named_modules()
-            if hasattr(module, "in_features") and hasattr(module, "out_features") and self.routable(name)
+            if hasattr(module, "in_features") and hasattr(module, "out_features") and covers(name)
         }
 
     def order(self, module: str) -> tuple:

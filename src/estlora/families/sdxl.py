@@ -134,7 +134,11 @@ class SDXL(ModelFamily):
     label = "SDXL"
     denoiser = "unet"
     denoiser_classes = ("UNet2DConditionModel",)
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    pipeline_classes = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    )
     lora_prefix = "unet"
     lora_components = ("unet", "text_encoder", "text_encoder_2")
     default_base = DEFAULT_BASE
@@ -307,7 +311,9 @@ class SDXL(ModelFamily):
             pipe = StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, config=config)
         else:
             state = with_unet_prefix(load_file(path))
-            unet = UNet2DConditionModel.from_single_file(state, config=config, subfolder="unet", torch_dtype=torch_dtype)
+            unet = UNet2DConditionModel.from_single_file(
+                state, config=config, subfolder="unet", torch_dtype=torch_dtype
+            )
             pipe = StableDiffusionXLPipeline.from_pretrained(config, unet=unet, torch_dtype=torch_dtype)
         if checkpoint.sampling:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **checkpoint.sampling)

@@ -1,4 +1,5 @@
-"""Reading safetensors files safely: the header is checked whole before any tensor is read, pickles are refused unopened.
+"""Reading safetensors files safely: the header is checked whole before any tensor is read, and pickles
+are refused unopened.
 
 Loading a pickle can run arbitrary code, so a `.bin`/`.ckpt`/`.pt` file (or a pickle renamed
 `.safetensors`) is refused without being unpickled. A truncated download is caught from the header's

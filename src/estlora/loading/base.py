@@ -97,7 +97,9 @@ def family_of_folder(location: str, expected: ModelFamily | None = None) -> Mode
     found = next((f for f in FAMILIES if class_name in f.pipeline_classes), None)
     if found is None:
         served = ", ".join(f.label for f in FAMILIES)
-        raise BaseModelError(location, f"a {class_name or 'pipeline of unknown class'}: not a model family estlora serves ({served})")
+        raise BaseModelError(
+            location, f"a {class_name or 'pipeline of unknown class'}: not a model family estlora serves ({served})"
+        )
     return found
 
 
@@ -207,11 +209,9 @@ def _from_single_file(source: BaseSource, torch_dtype: torch.dtype):
             warnings.simplefilter("ignore")
             pipe = source.family.load_single_file(source.location, source.checkpoint, torch_dtype, source.config)
     except Exception as exc:
-        where = (
-            ""
-            if os.path.isdir(source.config)
-            else f" (fetched from the hub; offline, give a local diffusers {source.family.label} folder as --base-config)"
-        )
+        label = source.family.label
+        offline = f" (fetched from the hub; offline, give a local diffusers {label} folder as --base-config)"
+        where = "" if os.path.isdir(source.config) else offline
         problem = f"cannot load it with the configs of {source.config}{where}: {first_line(exc)}"
         raise BaseModelError(source.given, problem) from None
     pipe.register_to_config(_name_or_path=source.location)  # diffusers leaves it empty; errors and caches name it

@@ -89,13 +89,17 @@ def summary(lora: Lora) -> str:
         f"layout:      {lora.layout}",
         f"base model:  {base_guess(lora)} (guessed from shapes; model family {family.label})",
         f"attention projections: {routes.get('attention', 0)}",
-        "per route:   " + ", ".join(f"{route} {n}" for route, n in routes.items()) + f" (default {family.default_route})",
+        "per route:   "
+        + ", ".join(f"{route} {n}" for route, n in routes.items())
+        + f" (default {family.default_route})",
         f"ranks:       {counted(lora.ranks)}",
         f"alphas:      {counted(lora.alphas)}",
         f"scales:      {counted(Counter(round(f.scale, 6) for f in lora.projections.values()))}",
     ]
     by_block = Counter(family.block_of(name) for name in lora.projections)
-    lines.append("per block:   " + ", ".join(f"{b} ({n})" for b, n in sorted(by_block.items(), key=lambda x: family.order(x[0]))))
+    lines.append(
+        "per block:   " + ", ".join(f"{b} ({n})" for b, n in sorted(by_block.items(), key=lambda x: family.order(x[0])))
+    )
     lines += [f"{TRAINING_LABELS[k] + ':':<12} {v}" for k, v in training_info(lora.metadata).items()]
     others = family.other_modules(lora.other)
     kept = counted(others) if others else "none"

@@ -26,6 +26,7 @@ from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
 from ..updates import Lora, LoraFactors
 
+
 def load_lora(
     source: str | os.PathLike,
     base_shapes: dict[str, tuple[int, int]] | None = None,
@@ -105,7 +106,9 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
     if any("lora" in k.lower() for k in keys):
         return LoraFormatError(path, f"holds LoRA keys in a layout estlora does not know; first keys: {sample}")
     reason = next((r for r in (f.not_a_lora(keys) for f in FAMILIES) if r), None)
-    return LoraFormatError(path, reason or f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}")
+    return LoraFormatError(
+        path, reason or f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}"
+    )
 
 
 def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, LoraFactors]:

@@ -17,9 +17,13 @@ def make_scheduler(own, family: ModelFamily, name: str = "default", timestep_spa
     import diffusers
 
     if name not in family.schedulers:
-        raise SettingError("scheduler", f"must be one of {', '.join(family.schedulers)} on {family.label}, not {name!r}")
+        raise SettingError(
+            "scheduler", f"must be one of {', '.join(family.schedulers)} on {family.label}, not {name!r}"
+        )
     if timestep_spacing not in (None, *TIMESTEP_SPACINGS):
-        raise SettingError("timestep-spacing", f"must be one of {', '.join(TIMESTEP_SPACINGS)}, not {timestep_spacing!r}")
+        raise SettingError(
+            "timestep-spacing", f"must be one of {', '.join(TIMESTEP_SPACINGS)}, not {timestep_spacing!r}"
+        )
     if family.schedulers[name] is None and timestep_spacing is None:
         return own
     class_name, overrides = family.schedulers[name] or (type(own).__name__, {})

@@ -75,7 +75,9 @@ class Fusion:
         self.family = family or family_of(pipe)
         model = self.family.denoiser_of(pipe)
         if any(isinstance(m, RoutedLinear) for m in model.modules()):
-            raise FusionError(None, "this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first")
+            raise FusionError(
+                None, "this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first"
+            )
         shapes = self.family.linear_shapes(model)
         base_name = getattr(pipe, "name_or_path", None) or f"the pipeline's {self.family.denoiser}"
         for lora in (subject, style):
@@ -150,7 +152,9 @@ class Fusion:
     def _apply_other_weights(self, config: FusionConfig) -> None:
         """Weights outside the routed linears at the config's static strengths (loaded on first use)."""
         subject, style = config.static_weights
-        unrouted = {role: lora.unrouted(self.routed) for role, lora in (("subject", self.subject), ("style", self.style))}
+        unrouted = {
+            role: lora.unrouted(self.routed) for role, lora in (("subject", self.subject), ("style", self.style))
+        }
         if self.static is None and (subject or style) and any(unrouted.values()):
             loras = {"subject": self.subject, "style": self.style}
             self.static = StaticAdapters(self.pipe, self.family, loras, unrouted)

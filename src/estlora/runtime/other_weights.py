@@ -26,7 +26,9 @@ from ..files.lora_keys import module_of
 from ..updates import Lora
 
 
-def describe(role: str, family: ModelFamily, tensors: dict[str, torch.Tensor], strength: float, policy: str) -> str | None:
+def describe(
+    role: str, family: ModelFamily, tensors: dict[str, torch.Tensor], strength: float, policy: str
+) -> str | None:
     """One line saying what happens to a LoRA's weights outside the routed linears (None if it has none)."""
     if not tensors:
         return None

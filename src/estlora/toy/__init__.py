@@ -26,7 +26,8 @@ register_base(
         name="toy",
         path=toy_model_path,
         label="the toy SDXL",
-        description="trained on 32 x 32 coloured shapes: `sks` is the subject LoRA's shape, `szn` the style LoRA's texture",
+        description="trained on 32 x 32 coloured shapes: `sks` is the subject LoRA's shape, `szn` the style "
+        "LoRA's texture",
         embedder="toy",
         sampling={"steps": SAMPLE_STEPS, "guidance": GUIDANCE},
         prompt=PROMPT,
