@@ -71,13 +71,17 @@ def describe_default(item: Setting) -> str:
     """The default as --help says it; a family's default names each family's value."""
     if not item.family_default:
         return item.describe_default()
+    return f"{item.describe_default()}: {family_values(item.family_default)}"
+
+
+def family_values(attribute: str) -> str:
+    """`SDXL 30`, one entry per family: what each model family sets `attribute` to."""
     from .families import FAMILIES
 
-    values = {f.label: getattr(f, item.family_default) for f in FAMILIES}
-    each = ", ".join(
+    values = {f.label: getattr(f, attribute) for f in FAMILIES}
+    return ", ".join(
         f"{label} {value:g}" if isinstance(value, float) else f"{label} {value}" for label, value in values.items()
     )
-    return f"{item.describe_default()}: {each}"
 
 
 def values(args: argparse.Namespace, group: type) -> dict:
@@ -142,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     config = replace(config, route=config.route or family.default_route)
     layers = family.routed(set(subject.projections) | set(style.projections), config.route)
     scores = cached_pair_scores(subject, style, layers, config)
-    plan = build_plan(scores, config, args.steps, (subject.sha256, style.sha256))
+    plan = build_plan(scores, config, args.steps or family.default_steps, (subject.sha256, style.sha256))
     if args.png:
         heatmap(plan, family, args.png)
     if args.json:
@@ -253,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="compute the fusion plan: which LoRA each projection uses at each step")
     plan.add_argument("subject", help="subject LoRA: " + LORA_HELP.format("subject", "heart"))
     plan.add_argument("style", help="style LoRA: " + LORA_HELP.format("style", "diagonal"))
-    plan.add_argument("--steps", type=int, default=30, help="number of denoising steps (default 30)")
+    steps = f"number of denoising steps (default the model family's: {family_values('default_steps')})"
+    plan.add_argument("--steps", type=int, help=steps)
     add_base_options(plan, "check both LoRAs fit this base model")
     plan.add_argument("--json", action="store_true", help="print the whole plan as one JSON object")
     plan.add_argument("--png", help="also draw the plan as a heatmap PNG")

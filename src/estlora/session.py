@@ -25,7 +25,6 @@ import torch
 from .beta import BetaProbe, measure_beta
 from .config import DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig
 from .families import FAMILIES, ModelFamily, family_named, family_of
-from .files.safetensors import file_sha256
 from .files.sources import resolve_lora_path
 from .images import regenerate_command, save_image, slug
 from .loading.base import BaseSource, check_fits, describe_base, load_pipeline
@@ -68,6 +67,13 @@ class Prepared:
         return self.fusion.plan_for(self.steps)
 
 
+def file_key(path: Path) -> tuple:
+    """A file's identity without reading it: an upload that reuses a name with new bytes is a new file
+    (its size or modification time differ), and hashing a 200 MB LoRA at every request would cost seconds."""
+    stat = Path(path).stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
 class Session:
     """A loaded base and the work every command does on it."""
 
@@ -81,7 +87,7 @@ class Session:
         self.shapes = self.family.linear_shapes(self.family.denoiser_of(pipe))
         self.fingerprint = weights_fingerprint(self.family.denoiser_of(pipe))  # which weights, whatever the path
         self.label = source.label if source else (self.model.base or f"the pipeline's {self.family.denoiser}")
-        self.loras: dict[tuple[str, str], Lora] = {}  # by (path, sha256)
+        self.loras: dict[tuple, Lora] = {}  # by file_key
         self.fusion: Fusion | None = None
 
     @classmethod
@@ -96,12 +102,12 @@ class Session:
         base = model.base or (family or FAMILIES[0]).default_base
         source = describe_base(base, model.base_config, family)
         check_fits(source, loras)
-        if check is not None:
+        if check is not None and source.family is not family:
             source.family.check_sampling(check.sampling)
         pipe = load_pipeline(source, model.device, model.dtype, model.cpu_offload, vae=model.vae)
         session = cls(pipe, source, replace(model, base=base), report)
         for lora in loras:
-            session.loras[(str(lora.path), lora.sha256)] = lora
+            session.loras[file_key(lora.path)] = lora
         scheduler = pipe.scheduler.config
         if scheduler.get("prediction_type", "epsilon") != "epsilon":
             zero_snr = " trained to zero terminal SNR" if scheduler.get("rescale_betas_zero_snr") else ""
@@ -115,7 +121,7 @@ class Session:
     def lora(self, source: str | os.PathLike) -> Lora:
         """A LoRA, loaded once per file content and checked against this base."""
         path = resolve_lora_path(source)
-        key = (str(path), file_sha256(path))  # an upload reusing a name with new bytes is a new LoRA
+        key = file_key(path)
         if key not in self.loras:
             lora = load_lora(path, self.shapes, self.label, self.family)
             if len(self.loras) >= KEPT_LORAS:

@@ -1,6 +1,6 @@
 """`estlora demo`: the whole product on the shipped toy SDXL and its LoRAs, offline, in under a minute.
 
-The toy model was trained from scratch on a world of coloured shapes (estlora.toy_world), so the
+The toy model was trained from scratch on a world of coloured shapes (estlora.toy.world), so the
 result can be seen: the subject LoRA's new shape, drawn with the style LoRA's texture. Writes the
 fused images, the subject-only and style-only references (the very renders beta is measured from),
 an enlarged overview sheet, the plan heatmap and a one-page summary into one folder.

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import SamplingConfig
+from ..errors import SettingError
 from ..files.lora_keys import module_of
 
 
@@ -80,8 +81,6 @@ class ModelFamily:
 
     def route_pattern(self, route: str) -> re.Pattern:
         if route not in self.route_sets:
-            from ..errors import SettingError
-
             raise SettingError("route", f"must be one of {', '.join(self.route_sets)} on {self.label}, not {route!r}")
         return self.route_sets[route]
 
@@ -184,8 +183,6 @@ class ModelFamily:
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Settings this family cannot take, refused before the model loads (a SettingError)."""
-        from ..errors import SettingError
-
         if sampling.scheduler not in self.schedulers:
             raise SettingError("scheduler", f"must be one of {', '.join(self.schedulers)} on {self.label}")
         for name in ("width", "height"):

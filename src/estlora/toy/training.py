@@ -6,7 +6,7 @@
 Each stage is seeded and checkpointed (`<work>/<stage>/checkpoint.pt`, every 200 steps and when a
 chunk's time is up), and a batch depends only on (stage, seed, step), so a resumed run continues
 exactly where it stopped. Finished stages write into `--out` (by default the package's
-`toy_assets/`): `scorer.safetensors`, `model/` (the pipeline, EMA weights) and
+`toy/assets/`): `scorer.safetensors`, `model/` (the pipeline, EMA weights) and
 `loras/<name>.safetensors` (diffusers format, as the DreamBooth LoRA scripts save them);
 `training.json` there records each stage's settings, wall time and measurements.
 """
