@@ -296,3 +296,27 @@ def test_settings_out_of_range_are_refused_before_loading(
     assert main([*gen_args(tiny_dir, out, "--beta", "0.5"), flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"estlora: error: {message}"
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_this_machine_lacks_is_one_line(tiny_dir, tmp_path, capsys):
+    assert main([*gen_args(tiny_dir, tmp_path / "out", "--beta", "0.5"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "estlora: error: device: cuda is not available on this machine"
+    assert main([*gen_args(tiny_dir, tmp_path / "out", "--beta", "0.5"), "--device", "gpu"]) == 2
+    assert "device: must be auto, cpu, cuda, cuda:N or mps, not 'gpu'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), ValueError("a library's own check")])
+def test_a_bug_keeps_its_traceback_and_says_where_to_report_it(tiny_dir, tmp_path, capsys, monkeypatch, error):
+    """Only estlora's typed errors are one line: anything else, even a ValueError, is a bug to report."""
+    import estlora.session
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(estlora.session.Session, "generate", broken)
+    assert main(gen_args(tiny_dir, tmp_path / "out", "--beta", "0.5")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{type(error).__name__}: {error}" in err
+    assert err.strip().splitlines()[-1].startswith("estlora: this is not a problem with your input but a bug")

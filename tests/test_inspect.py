@@ -99,3 +99,24 @@ def test_summary_and_json_say_what_the_trainer_wrote(tmp_path, capsys):
     assert "made for:    sdxl_base_v1-0\n" in out and "top tags:    sks dog (20), dog (5), grass (5)\n" in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["training"]["title"] == "my_dog_v2"
+
+
+def test_inspect_counts_what_each_route_routes(tmp_path, capsys):
+    """A kohya file's feed-forward and proj_in count for route blocks; route attention leaves them to
+    --other-weights, so they are not among the other keys either way."""
+    from safetensors.torch import load_file
+
+    path = sdxl_kohya_file(tmp_path / "style.safetensors")
+    state = load_file(str(path))
+    for name, (out, inp) in {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2": (640, 2560),
+        "lora_unet_input_blocks_4_1_proj_in": (640, 640),
+    }.items():
+        state |= {f"{name}.lora_down.weight": torch.ones(8, inp), f"{name}.lora_up.weight": torch.ones(out, 8)}
+    save_file(state, str(path))
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["routes"] == {"attention": 3, "blocks": 5} and report["other_tensors"] == 5
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2" in report["projections"]
+    assert main(["inspect", str(path), "--base", "stabilityai/stable-diffusion-xl-base-1.0"]) == 0
+    assert "per route:   attention 3, blocks 5 (default attention)" in capsys.readouterr().out

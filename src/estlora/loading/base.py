@@ -142,8 +142,20 @@ def read_single_file(base: str | os.PathLike) -> dict[str, dict]:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA, else MPS, else the CPU. A device this machine lacks is a SettingError, not a
+    traceback from deep inside torch once the model has loaded."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            target = torch.device(device)
+        except RuntimeError:
+            raise SettingError("device", f"must be auto, cpu, cuda, cuda:N or mps, not {device!r}") from None
+        if target.type == "cuda" and (
+            not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()
+        ):
+            raise SettingError("device", f"{device} is not available on this machine")
+        if target.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SettingError("device", "mps is not available on this machine")
+        return target
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
