@@ -146,13 +146,10 @@ class Settings:
             object.__setattr__(self, item.name, item.check(getattr(self, item.name)))
 
     @classmethod
-    def from_mapping(cls, values: dict, where: str = "settings"):
+    def from_mapping(cls, values: dict):
         """The group's settings out of a mapping that may hold others (unknown keys are the caller's)."""
         names = {item.name for item in settings_of(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ class Session:
         """The request with every default filled in from the base and its family, as it will run and be recorded."""
         sampling = request.sampling
         preset = self.source.preset if self.source else None
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        size = self.family.default_size(self.pipe)
         defaults = {
             "steps": self.family.default_steps,
             "guidance": self.family.default_guidance,

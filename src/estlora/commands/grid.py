@@ -258,9 +258,14 @@ def _record(run_dir: Path, job: Job) -> None:
         os.close(fd)
 
 
+def run_record(spec: GridSpec) -> dict:
+    """What run.json holds: the spec, so that a rerun can tell its own grid from another."""
+    return {"version": SPEC_VERSION, "spec": spec.to_dict()}
+
+
 def check_run_dir(spec: GridSpec, run_dir: Path) -> bool:
     """Whether `run_dir` already holds this grid (False: a new run); raises if it holds another one."""
-    record = {"version": SPEC_VERSION, "spec": spec.to_dict()}
+    record = run_record(spec)
     path = run_dir / "run.json"
     if not path.exists():
         return False
@@ -315,7 +320,7 @@ def run_grid(spec: GridSpec, run_dir: str | os.PathLike, device: str = "auto", p
         model = dataclasses.replace(spec.model, device=launched_device or device)
         session = Session.open(model, check=request_for(spec, todo[0]), report=lambda _: None)
     if not known:
-        write_text(run_dir / "run.json", json.dumps({"version": SPEC_VERSION, "spec": spec.to_dict()}, indent=2) + "\n")
+        write_text(run_dir / "run.json", json.dumps(run_record(spec), indent=2) + "\n")
     recorded = {e["path"] for e in manifest_entries(run_dir)}
     for job in mine:  # finished before an interruption, but not yet recorded
         if (run_dir / job.relpath).exists() and job.relpath not in recorded:

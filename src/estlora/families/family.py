@@ -177,6 +177,10 @@ class ModelFamily:
 
     # ------------------------------------------------------------ sampling
 
+    def default_size(self, pipe) -> int:
+        """The image side the pipeline renders when not told (its sample size in pixels)."""
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
     def call_arguments(self, sampling: SamplingConfig, steps: int) -> dict:
         """The pipeline call's keyword arguments for these settings (steps given: the probe may use fewer)."""
         raise NotImplementedError

@@ -34,26 +34,25 @@ from .routing import RoutedLinear, Router, denoising_step
 LoraSource = str | os.PathLike | Lora
 
 
-# Integer views of each float width: a tensor's bits, summed with wraparound, are exact on any device.
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A model's identity for cached results and image metadata: every parameter's name, shape,
-    dtype and the sum of its bits (integer addition modulo 2^32 is exact and order-free, so the
-    same weights give the same fingerprint on any device and thread count). Two checkpoints never
-    share a cached beta, even loaded from one path or with no path at all (`from_single_file`
-    pipelines have none), and one changed weight changes it. One pass over the weights at memory
-    speed (about 0.5 s for SDXL's UNet in fp32 on two CPU cores), one transfer."""
+    dtype and the sum of its bits, read four bytes at a time as integers (addition modulo 2^32 is
+    exact and order-free, so the same weights give the same fingerprint on any device and thread
+    count). Two checkpoints never share a cached beta, even loaded from one path or with no path at
+    all (`from_single_file` pipelines have none), and one changed weight changes it. One pass over
+    the weights at memory speed and one transfer: about a second for SDXL's UNet on two CPU cores
+    (measured 0.7 to 0.9 s in fp32, 1.4 s in fp16, beside another job), milliseconds on a GPU. A
+    session takes it once for every pair it fuses."""
     digest = hashlib.sha256()
     sums = []
     for name, parameter in model.named_parameters():
         digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype};".encode())
         if parameter.is_meta:  # offloaded weights (sequential offload) have no values here
             continue
-        bits = parameter.detach().contiguous().view(_BITS[parameter.element_size()])
-        wide = torch.int64 if parameter.element_size() == 8 else torch.int32
-        sums.append(bits.sum(dtype=wide).to(torch.int64))
+        raw = parameter.detach().contiguous().reshape(-1).view(torch.uint8)
+        whole = raw.numel() // 4 * 4
+        total = raw[:whole].view(torch.int32).sum(dtype=torch.int32).to(torch.int64)
+        sums.append(total + raw[whole:].sum(dtype=torch.int64))
     if sums:
         digest.update(torch.stack([s.to(sums[0].device) for s in sums]).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
