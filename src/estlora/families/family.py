@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import SamplingConfig
-from ..errors import SettingError
+from ..errors import LoraFormatError, SettingError
 from ..files.lora_keys import module_of
 
 
@@ -195,3 +195,38 @@ class ModelFamily:
                 raise SettingError(
                     name, f"must be a multiple of {self.size_multiple} on {self.label} (the VAE's scale), not {value}"
                 )
+
+
+# ---------------------------------------------------------------- diffusers/peft key names, any family
+
+
+def split_module(key: str, prefix: str) -> tuple[str, str]:
+    """'<prefix>.a.b.lora_A.weight' -> ('a.b', 'A'); '.alpha' keys -> (module, 'alpha'); else ('', '')."""
+    head = rf"^(?:base_model\.model\.)?(?:{re.escape(prefix)}\.)?"
+    match = re.match(head + r"(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
+    if match:
+        return match.group(1), match.group(2)[-1]
+    match = re.match(head + r"(.+)\.alpha$", key)
+    if match:
+        return match.group(1), "alpha"
+    return "", ""
+
+
+def peft_parts(path, layout: str, tensors: dict, prefix: str, routable: re.Pattern, name_of=None) -> LoraParts:
+    """A diffusers/peft file's routable linears (`<prefix>.<module>.lora_A.weight`, `.lora_B.weight`,
+    `.alpha`) and its other keys, under the names the file gives them (diffusers' loader reads them).
+    `name_of(key, tensor)` renames a key to peft's spelling first (legacy layouts)."""
+    parts: dict[str, dict] = {}
+    keys: dict[str, dict] = {}
+    other = {}
+    for key, value in tensors.items():
+        name = name_of(key, value) if name_of else key
+        module, part = split_module(name.replace(".lora_B.bias", ".lora_B.weight"), prefix)
+        if name.endswith(".lora_B.bias") and routable.fullmatch(module):
+            raise LoraFormatError(path, f"{key}: LoRA with a bias (peft lora_bias) is not supported")
+        if module and routable.fullmatch(module) and not name.startswith("text_encoder"):
+            parts.setdefault(module, {})[part] = value
+            keys.setdefault(module, {})[key] = value
+        else:
+            other[key] = value
+    return LoraParts(layout, parts, keys, other)

@@ -32,7 +32,7 @@ import torch
 from ..config import SamplingConfig
 from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, first_line
 from ..files.lora_keys import check_alpha, module_of
-from .family import Checkpoint, LoraParts, ModelFamily
+from .family import Checkpoint, LoraParts, ModelFamily, peft_parts, split_module
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -425,7 +425,7 @@ def _from_kohya(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> Lo
     parts: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in convert_unet_state_dict_to_peft(converted).items():
-        module, part = split_module(name)
+        module, part = split_module(name, "unet")
         source = kohya_module[id(value)]  # diffusers moves the very tensors: the file's name for each
         parts.setdefault(module, {})[part] = value
         keys[module] = by_module[source]
@@ -447,32 +447,16 @@ def _from_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) 
 
     if layout == "klora-research":
         tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
-    convert = layout in ("klora-research", "diffusers-legacy")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    keys: dict[str, dict[str, torch.Tensor]] = {}
-    other = {}
-    for key, value in tensors.items():
-        name = next(iter(convert_unet_state_dict_to_peft({key: value}))) if convert else key
-        if name.endswith(".lora_B.bias") and BLOCKS.fullmatch(split_module(name.replace(".bias", ".weight"))[0]):
-            raise LoraFormatError(path, f"{key}: LoRA with a bias (peft lora_bias) is not supported")
-        module, part = split_module(name)
-        if module and BLOCKS.fullmatch(module) and not name.startswith("text_encoder"):
-            parts.setdefault(module, {})[part] = value
-            keys.setdefault(module, {})[key] = value
-        else:
-            other[key] = value
-    return LoraParts(layout, parts, keys, other)
-
-
-def split_module(key: str) -> tuple[str, str]:
-    """'unet.a.b.lora_A.weight' -> ('a.b', 'A'); '.alpha' keys -> (module, 'alpha')."""
-    match = re.match(r"^(?:base_model\.model\.)?(?:unet\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
-    if match:
-        return match.group(1), match.group(2)[-1]
-    match = re.match(r"^(?:base_model\.model\.)?(?:unet\.)?(.+)\.alpha$", key)
-    if match:
-        return match.group(1), "alpha"
-    return "", ""
+    if layout not in ("klora-research", "diffusers-legacy"):
+        return peft_parts(path, layout, tensors, "unet", BLOCKS)
+    return peft_parts(
+        path,
+        layout,
+        tensors,
+        "unet",
+        BLOCKS,
+        lambda key, value: next(iter(convert_unet_state_dict_to_peft({key: value}))),
+    )
 
 
 # ---------------------------------------------------------------- bases
