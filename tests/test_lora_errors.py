@@ -198,15 +198,10 @@ CASES = {
         "no LoRA weights for UNet attention",
         lambda t, s: write(t / "te.safetensors", {"text_encoder.q_proj.lora_A.weight": torch.ones(2, 8)}),
     ),
-    "transformer-model-peft": (
+    "sd3-kohya": (
         BaseModelMismatchError,
         "transformer model such as Flux or SD3",
-        lambda t, s: write(t / "flux.safetensors", flux_lora()),
-    ),
-    "transformer-model-kohya": (
-        BaseModelMismatchError,
-        "transformer model such as Flux or SD3",
-        lambda t, s: write(t / "flux.safetensors", kohya_lora("lora_unet_double_blocks_0_img_attn_proj", 64, 64)),
+        lambda t, s: write(t / "sd3.safetensors", kohya_lora("lora_unet_joint_blocks_0_x_block_attn_qkv", 64, 64)),
     ),
     "lycoris-loha": (
         LoraFormatError,
@@ -379,6 +374,25 @@ def mismatch_source(tmp, which, tiny_dir):
     """(LoRA file, --base): SD 1.5 LoRA vs the SDXL hub id, or SDXL-wide LoRA vs the tiny model."""
     lora, base = (SD15_LORA, SDXL_BASE) if which == "sd15-vs-sdxl-id" else (SDXL_WIDE_LORA, str(tiny_dir))
     return write(tmp / "lora.safetensors", lora_state(lora)), base
+
+
+@pytest.mark.parametrize(
+    "name, state",
+    [
+        ("peft", lambda: flux_lora()),
+        ("kohya", lambda: kohya_lora("lora_unet_double_blocks_0_img_attn_proj", 64, 64)),
+    ],
+)
+def test_a_flux_lora_against_an_sdxl_base_is_a_mismatch(tmp_path, tiny_dir, capsys, name, state):
+    """FLUX.1 LoRAs load as such (their family is served); given an SDXL base, they are refused in one line."""
+    from estlora.families import family_named
+
+    path = write(tmp_path / f"flux-{name}.safetensors", state())
+    assert load_lora(path).family == "flux1"
+    with pytest.raises(BaseModelMismatchError, match="a FLUX.1 LoRA, but the base is SDXL"):
+        load_lora(path, family=family_named("sdxl"))
+    code = cli.main(["inspect", str(path), "--base", str(tiny_dir)])
+    assert_cli_error(code, *capsys.readouterr(), path, f"a FLUX.1 LoRA, but {tiny_dir} is SDXL")
 
 
 @pytest.mark.parametrize("which", ["sd15-vs-sdxl-id", "sdxl-vs-tiny-folder"])

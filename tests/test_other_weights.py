@@ -190,7 +190,7 @@ def test_strengths_follow_the_method_and_remove_restores(pipe, kohya_path, peft_
         pipe, kohya_path, peft_path, method="est", beta=0.5, other_weights=policy, subject_scale=0.5, style_scale=0.8
     )
     fusion.set(other_weights="merge")
-    subject, style = fusion.static.names["subject"], fusion.static.names["style"]
+    (subject,), (style,) = fusion.static.names["subject"], fusion.static.names["style"]
     assert layer_state(pipe, ff) == ([subject, style], {subject: 0.5 * 8 / 4})  # the style file has no such layer
     te_k = "text_encoder:encoder.layers.0.self_attn.k_proj"
     assert layer_state(pipe, te_k) == ([subject, style], {subject: 0.5 * 8 / 4, style: 0.8 * 2 / 4})
@@ -215,7 +215,7 @@ def test_the_users_own_adapters_stay_as_they_were(tiny_dir, kohya_path):
     before, flags = run(pipe), requires_grad(pipe)
     mine = layer_state(pipe, q[: -len(".base_layer")])
     with estlora.fuse(pipe, kohya_path, "example:style", method="subject", other_weights="merge") as fusion:
-        name = fusion.static.names["subject"]
+        (name,) = fusion.static.names["subject"]
         assert layer_state(pipe, ff)[0] == ["mine", name]
     assert pipe.get_list_adapters() == {"unet": ["mine"]}
     assert layer_state(pipe, q[: -len(".base_layer")]) == mine

@@ -144,8 +144,13 @@ BAD_FILES = {
     ),
     "flux": (
         BaseModelError,
-        "(SD3 or Flux), not SDXL",
+        "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder",
         lambda c, p: sgm_file(p / "flux.safetensors", {"model.diffusion_model.double_blocks.0.x": (1,)}),
+    ),
+    "sd3": (
+        BaseModelError,
+        "(SD3 or Flux), not SDXL",
+        lambda c, p: sgm_file(p / "sd3.safetensors", {"model.diffusion_model.joint_blocks.0.x": (1,)}),
     ),
     "edm": (
         BaseModelError,

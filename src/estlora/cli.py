@@ -99,13 +99,18 @@ def scheduler_choices() -> dict[str, tuple[str, ...]]:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
+    from .testing.tiny_flux import write_tiny_flux
     from .testing.tiny_sdxl import write_tiny_sdxl
 
+    write, what = {
+        "sdxl": (write_tiny_sdxl, "SDXL pipeline (SDXL's block layout: 560 attention projections)"),
+        "flux1": (write_tiny_flux, "FLUX.1 pipeline (19 double + 38 single blocks: 494 linears in the blocks)"),
+    }[args.family]
     try:
-        folder = write_tiny_sdxl(args.dir, seed=args.seed)
+        folder = write(args.dir, seed=args.seed)
     except FileExistsError as exc:
         raise EstloraError(args.dir, "folder exists and is not empty") from exc
-    print(f"wrote a tiny SDXL pipeline (560 attention projections, seed {args.seed}) to {folder}")
+    print(f"wrote a tiny {what}, seed {args.seed}, to {folder}")
 
 
 def _checked_base(args: argparse.Namespace, loras) -> None:
@@ -243,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("tiny-model", help="write the built-in tiny SDXL pipeline folder")
+    tiny = commands.add_parser("tiny-model", help="write a built-in tiny pipeline folder (SDXL or FLUX.1)")
     tiny.add_argument("dir", help="folder to create (must be new or empty)")
+    tiny.add_argument("--family", choices=("sdxl", "flux1"), default="sdxl", help="which tiny model (default sdxl)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
 

@@ -250,6 +250,16 @@ class SamplingConfig(Settings):
     )
     width: int | None = setting(None, "image width", minimum=8, unset="the base's own", ui=(32, 2048, 8))
     height: int | None = setting(None, "image height", minimum=8, unset="the base's own", ui=(32, 2048, 8))
+    true_cfg: float | None = setting(
+        None,
+        "true classifier-free guidance with the negative prompt, for models whose guidance is embedded "
+        "(FLUX.1; two denoiser calls per step; 1 = off)",
+        minimum=1,
+        unset="off",
+    )
+    max_sequence_length: int | None = setting(
+        None, "prompt tokens the T5 text encoder reads (FLUX.1)", minimum=1, unset="the pipeline's (FLUX.1: 512)"
+    )
     seed: int = setting(0, "seed of the first image; image k uses seed + k", minimum=0)
     num_images: int = setting(1, "images to render", minimum=1, ui=(1, 8, 1))
     beta_probe_steps: int | None = setting(None, "steps of the beta probe renders", minimum=1, unset="--steps")

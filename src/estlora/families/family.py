@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -130,6 +131,11 @@ class ModelFamily:
         """The error for a file of this family's layout that updates no routable linear."""
         raise NotImplementedError
 
+    def adapter_groups(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """A LoRA's tensors that a route leaves out, in groups diffusers' loader reads one at a time (one
+        layout each); empty groups dropped."""
+        return [tensors] if tensors else []
+
     def guess_base(self, shapes: dict[str, tuple[int, int]]) -> str:
         """Which base a LoRA was made for, guessed from its projections' (out, in) shapes (for messages)."""
         return self.label
@@ -148,6 +154,13 @@ class ModelFamily:
     def config_shapes(self, base: str) -> dict[str, tuple[int, int]]:
         """Routable linear shapes of a diffusers folder or hub id, from its denoiser's config alone."""
         raise NotImplementedError
+
+    def shapes_from_config(self, config: dict) -> dict[str, tuple[int, int]]:
+        """(out, in) of every routable linear of a denoiser config: the model built on the meta device
+        (no weights, milliseconds after the first build of a config)."""
+        hashable = tuple(sorted((k, _freeze(v)) for k, v in config.items() if not k.startswith("_")))
+        linears = _meta_linears(self.denoiser_classes[0], hashable)
+        return {name: shape for name, shape in linears.items() if self.routable(name)}
 
     def claims_checkpoint(self, keys: list[str]) -> bool:
         """Whether a single-file checkpoint with these keys is one of this family's (whole or denoiser only)."""
@@ -195,6 +208,23 @@ class ModelFamily:
                 raise SettingError(
                     name, f"must be a multiple of {self.size_multiple} on {self.label} (the VAE's scale), not {value}"
                 )
+
+
+@lru_cache(maxsize=16)
+def _meta_linears(class_name: str, config_items: tuple) -> dict[str, tuple[int, int]]:
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name).from_config(dict(config_items))
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def _freeze(value):
+    return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 # ---------------------------------------------------------------- diffusers/peft key names, any family

@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from ..config import SamplingConfig
-from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, first_line
+from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, SettingError, first_line
 from ..files.lora_keys import check_alpha, module_of
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts, split_module
 
@@ -246,11 +245,6 @@ class SDXL(ModelFamily):
     def config_shapes(self, base: str) -> dict[str, tuple[int, int]]:
         return self.shapes_from_config(unet_config(base))
 
-    def shapes_from_config(self, config: dict) -> dict[str, tuple[int, int]]:
-        """UNet module path -> (out_features, in_features) for every routable linear of a UNet config."""
-        hashable = tuple(sorted((k, _freeze(v)) for k, v in config.items() if not k.startswith("_")))
-        return dict(_shapes_from_config(hashable))
-
     def claims_checkpoint(self, keys: list[str]) -> bool:
         keys = list(with_unet_prefix(dict.fromkeys(keys)))
         return is_diffusers_unet(keys) or any(k.startswith(SGM_UNET) for k in keys)
@@ -342,6 +336,14 @@ class SDXL(ModelFamily):
         return None
 
     # ------------------------------------------------------------ sampling
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        super().check_sampling(sampling)
+        for name in ("true_cfg", "max_sequence_length"):
+            if getattr(sampling, name) is not None:
+                raise SettingError(
+                    name.replace("_", "-"), "is for models with a T5 encoder and embedded guidance, not SDXL"
+                )
 
     def call_arguments(self, sampling: SamplingConfig, steps: int) -> dict:
         guidance = self.default_guidance if sampling.guidance is None else sampling.guidance
@@ -474,23 +476,6 @@ def unet_config(base: str) -> dict:
         if str(base) in KNOWN_UNET_CONFIGS:  # offline, but we know its shapes
             return dict(KNOWN_UNET_CONFIGS[str(base)])
         raise BaseModelError(base, f"cannot read the base model's UNet config ({first_line(exc)})") from None
-
-
-@lru_cache(maxsize=8)
-def _shapes_from_config(config_items: tuple) -> dict[str, tuple[int, int]]:
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(config_items))
-    return {
-        name: (module.out_features, module.in_features)
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and BLOCKS.fullmatch(name)
-    }
-
-
-def _freeze(value):
-    return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def with_unet_prefix(entries: dict) -> dict:

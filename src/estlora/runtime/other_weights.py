@@ -64,12 +64,13 @@ class StaticAdapters:
         had_adapters = bool(tuner_layers(pipe, family))
         self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
-        self.names: dict[str, str] = {}
+        self.names: dict[str, list[str]] = {}  # role -> its adapters (one per group of key names)
         try:
             for role, lora in loras.items():
-                if tensors[role]:
-                    self.names[role] = f"estlora-{role}-{lora.sha256[:8]}"
-                    _load(pipe, lora, tensors[role], self.names[role])
+                for i, group in enumerate(family.adapter_groups(tensors[role])):
+                    name = f"estlora-{role}-{lora.sha256[:8]}" + (f"-{i}" if i else "")
+                    self.names.setdefault(role, []).append(name)
+                    _load(pipe, lora, group, name)
         except BaseException:
             self.remove()
             raise
@@ -78,11 +79,12 @@ class StaticAdapters:
     def set_weights(self, weights: dict[str, float]) -> None:
         """Strength per role; a LoRA at zero is left out of the active set, so nothing is computed for it."""
         strengths = {role: float(weights.get(role, 0.0)) for role in self.names}
-        active = self.user_adapters + [name for role, name in self.names.items() if strengths[role]]
+        active = self.user_adapters + [name for role, names in self.names.items() if strengths[role] for name in names]
         for layer in tuner_layers(self.pipe, self.family):
             layer.set_adapter(active)
-            for role, name in self.names.items():
-                layer.set_scale(name, strengths[role])
+            for role, names in self.names.items():
+                for name in names:
+                    layer.set_scale(name, strengths[role])
 
     def remove(self) -> None:
         """Delete our adapters; the user's adapters are active again as before, or peft is gone if it was."""
@@ -91,7 +93,8 @@ class StaticAdapters:
                 self.pipe.unload_lora_weights()
             else:
                 loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
-                self.pipe.delete_adapters([name for name in self.names.values() if name in loaded])
+                ours = [name for names in self.names.values() for name in names]
+                self.pipe.delete_adapters([name for name in ours if name in loaded])
                 for layer in tuner_layers(self.pipe, self.family):
                     layer.set_adapter(self.user_adapters)
         for parameter, flag in self.requires_grad.items():

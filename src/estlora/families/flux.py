@@ -1,0 +1,342 @@
+"""FLUX.1 (dev, schnell and their fine-tunes): every FLUX.1 fact estlora uses.
+
+The denoiser is a `FluxTransformer2DModel` under `pipe.transformer`: 19 double-stream blocks
+(`transformer_blocks.N`, an image and a text stream) and 38 single-stream blocks
+(`single_transformer_blocks.N`). Route sets (shared/design/method.md, "On DiT models"):
+`attention`, the image stream's `attn.to_q/to_k/to_v/to_out.0` and the text stream's
+`attn.add_q_proj/add_k_proj/add_v_proj/to_add_out` of each double block and `attn.to_q/to_k/to_v`
+and `proj_out` of each single block (8 x 19 + 4 x 38 = 304); `blocks`, every linear inside the
+blocks, adding `ff`, `ff_context`, `norm1`, `norm1_context` (double) and `proj_mlp`, `norm` (single):
+14 x 19 + 6 x 38 = 494, the default (the seeds' FLUX code means to route these; K-LoRA's misses
+four of them, a bug its author confirmed).
+
+LoRA layouts: diffusers/peft (`transformer.<module>.lora_A.weight`, with or without `.alpha` keys
+or adapter metadata; ai-toolkit and SimpleTuner write it), kohya sd-scripts with BFL's module
+names (`lora_unet_double_blocks_0_img_attn_qkv`, ...) and ComfyUI (`diffusion_model.` + BFL's
+names with dots). BFL's fused projections are split exactly (shared/design/method.md, "Fused
+projections"): for `img_attn.qkv` (q, k, v), `txt_attn.qkv` (add_q, add_k, add_v) and a single
+block's `linear1` (q, k, v, proj_mlp, rows h, h, h, 4h), the slice of the update is
+scale * B[rows] @ A, so each slice becomes its own projection with the shared A, gated on its own.
+The widths come from the factors (a third, or a seventh, of the rows), not from FLUX.1's 3072.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import SamplingConfig
+from ..errors import BaseModelError, LoraFormatError, LoraShapeError, SettingError, first_line
+from ..files.lora_keys import check_alpha
+from .family import Checkpoint, LoraParts, ModelFamily, peft_parts
+
+DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
+# FLUX.1-dev's transformer config as published; schnell's differs in guidance_embeds only.
+FLUX_DEV_TRANSFORMER_CONFIG = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+KNOWN_TRANSFORMER_CONFIGS = {
+    DEFAULT_BASE: FLUX_DEV_TRANSFORMER_CONFIG,
+    "black-forest-labs/FLUX.1-schnell": {**FLUX_DEV_TRANSFORMER_CONFIG, "guidance_embeds": False},
+}
+
+_DOUBLE = r"transformer_blocks\.\d+"
+_SINGLE = r"single_transformer_blocks\.\d+"
+_ATTENTION = (
+    rf"{_DOUBLE}\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    rf"|{_SINGLE}\.(?:attn\.(?:to_q|to_k|to_v)|proj_out)"
+)
+ATTENTION = re.compile(_ATTENTION)
+BLOCKS = re.compile(
+    _ATTENTION
+    + rf"|{_DOUBLE}\.(?:ff\.net\.(?:0\.proj|2)|ff_context\.net\.(?:0\.proj|2)|norm1\.linear|norm1_context\.linear)"
+    + rf"|{_SINGLE}\.(?:proj_mlp|norm\.linear)"
+)
+
+# BFL's names (kohya spells them with underscores) -> the diffusers modules they hold, in row order.
+DOUBLE_PARTS = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+SINGLE_PARTS = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+# Row shares of a fused update: q, k, v of width h; a single block's MLP of width 4 h (FLUX.1's mlp_ratio).
+ROW_SHARES = {3: (1, 1, 1), 4: (1, 1, 1, 4)}
+KOHYA_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+COMFY_KEY = re.compile(
+    r"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha)$"
+)
+COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+BFL_BLOCK_KEY = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?:double|single)_blocks[._]\d+")
+PEFT_BLOCK_KEY = re.compile(
+    r"^(?:base_model\.model\.|transformer\.)?(?:single_)?transformer_blocks\.\d+\..*lora_[AB]\."
+)
+# A single file: FLUX.1's transformer in BFL's names, bare (BFL's own files) or under ComfyUI's prefix.
+BFL_TRANSFORMER = ("double_blocks.", "single_blocks.")
+COMFY_UNET = "model.diffusion_model."
+
+# Flow-matching samplers FluxPipeline can drive (it passes its own sigmas and the resolution shift mu).
+SCHEDULERS: dict[str, tuple[str, dict] | None] = {
+    "default": None,
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler-exponential": ("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "lcm": ("FlowMatchLCMScheduler", {}),
+}
+
+
+class Flux1(ModelFamily):
+    name = "flux1"
+    label = "FLUX.1"
+    denoiser = "transformer"
+    denoiser_classes = ("FluxTransformer2DModel",)
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+    lora_prefix = "transformer"
+    lora_components = ("transformer", "text_encoder")
+    default_base = DEFAULT_BASE
+    route_sets = {"attention": ATTENTION, "blocks": BLOCKS}
+    default_route = "blocks"
+    default_steps = 28
+    default_guidance = 3.5  # FLUX.1-dev's embedded guidance
+    size_multiple = 16  # the VAE's 8, then 2 x 2 patches
+    schedulers = SCHEDULERS
+
+    def serves_model(self, model) -> bool:
+        """FLUX.1's transformer: the class diffusers gives it, with single-stream blocks (FLUX.2's is another class)."""
+        model = getattr(model, "_orig_mod", model)
+        return super().serves_model(model) and hasattr(model, "single_transformer_blocks")
+
+    # ------------------------------------------------------------ modules
+
+    def order(self, module: str) -> tuple:
+        """Double blocks, then single blocks; numbers numerically."""
+        stage = 1 if module.startswith("single_transformer_blocks.") else 0
+        return (stage, [int(p) if p.isdigit() else p for p in re.split(r"[._]", module)])
+
+    def block_of(self, module: str) -> str:
+        """'single_transformer_blocks.7.attn.to_q' -> 'single_transformer_blocks.7'."""
+        return ".".join(module.split(".")[:2])
+
+    # ------------------------------------------------------------ LoRA files
+
+    def claims_lora(self, keys: list[str]) -> bool:
+        return any(BFL_BLOCK_KEY.match(k) or PEFT_BLOCK_KEY.match(k) for k in keys)
+
+    def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
+        if any(k.startswith("diffusion_model.") for k in tensors):
+            return _from_bfl(path, "comfyui", _comfy_to_kohya(tensors))
+        if any(k.startswith("lora_unet_") for k in tensors):
+            return _from_bfl(path, "kohya", tensors)
+        return peft_parts(path, "diffusers-peft", tensors, "transformer", BLOCKS)
+
+    def adapter_groups(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """BFL layouts leave two kinds: the file's own keys (text encoder, embeddings: kohya's names) and
+        slices of fused updates (diffusers' peft names, `_from_bfl`); diffusers reads each kind alone."""
+        sliced = {k: v for k, v in tensors.items() if k.startswith("transformer.")}
+        rest = {k: v for k, v in tensors.items() if k not in sliced}
+        if not any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in rest):
+            return super().adapter_groups(tensors)  # one layout throughout
+        return [group for group in (rest, sliced) if group]
+
+    def no_projections(self, path: Path, other: dict[str, torch.Tensor]) -> Exception:
+        counted = f"({len(other)} other keys)" if other else ""
+        return LoraFormatError(path, "holds no LoRA weights for FLUX.1's transformer blocks " + counted)
+
+    def guess_base(self, shapes: dict[str, tuple[int, int]]) -> str:
+        widths = {n_in for name, (_, n_in) in shapes.items() if name.endswith("attn.to_q")}
+        if widths == {3072} and any(name.startswith("single_transformer_blocks.") for name in shapes):
+            return "FLUX.1"
+        if widths <= {1536, 2432} and widths and not any("single_transformer_blocks" in n for n in shapes):
+            return "SD3"  # MMDiT blocks with FLUX's double-block names, SD3's widths
+        return f"FLUX.1 layout, non-standard widths ({', '.join(map(str, sorted(widths))) or 'no to_q'})"
+
+    def other_kind(self, module: str) -> str:
+        if re.search(r"(^|\.|_)(te1?|text_encoders?|clip_l)([._]|$)", module):
+            return "text encoder (CLIP)"
+        if re.search(r"(^|\.|_)(te2|text_encoder_2|t5)([._]|$)", module):
+            return "text encoder (T5)"
+        if re.search(
+            r"(x_embedder|img_in|context_embedder|txt_in|time|guidance|vector_in|norm_out|final_layer)", module
+        ):
+            return "transformer embeddings and output"
+        return "other"
+
+    def not_a_lora(self, keys: list[str]) -> str | None:
+        if any(k.startswith(BFL_TRANSFORMER) or k.startswith(COMFY_UNET + "double_blocks.") for k in keys):
+            return (
+                "this is a FLUX.1 model checkpoint, not a LoRA (a single-file FLUX.1 is given as the base: --base FILE)"
+            )
+        return None
+
+    # ------------------------------------------------------------ bases
+
+    def config_shapes(self, base: str) -> dict[str, tuple[int, int]]:
+        return self.shapes_from_config(transformer_config(base))
+
+    def claims_checkpoint(self, keys: list[str]) -> bool:
+        return any(k.removeprefix(COMFY_UNET).startswith(BFL_TRANSFORMER) for k in keys)
+
+    def read_checkpoint(self, base: str, header: dict, config: str) -> Checkpoint:
+        raise BaseModelError(base, "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder")
+
+    def load_pretrained(self, location: str, torch_dtype: torch.dtype):
+        from diffusers import FluxPipeline
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return FluxPipeline.from_pretrained(location, torch_dtype=torch_dtype)
+        except Exception as exc:  # missing folder, offline hub, not a pipeline: one answer to the user
+            raise BaseModelError(location, f"cannot load a FLUX.1 pipeline ({first_line(exc)})") from None
+
+    def load_single_file(self, path: str, checkpoint: Checkpoint, torch_dtype: torch.dtype, config: str):
+        raise BaseModelError(path, "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder")
+
+    def check_pipeline(self, pipe, source: str) -> None:
+        """A tokenizer without its vocabulary (a folder copied without it) would make every prompt unknown tokens."""
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(pipe, name, None)
+            if tokenizer is None or len(tokenizer) <= len(tokenizer.all_special_tokens):
+                raise BaseModelError(source, f"its {name} has no vocabulary (its {name}/ files are missing?)")
+
+    def weight_components(self, vae_replaced: bool) -> tuple[str, ...]:
+        return ("transformer", "text_encoder", "text_encoder_2") + (() if vae_replaced else ("vae",))
+
+    def not_a_vae(self, keys: list[str]) -> str | None:
+        if not any(k.removeprefix("vae.").startswith(("encoder.", "decoder.")) for k in keys):
+            return "not a VAE (no encoder.* / decoder.* weights)"
+        return None
+
+    # ------------------------------------------------------------ sampling
+
+    def call_arguments(self, sampling: SamplingConfig, steps: int) -> dict:
+        guidance = self.default_guidance if sampling.guidance is None else sampling.guidance
+        kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
+        for name in ("negative_prompt", "width", "height"):
+            if getattr(sampling, name) is not None:
+                kwargs[name] = getattr(sampling, name)
+        if sampling.true_cfg is not None:
+            kwargs["true_cfg_scale"] = sampling.true_cfg
+        if sampling.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = sampling.max_sequence_length
+        return kwargs
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        super().check_sampling(sampling)
+        if sampling.guidance_rescale:
+            raise SettingError("guidance-rescale", "is for classifier-free guidance on UNets; FLUX.1 has none")
+        if sampling.true_cfg is not None and sampling.true_cfg > 1 and not sampling.negative_prompt:
+            raise SettingError("true-cfg", "needs a --negative-prompt (FLUX.1's true CFG contrasts the two)")
+
+
+# ---------------------------------------------------------------- LoRA layouts
+
+
+def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` ->
+    `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`; other keys kept."""
+    renamed = {}
+    for key, value in tensors.items():
+        match = COMFY_KEY.match(key)
+        if match:
+            module, part = match.groups()
+            key = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
+        renamed[key] = value
+    return renamed
+
+
+def _from_bfl(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> LoraParts:
+    """kohya's spelling of BFL's block modules, fused updates split into their diffusers linears.
+
+    A split linear's own tensors are its slice in diffusers' peft names (`transformer.<module>.lora_A.weight`,
+    `.lora_B.weight`, `.alpha`), which diffusers' loader reads; every other key keeps the file's name.
+    """
+    fused: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
+    other = {}
+    for key, value in tensors.items():
+        match = KOHYA_BLOCK.match(key)
+        table = None if match is None else (DOUBLE_PARTS if match.group(1) == "double" else SINGLE_PARTS)
+        if match is None or match.group(3) not in table:
+            other[key] = value
+            continue
+        kind, number, part, piece = match.groups()
+        fused.setdefault((kind, int(number), part), {})[piece] = value
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, torch.Tensor]] = {}
+    for (kind, number, part), got in fused.items():
+        name = f"lora_unet_{kind}_blocks_{number}_{part}"
+        if "lora_down.weight" not in got or "lora_up.weight" not in got:
+            missing = "down" if "lora_down.weight" not in got else "up"
+            raise LoraShapeError(path, f"{name}: {missing} factor missing")
+        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{number}"
+        targets = (DOUBLE_PARTS if kind == "double" else SINGLE_PARTS)[part]
+        down, up = got["lora_down.weight"], got["lora_up.weight"]
+        alpha = check_alpha(path, name, got["alpha"]) if "alpha" in got else None
+        for target, rows in zip(targets, _row_slices(path, name, up.shape[0], len(targets)), strict=True):
+            module = f"{block}.{target}"
+            parts[module] = {"A": down, "B": up[rows]} | ({"alpha": alpha} if alpha is not None else {})
+            keys[module] = {
+                f"transformer.{module}.lora_A.weight": down,
+                f"transformer.{module}.lora_B.weight": up[rows],
+            }
+            if alpha is not None:
+                keys[module][f"transformer.{module}.alpha"] = alpha
+    return LoraParts(layout, parts, keys, other)
+
+
+def _row_slices(path: Path, name: str, rows: int, count: int) -> list[slice]:
+    """The row ranges of `count` fused linears in an update of `rows` rows (FLUX.1's shares, any width)."""
+    if count == 1:
+        return [slice(0, rows)]
+    shares = ROW_SHARES[count]
+    if rows % sum(shares):
+        raise LoraShapeError(path, f"{name}: {rows} rows cannot be split into {count} fused projections")
+    unit, start, slices = rows // sum(shares), 0, []
+    for share in shares:
+        slices.append(slice(start, start + share * unit))
+        start += share * unit
+    return slices
+
+
+# ---------------------------------------------------------------- bases
+
+
+def transformer_config(base: str) -> dict:
+    """The transformer config of a diffusers FLUX.1 folder or hub id (FLUX.1-dev's and schnell's known offline)."""
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dict(FluxTransformer2DModel.load_config(str(base), subfolder="transformer"))
+    except Exception as exc:
+        if str(base) in KNOWN_TRANSFORMER_CONFIGS:
+            return dict(KNOWN_TRANSFORMER_CONFIGS[str(base)])
+        where = "" if os.path.isdir(str(base)) else " (offline? give a local folder)"
+        raise BaseModelError(
+            base, f"cannot read the base model's transformer config{where} ({first_line(exc)})"
+        ) from None
