@@ -407,3 +407,14 @@ def test_tiny_model_command_writes_either_family(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "f"), "--family", "flux1"]) == 0
     assert json.loads((tmp_path / "f" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
     assert "FLUX.1" in capsys.readouterr().out
+
+
+def test_klora_takes_k_loras_flux_settings(pipe, loras):
+    """K-LoRA's FLUX code wraps its time scale (pattern s*, beta 0.85 alpha = 1.275); est keeps the paper's."""
+    with estlora.fuse(pipe, *loras, method="klora") as fusion:
+        assert (fusion.config.pattern, fusion.plan_for(4).beta) == ("s*", 1.275)
+        fusion.set(method="est", beta=0.4)
+        assert (fusion.config.pattern, fusion.plan_for(4).beta) == ("s", 0.4)
+        fusion.set(method="klora", pattern="s", beta=None)  # asked for: kept
+        assert (fusion.config.pattern, fusion.plan_for(4).beta) == ("s", 0.5)
+    assert family_named("sdxl").resolve_fusion(estlora.FusionConfig(method="klora")).pattern == "s"

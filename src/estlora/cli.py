@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import replace
 
 # Quiet the import-time chatter of transformers/diffusers (torchvision fallbacks, progress bars);
 # our own progress and errors are what the user should see.
@@ -147,8 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     subject, style = load_pair(args.subject, args.style)
     _checked_base(args, [subject, style])
     family = family_named(subject.family)
-    config = FusionConfig(**values(args, FusionConfig))
-    config = replace(config, route=config.route or family.default_route)
+    config = family.resolve_fusion(FusionConfig(**values(args, FusionConfig)))
     layers = family.routed(set(subject.projections) | set(style.projections), config.route)
     scores = cached_pair_scores(subject, style, layers, config)
     plan = build_plan(scores, config, args.steps or family.default_steps, (subject.sha256, style.sha256))

@@ -172,7 +172,13 @@ class FusionConfig(Settings):
         unset="auto",
         auto_word="auto",
     )
-    pattern: str = setting("s", "time pattern: s (rising) or s* (wrapping)", choices=PATTERNS)
+    pattern: str | None = setting(
+        None,
+        "time pattern: s (rising) or s* (wrapping)",
+        choices=PATTERNS,
+        unset="s; for klora the model family's, as K-LoRA's code for it has it",
+        family_default="klora_pattern",
+    )
     gamma_rule: str = setting(
         "reference", "gamma: reference (L1 ratio, outliers dropped) or energy (sum E_c / sum E_s)", choices=GAMMA_RULES
     )
@@ -193,8 +199,13 @@ class FusionConfig(Settings):
             raise SettingError("alpha", "pattern s* needs alpha > 0")
 
     @property
+    def time_pattern(self) -> str:
+        """The pattern in force: unset is `s` (a model family resolves klora's own, `ModelFamily.resolve_fusion`)."""
+        return self.pattern or "s"
+
+    @property
     def effective_beta(self) -> float:
-        return DEFAULT_BETA[self.pattern] if self.beta is None else self.beta
+        return DEFAULT_BETA[self.time_pattern] if self.beta is None else self.beta
 
     @property
     def gated(self) -> bool:

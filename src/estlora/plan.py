@@ -125,7 +125,7 @@ def _one_sided(scores: PairScores, subject_wins: torch.Tensor, config: FusionCon
 
 def _gate(scores: PairScores, score: torch.Tensor, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
     """The shared rule: subject where score_c / gamma > score_s * scale(p_i); ties go to style."""
-    scale = time_scale(progress(steps), config.alpha, config.effective_beta, config.pattern)
+    scale = time_scale(progress(steps), config.alpha, config.effective_beta, config.time_pattern)
     subject_wins = (score[:, 0] / gamma)[None, :] > score[:, 1][None, :] * scale[:, None]
     return _one_sided(scores, subject_wins, config)
 
@@ -213,7 +213,7 @@ class Plan:
             "beta_source": self.beta_source,
             "gamma": self.gamma,
             "gamma_rule": self.config.gamma_rule,
-            "pattern": self.config.pattern,
+            "pattern": self.config.time_pattern,
             "raw_energy": self.config.raw_energy,
             "subject_scale": self.config.subject_scale,
             "style_scale": self.config.style_scale,

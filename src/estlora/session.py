@@ -163,9 +163,7 @@ class Session:
             **(preset.sampling if preset else {}),
         }
         filled = {name: value for name, value in defaults.items() if getattr(sampling, name) is None}
-        fusion = request.fusion
-        if fusion.route is None:
-            fusion = replace(fusion, route=self.family.default_route)
+        fusion = self.family.resolve_fusion(request.fusion)
         return replace(request, fusion=fusion, sampling=replace(sampling, **filled))
 
     def configure(self, request: Request, callback=None, use_cache: bool = True) -> Prepared:

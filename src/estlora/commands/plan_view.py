@@ -45,7 +45,7 @@ def headline(plan: Plan) -> str:
             f"alpha {cfg.alpha:g}",
             f"beta {plan.beta:.4g} ({source})",
             f"gamma {plan.gamma:.4g} ({cfg.gamma_rule})",
-            f"pattern {cfg.pattern}",
+            f"pattern {cfg.time_pattern}",
         ]
     if cfg.method == "switch":
         parts.append(f"switch every {cfg.switch_every}")

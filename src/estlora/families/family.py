@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from ..config import SamplingConfig
+from ..config import FusionConfig, SamplingConfig
 from ..errors import LoraFormatError, SettingError
 from ..files.lora_keys import module_of
 
@@ -61,6 +61,7 @@ class ModelFamily:
     default_guidance: float
     size_multiple: int  # width and height must be multiples of this
     timestep_argument: str = "timestep"  # the denoiser's keyword for the timestep
+    klora_pattern: str = "s"  # K-LoRA's time pattern for this family (its FLUX code wraps: s*)
     # sampler name -> (diffusers scheduler class, config overrides); None: the base's own
     schedulers: dict[str, tuple[str, dict] | None]
 
@@ -79,6 +80,14 @@ class ModelFamily:
         submodules by name, and the wrapper's names carry an `_orig_mod.` prefix."""
         model = getattr(pipe, self.denoiser)
         return getattr(model, "_orig_mod", model)
+
+    def resolve_fusion(self, config: FusionConfig) -> FusionConfig:
+        """`config` with this family's defaults where it leaves them unset (route, klora's pattern); a
+        route the family lacks is a SettingError."""
+        route = config.route or self.default_route
+        self.route_pattern(route)
+        pattern = config.pattern or (self.klora_pattern if config.method == "klora" else "s")
+        return replace(config, route=route, pattern=pattern)
 
     def route_pattern(self, route: str) -> re.Pattern:
         if route not in self.route_sets:

@@ -120,6 +120,7 @@ class Flux1(ModelFamily):
     default_base = DEFAULT_BASE
     route_sets = {"attention": ATTENTION, "blocks": BLOCKS}
     default_route = "blocks"
+    klora_pattern = "s*"  # K-LoRA's FLUX script: s*, beta 0.85 alpha = 1.275
     default_steps = 28
     default_guidance = 3.5  # FLUX.1-dev's embedded guidance
     size_multiple = 16  # the VAE's 8, then 2 x 2 patches

@@ -95,11 +95,9 @@ class Fusion:
         self._install()
 
     def _resolved(self, config: FusionConfig) -> FusionConfig:
-        """The family's route where none is given (the plan and metadata name the route used)."""
-        if config.route is None:
-            return replace(config, route=self.family.default_route)
-        self.family.route_pattern(config.route)  # a route this family has, or a SettingError
-        return config
+        """The family's route (and klora's pattern) where none is given: the plan and metadata name them."""
+        self.asked = config  # what was asked, so that a later method change resolves afresh
+        return self.family.resolve_fusion(config)
 
     # ------------------------------------------------------------ plans
 
@@ -118,7 +116,7 @@ class Fusion:
 
     def set(self, beta_source: str | None = None, **changes) -> Fusion:
         """Change method, beta, alpha, route, strengths...: re-plans (re-routes for a new route), never reloads."""
-        config = self._resolved(replace(self.config, **changes))
+        config = self._resolved(replace(self.asked, **changes))
         if config.route != self.config.route:
             self._uninstall()
             self.config = config
@@ -139,7 +137,7 @@ class Fusion:
     @contextlib.contextmanager
     def using(self, **changes) -> Iterator[Fusion]:
         """Temporarily another config (e.g. method="subject" for a reference render)."""
-        saved = (self.config, self.beta_source)
+        saved = (self.asked, self.beta_source)
         self.set(**changes)
         try:
             yield self
