@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,3 +419,39 @@ def test_klora_takes_k_loras_flux_settings(pipe, loras):
         fusion.set(method="klora", pattern="s", beta=None)  # asked for: kept
         assert (fusion.config.pattern, fusion.plan_for(4).beta) == ("s", 0.5)
     assert family_named("sdxl").resolve_fusion(estlora.FusionConfig(method="klora")).pattern == "s"
+
+
+def test_model_cpu_offload_equals_diffusers_under_offload(flux_dir, lora_paths, loras):
+    """Under diffusers' model CPU offload (hooks that move each model to the execution device when it
+    runs; here the CPU itself) fusion equals diffusers' own LoRA path under the same offload, bit for
+    bit: the LoRA factors are buffers of the routed transformer and move with it. (Offload alone
+    changes the last bits against a pipeline without it, fused or not.)"""
+    ours, ref = load_pipe(flux_dir), load_pipe(flux_dir)
+    for name, path in zip(("subject", "style"), lora_paths, strict=True):
+        ref.load_lora_weights(str(path), adapter_name=name)
+    ref.set_adapters(["subject", "style"], [1.0, 0.6])
+    for p in (ours, ref):
+        p.enable_model_cpu_offload(device="cpu")
+    with estlora.fuse(ours, *loras, method="merge", style_scale=0.6):
+        assert torch.equal(run(ours), run(ref))
+
+
+def test_the_ui_serves_a_flux_base(flux_dir, lora_paths, tmp_path):
+    """The page's Studio on a FLUX.1 folder: FLUX.1's defaults in the widgets, its samplers, klora's own pattern."""
+    import dataclasses
+
+    pytest.importorskip("gradio")
+    from estlora.ui import Studio
+
+    studio = Studio(str(flux_dir), tmp_path)
+    sampling = studio.defaults.sampling
+    assert (sampling.steps, sampling.guidance, studio.session.family.name) == (28, 3.5, "flux1")
+    page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(sampling)}
+    page |= {"subject_choice": "upload", "subject_file": str(lora_paths[0]), "style_choice": "upload"}
+    page |= {"style_file": str(lora_paths[1]), "prompt": PROMPT, "beta_mode": "auto", "beta": 0.5}
+    page |= {"steps": 2, "width": 32, "height": 32, "max_sequence_length": 16}
+    images, notes, *_ = studio.run(page, ["klora"], 1, lambda *args, **kwargs: None)
+    ((png, _),) = images
+    meta = json.loads(Path(png).with_suffix(".json").read_text())
+    assert "beta = 1.275 (K-LoRA's default" in notes and meta["settings"]["pattern"] == "s*"
+    assert meta["family"] == "flux1" and meta["settings"]["route"] == "blocks"

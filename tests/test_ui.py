@@ -163,7 +163,7 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
     assert meta["beta_source"] == "measured" and meta["command"].startswith("estlora generate")
     assert "--base toy" in meta["command"] and "--method est" in meta["command"]
-    assert "--subject toy:heart" in meta["command"] and "--route attention" in meta["command"]
+    assert "--subject toy:heart" in meta["command"] and "--route attention" in meta["command"]  # resolved
 
 
 def test_compare_two_methods_side_by_side(page):

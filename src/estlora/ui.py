@@ -90,8 +90,10 @@ class Studio:
         self.preset = self.session.source.preset
         self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
         self.base_name = self.session.label
-        # Widget defaults: the settings as this base runs them when left unset.
-        self.defaults = self.session.resolve(Request("", "", ""))
+        # Widget defaults: sampling as this base runs it when left unset; fusion settings left unset
+        # (`default` in the page), since what they resolve to can depend on the method (klora's pattern).
+        resolved = self.session.resolve(Request("", "", ""))
+        self.defaults = dataclasses.replace(resolved, fusion=FusionConfig())
         self.max_upload = max_upload_bytes()
 
     @property
