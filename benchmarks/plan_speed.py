@@ -1,12 +1,14 @@
-"""Time a fusion plan for a real-size SDXL pair, beside the research code's way of scoring.
+"""Time a fusion plan for a real-size SDXL or FLUX.1 pair, beside the research code's way of scoring.
 
-Real SDXL attention shapes (560 projections, from SDXL's UNet config; no weights needed), random
+Real shapes (SDXL: the 560 attention projections of SDXL's UNet config; FLUX.1: the 494 linears of
+FLUX.1-dev's blocks, `--family flux1`; no weights needed), random
 LoRA factors (speed does not depend on the values). Our way: energies from r x r Grams once, the
 reference gamma from one chunked dense pass, then the (steps x projections) plan. The research
 code's way: at every step, in every projection, rebuild both dense delta W and take their norms.
 One full step of that is measured and multiplied by the step count.
 
     .venv/bin/python benchmarks/plan_speed.py [--steps 30] [--pairs 8,64 64,64 128,128] [--json out.json]
+    .venv/bin/python benchmarks/plan_speed.py --family flux1 --steps 28 --pairs 16,16 --no-topk --no-probe
 
 It also times the beta probe (two renders + DINO) on the tiny SDXL, new and from the cache.
 """
@@ -23,6 +25,7 @@ import torch
 from estlora import plan as P
 from estlora.config import FusionConfig
 from estlora.families import family_named
+from estlora.families.flux import FLUX_DEV_TRANSFORMER_CONFIG
 from estlora.families.sdxl import SDXL_UNET_CONFIG
 from estlora.updates import Lora, LoraFactors
 
@@ -61,7 +64,7 @@ def research_step(subject: Lora, style: Lora) -> None:
 def measure_pair(shapes, rank_c: int, rank_s: int, steps: int, repeats: int, topk: bool) -> dict:
     subject, style = random_lora(shapes, rank_c, 1), random_lora(shapes, rank_s, 2)
     config = FusionConfig(method="est", beta=0.5)
-    layers = family_named("sdxl").ordered(shapes)
+    layers = sorted(shapes)  # any fixed order: the plan's cost does not depend on it
     energies_s, _ = timed(lambda: P.pair_scores(subject, style, layers, need_l1=False), repeats)
     scores_s, scores = timed(lambda: P.pair_scores(subject, style, layers), repeats)
     build_s, plan = timed(lambda: P.build_plan(scores, config, steps), repeats)
@@ -107,16 +110,17 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["8,64", "64,64", "128,128"], help="subject,style ranks")
     parser.add_argument("--no-topk", action="store_true", help="skip klora's (slow) top-k scores")
     parser.add_argument("--no-probe", action="store_true", help="skip the beta probe timing")
+    parser.add_argument("--family", choices=("sdxl", "flux1"), default="sdxl", help="real shapes of which base")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    sdxl = family_named("sdxl")
-    shapes = {
-        m: shape for m, shape in sdxl.shapes_from_config(SDXL_UNET_CONFIG).items() if sdxl.in_route(m, "attention")
-    }
+    family = family_named(args.family)
+    config = SDXL_UNET_CONFIG if args.family == "sdxl" else FLUX_DEV_TRANSFORMER_CONFIG
+    route = family.default_route
+    shapes = {m: shape for m, shape in family.shapes_from_config(config).items() if family.in_route(m, route)}
     elements = sum(o * n for o, n in shapes.values())
     print(
-        f"SDXL shapes: {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
+        f"{family.label} shapes (route {route}): {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
         f"{torch.get_num_threads()} threads; medians of {args.repeats}; research way at {args.steps} steps"
     )
     header = (
@@ -131,6 +135,7 @@ def main() -> None:
     )
     print("  ".join(f"{h:>12}" for h in header))
     results = {
+        "family": family.name,
         "threads": torch.get_num_threads(),
         "projections": len(shapes),
         "dense_elements_per_lora": elements,
