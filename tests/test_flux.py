@@ -455,3 +455,37 @@ def test_the_ui_serves_a_flux_base(flux_dir, lora_paths, tmp_path):
     meta = json.loads(Path(png).with_suffix(".json").read_text())
     assert "beta = 1.275 (K-LoRA's default" in notes and meta["settings"]["pattern"] == "s*"
     assert meta["family"] == "flux1" and meta["settings"]["route"] == "blocks"
+
+
+def test_xlabs_layout_splits_like_bfl(pipe, tmp_path):
+    """XLabs' processor LoRAs: qkv_lora1 / qkv_lora2 are the image and text streams' fused q, k, v,
+    proj_lora1 / 2 their output projections, a single block's qkv_lora linear1's q, k, v rows; no alphas."""
+    shapes = FLUX.linear_shapes(pipe.transformer)
+    width = shapes["transformer_blocks.0.attn.to_q"][1]
+    generator = torch.Generator().manual_seed(9)
+    parts = {"double_blocks.2.processor.qkv_lora2": 3 * width, "double_blocks.2.processor.proj_lora1": width}
+    parts["single_blocks.5.processor.qkv_lora"] = 3 * width
+    state = {}
+    for name, rows in parts.items():
+        state |= {f"{name}.down.weight": torch.randn(4, width, generator=generator)}
+        state |= {f"{name}.up.weight": torch.randn(rows, 4, generator=generator)}
+    save_file(state, str(tmp_path / "xlabs.safetensors"))
+    lora = load_lora(tmp_path / "xlabs.safetensors", shapes, "tiny FLUX.1")
+    assert lora.layout == "xlabs" and {f.alpha for f in lora.projections.values()} == {4.0}  # alpha = rank
+    up = state["double_blocks.2.processor.qkv_lora2.up.weight"]
+    assert torch.equal(lora.projections["transformer_blocks.2.attn.add_k_proj"].up, up[width : 2 * width])
+    assert torch.equal(
+        lora.projections["transformer_blocks.2.attn.to_out.0"].up,
+        state["double_blocks.2.processor.proj_lora1.up.weight"],
+    )
+    single = state["single_blocks.5.processor.qkv_lora.up.weight"]
+    assert torch.equal(lora.projections["single_transformer_blocks.5.attn.to_v"].up, single[2 * width :])
+    assert len(lora.projections) == 3 + 1 + 3 and not lora.other
+
+
+def test_a_flux_checkpoint_given_as_a_lora_is_named(tmp_path):
+    from estlora.errors import LoraFormatError
+
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(LoraFormatError, match="this is a FLUX.1 model checkpoint, not a LoRA"):
+        load_lora(tmp_path / "flux1-dev.safetensors")

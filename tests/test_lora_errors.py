@@ -425,3 +425,19 @@ def test_cli_subprocess(case, tmp_path, tiny_shapes, tiny_dir):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert_cli_error(done.returncode, done.stdout, done.stderr, source, words)
     assert not (tmp_path / MARKER).exists()
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """The first 8 bytes are the header's length: 640 bytes is 80 02 00 ..., a pickle's protocol-2
+    opening. The JSON after it tells them apart (such files were refused as pickles before)."""
+    base = {f"unet.{Q}.lora_A.weight": torch.ones(2, 640), f"unet.{Q}.lora_B.weight": torch.ones(640, 2)}
+    path = tmp_path / "lora.safetensors"
+    for pad in range(400):
+        save_file(base, str(path), metadata={"pad": "x" * pad})
+        header_len = int.from_bytes(path.read_bytes()[:8], "little")
+        if header_len & 0xFF == 0x80 and 2 <= header_len >> 8 <= 5:
+            break
+    else:
+        pytest.fail("no padding gave such a header length")
+    assert path.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    assert set(load_lora(path).projections) == {Q}

@@ -15,7 +15,7 @@ _SDXL, _FLUX1 = SDXL(), Flux1()
 FAMILIES: tuple[ModelFamily, ...] = (_SDXL, _FLUX1)  # the first is the default where nothing says otherwise
 # The order a LoRA's or a checkpoint's keys are offered in: FLUX.1's block names are its own, while
 # SDXL's layouts claim any kohya `lora_unet_` file.
-_CLAIM_ORDER = (_FLUX1, _SDXL)
+CLAIM_ORDER = (_FLUX1, _SDXL)
 
 __all__ = ["FAMILIES", "Checkpoint", "LoraParts", "ModelFamily", "family_named", "family_of", "family_of_lora"]
 
@@ -46,12 +46,12 @@ def family_of(pipe) -> ModelFamily:
 
 def family_of_lora(keys: list[str]) -> ModelFamily | None:
     """The family whose LoRA layouts these keys follow, or None."""
-    return next((family for family in _CLAIM_ORDER if family.claims_lora(keys)), None)
+    return next((family for family in CLAIM_ORDER if family.claims_lora(keys)), None)
 
 
 def family_of_checkpoint(keys: list[str]) -> ModelFamily | None:
     """The family a single-file checkpoint with these keys belongs to, or None."""
-    return next((family for family in _CLAIM_ORDER if family.claims_checkpoint(keys)), None)
+    return next((family for family in CLAIM_ORDER if family.claims_checkpoint(keys)), None)
 
 
 def scheduler_names() -> tuple[str, ...]:

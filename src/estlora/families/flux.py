@@ -12,11 +12,12 @@ four of them, a bug its author confirmed).
 
 LoRA layouts: diffusers/peft (`transformer.<module>.lora_A.weight`, with or without `.alpha` keys
 or adapter metadata; ai-toolkit and SimpleTuner write it), kohya sd-scripts with BFL's module
-names (`lora_unet_double_blocks_0_img_attn_qkv`, ...) and ComfyUI (`diffusion_model.` + BFL's
-names with dots). BFL's fused projections are split exactly (shared/design/method.md, "Fused
-projections"): for `img_attn.qkv` (q, k, v), `txt_attn.qkv` (add_q, add_k, add_v) and a single
-block's `linear1` (q, k, v, proj_mlp, rows h, h, h, 4h), the slice of the update is
-scale * B[rows] @ A, so each slice becomes its own projection with the shared A, gated on its own.
+names (`lora_unet_double_blocks_0_img_attn_qkv`, ...), ComfyUI (`diffusion_model.` + BFL's names
+with dots) and XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`, no alphas). BFL's fused
+projections are split exactly (shared/design/method.md, "Fused projections"): for `img_attn.qkv`
+(q, k, v), `txt_attn.qkv` (add_q, add_k, add_v) and a single block's `linear1` (q, k, v, proj_mlp,
+rows h, h, h, 4h), the slice of the update is scale * B[rows] @ A, so each slice becomes its own
+projection with the shared A, gated on its own.
 The widths come from the factors (a third, or a seventh, of the rows), not from FLUX.1's 3072.
 """
 
@@ -81,6 +82,7 @@ DOUBLE_PARTS = {
 }
 SINGLE_PARTS = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),  # XLabs: a LoRA on linear1's attention rows alone
     "linear2": ("proj_out",),
     "modulation_lin": ("norm.linear",),
 }
@@ -92,6 +94,18 @@ COMFY_KEY = re.compile(
 )
 COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 BFL_BLOCK_KEY = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?:double|single)_blocks[._]\d+")
+# XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (1: the image stream, 2: the text stream).
+XLABS_KEY = re.compile(
+    r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)\.(down|up)\.weight$"
+)
+XLABS_PARTS = {
+    ("double", "qkv", "1"): "img_attn_qkv",
+    ("double", "qkv", "2"): "txt_attn_qkv",
+    ("double", "proj", "1"): "img_attn_proj",
+    ("double", "proj", "2"): "txt_attn_proj",
+    ("single", "qkv", ""): "attn_qkv",
+    ("single", "proj", ""): "linear2",
+}
 PEFT_BLOCK_KEY = re.compile(
     r"^(?:base_model\.model\.|transformer\.)?(?:single_)?transformer_blocks\.\d+\..*lora_[AB]\."
 )
@@ -145,9 +159,11 @@ class Flux1(ModelFamily):
     # ------------------------------------------------------------ LoRA files
 
     def claims_lora(self, keys: list[str]) -> bool:
-        return any(BFL_BLOCK_KEY.match(k) or PEFT_BLOCK_KEY.match(k) for k in keys)
+        return any(BFL_BLOCK_KEY.match(k) or PEFT_BLOCK_KEY.match(k) or XLABS_KEY.match(k) for k in keys)
 
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
+        if any(XLABS_KEY.match(k) for k in tensors):
+            return _from_bfl(path, "xlabs", _xlabs_to_kohya(tensors))
         if any(k.startswith("diffusion_model.") for k in tensors):
             return _from_bfl(path, "comfyui", _comfy_to_kohya(tensors))
         if any(k.startswith("lora_unet_") for k in tensors):
@@ -266,6 +282,21 @@ def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if match:
             module, part = match.groups()
             key = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
+        renamed[key] = value
+    return renamed
+
+
+def _xlabs_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs' processor LoRAs in kohya's spelling (its single blocks' `qkv_lora` covers linear1's q, k, v
+    rows only); other keys kept."""
+    renamed = {}
+    for key, value in tensors.items():
+        match = XLABS_KEY.match(key)
+        if match:
+            kind, number, what, stream, piece = match.groups()
+            part = XLABS_PARTS.get((kind, what, stream))
+            if part is not None:
+                key = f"lora_unet_{kind}_blocks_{number}_{part}.lora_{piece}.weight"
         renamed[key] = value
     return renamed
 

@@ -39,11 +39,13 @@ def read_header(path: Path) -> dict[str, dict]:
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(16)
-        if _looks_like_pickle(head):
+        (header_len,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
+        # A safetensors header length can begin like a pickle (640 bytes: 80 02 ...); its JSON cannot.
+        safetensors = head[8:9] == b"{" and header_len <= size - 8
+        if not safetensors and _looks_like_pickle(head):
             raise PickleRefusedError(path, "this is a pickle checkpoint, not safetensors; " + pickle_reason())
         if size < 8:
             raise LoraFormatError(path, f"not a safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", head[:8])
         if header_len > size - 8 or head[8:9] != b"{":
             kind = "truncated or corrupt safetensors file" if head[8:9] == b"{" else "not a safetensors file"
             raise LoraFormatError(path, f"{kind} (bad header)")

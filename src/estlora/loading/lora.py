@@ -20,7 +20,7 @@ import re
 import torch
 
 from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
-from ..families import FAMILIES, ModelFamily, family_named, family_of_lora
+from ..families import CLAIM_ORDER, ModelFamily, family_named, family_of_lora
 from ..files.lora_keys import check_alpha
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
@@ -105,7 +105,7 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
     sample = ", ".join(keys[:2])
     if any("lora" in k.lower() for k in keys):
         return LoraFormatError(path, f"holds LoRA keys in a layout estlora does not know; first keys: {sample}")
-    reason = next((r for r in (f.not_a_lora(keys) for f in FAMILIES) if r), None)
+    reason = next((r for r in (f.not_a_lora(keys) for f in CLAIM_ORDER) if r), None)
     return LoraFormatError(
         path, reason or f"holds no LoRA keys (is this a full model checkpoint?); first keys: {sample}"
     )
