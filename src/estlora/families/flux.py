@@ -32,7 +32,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..errors import BaseModelError, LoraFormatError, LoraShapeError, SettingError, first_line
-from ..files.lora_keys import check_alpha
+from ..files.lora_keys import check_alpha, comfy_to_kohya
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts
 
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
@@ -92,7 +92,6 @@ KOHYA_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora
 COMFY_KEY = re.compile(
     r"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha)$"
 )
-COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 BFL_BLOCK_KEY = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?:double|single)_blocks[._]\d+")
 # XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (1: the image stream, 2: the text stream).
 XLABS_KEY = re.compile(
@@ -165,7 +164,7 @@ class Flux1(ModelFamily):
         if any(XLABS_KEY.match(k) for k in tensors):
             return _from_bfl(path, "xlabs", _xlabs_to_kohya(tensors))
         if any(k.startswith("diffusion_model.") for k in tensors):
-            return _from_bfl(path, "comfyui", _comfy_to_kohya(tensors))
+            return _from_bfl(path, "comfyui", comfy_to_kohya(tensors, COMFY_KEY))
         if any(k.startswith("lora_unet_") for k in tensors):
             return _from_bfl(path, "kohya", tensors)
         return peft_parts(path, "diffusers-peft", tensors, "transformer", BLOCKS)
@@ -204,9 +203,7 @@ class Flux1(ModelFamily):
 
     def not_a_lora(self, keys: list[str]) -> str | None:
         if any(k.startswith(BFL_TRANSFORMER) or k.startswith(COMFY_UNET + "double_blocks.") for k in keys):
-            return (
-                "this is a FLUX.1 model checkpoint, not a LoRA (a single-file FLUX.1 is given as the base: --base FILE)"
-            )
+            return "this is a FLUX.1 model checkpoint, not a LoRA (the base is given as a diffusers folder: --base DIR)"
         return None
 
     # ------------------------------------------------------------ bases
@@ -271,19 +268,6 @@ class Flux1(ModelFamily):
 
 
 # ---------------------------------------------------------------- LoRA layouts
-
-
-def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` ->
-    `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`; other keys kept."""
-    renamed = {}
-    for key, value in tensors.items():
-        match = COMFY_KEY.match(key)
-        if match:
-            module, part = match.groups()
-            key = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
-        renamed[key] = value
-    return renamed
 
 
 def _xlabs_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, SettingError, first_line
-from ..files.lora_keys import check_alpha, module_of
+from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts, split_module
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -83,7 +83,6 @@ KOHYA_ROUTABLE = re.compile(
 KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # ComfyUI: `diffusion_model.<SGM module path>.<part>`, with kohya's or peft's part names.
 COMFY_KEY = re.compile(r"^diffusion_model\.(.+?)\.(lora_(?:up|down|A|B|mid)\.weight|alpha|\w+)$")
-COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # Keys of LoRAs for transformer (DiT) models: diffusers/peft `transformer.`, kohya or ComfyUI Flux/SD3 blocks.
 TRANSFORMER_MODEL_KEY = re.compile(
     r"^(transformer\.|lora_transformer_|base_model\.model\.(single_)?transformer_blocks\."
@@ -173,9 +172,12 @@ class SDXL(ModelFamily):
 
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
         layout = detect_layout(list(tensors))
-        if layout in ("kohya", "comfyui", "lycoris"):
-            renamed = {"comfyui": _comfy_to_kohya, "lycoris": _lycoris_to_kohya}.get(layout, dict)(tensors)
-            return _from_kohya(path, layout, renamed)
+        if layout == "comfyui":
+            return _from_kohya(path, layout, comfy_to_kohya(tensors, COMFY_KEY))
+        if layout == "lycoris":
+            return _from_kohya(path, layout, _lycoris_to_kohya(tensors))
+        if layout == "kohya":
+            return _from_kohya(path, layout, tensors)
         return _from_peft_names(path, layout, tensors)
 
     def no_projections(self, path: Path, other: dict[str, torch.Tensor]) -> Exception:
@@ -373,19 +375,6 @@ def detect_layout(keys: list[str]) -> str | None:
     if any(re.search(r"(\.lora\.|_lora\.)(down|up)\.weight$", k) for k in keys):
         return "diffusers-legacy"
     return None
-
-
-def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight` ->
-    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`; other keys kept."""
-    renamed = {}
-    for key, value in tensors.items():
-        match = COMFY_KEY.match(key)
-        if match:
-            module, part = match.groups()
-            key = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
-        renamed[key] = value
-    return renamed
 
 
 def _lycoris_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

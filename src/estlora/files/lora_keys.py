@@ -3,6 +3,7 @@ tensor that name it as the file does."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,3 +32,20 @@ def check_alpha(path: Path, name: str, alpha: torch.Tensor) -> torch.Tensor:
     if alpha.numel() != 1:
         raise LoraShapeError(path, f"{name}: alpha has shape {tuple(alpha.shape)}, expected one number")
     return alpha
+
+
+# ComfyUI saves LoRAs as `diffusion_model.<model path with dots>.<part>`, with kohya's or peft's part names.
+COMFY_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def comfy_to_kohya(tensors: dict[str, torch.Tensor], key: re.Pattern) -> dict[str, torch.Tensor]:
+    """ComfyUI's keys that `key` matches (groups: the module path, the part) in kohya's spelling,
+    `lora_unet_<path with underscores>.lora_down.weight`; other keys kept."""
+    renamed = {}
+    for name, value in tensors.items():
+        match = key.match(name)
+        if match:
+            module, part = match.groups()
+            name = f"lora_unet_{module.replace('.', '_')}.{COMFY_PARTS.get(part, part)}"
+        renamed[name] = value
+    return renamed

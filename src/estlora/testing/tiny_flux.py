@@ -18,6 +18,7 @@ import torch
 from ..cache import cache_dir
 from ..outputs import cached_folder, write_folder
 from ..tokenizers import tiny_clip_tokenizer
+from .parts import tiny_clip_text_config, tiny_vae
 
 TINY_SEED = 0
 # Bump when the weights or the layout change, so cached copies are rebuilt.
@@ -56,41 +57,16 @@ def tiny_flux_transformer():
 
 def build_tiny_flux(seed: int = TINY_SEED):
     """Build the tiny pipeline in memory; the same seed gives the same weights."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = tiny_flux_transformer()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=64,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(64, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
     clip_tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=37,
-            layer_norm_eps=1e-5,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(clip_tokenizer),
-            hidden_act="gelu",
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_clip_text_config(TEXT_WIDTH, 2))
     t5_tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder_2 = T5EncoderModel(

@@ -17,6 +17,7 @@ from ..cache import cache_dir
 from ..families.sdxl import SDXL_SCHEDULER_CONFIG
 from ..outputs import cached_folder, write_folder
 from ..tokenizers import tiny_clip_tokenizer
+from .parts import tiny_clip_text_config, tiny_vae
 
 TINY_SEED = 0
 # Bump when the weights or the layout change, so cached copies are rebuilt.
@@ -47,34 +48,14 @@ def tiny_unet():
 
 def build_tiny_sdxl(seed: int = TINY_SEED):
     """Build the tiny pipeline in memory; the same seed gives the same weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = tiny_unet()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=128,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    text_config = CLIPTextConfig(
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-5,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=514,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    vae = tiny_vae(128)
+    text_config = tiny_clip_text_config(32, 5, projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)
