@@ -120,8 +120,8 @@ def main() -> None:
     shapes = {m: shape for m, shape in family.shapes_from_config(config).items() if family.in_route(m, route)}
     elements = sum(o * n for o, n in shapes.values())
     print(
-        f"{family.label} shapes (route {route}): {len(shapes)} projections, {elements / 1e6:.0f} M delta-W entries per LoRA; "
-        f"{torch.get_num_threads()} threads; medians of {args.repeats}; research way at {args.steps} steps"
+        f"{family.label} shapes (route {route}): {len(shapes)} projections, "
+        f"{elements / 1e6:.0f} M delta-W entries per LoRA; {torch.get_num_threads()} threads; medians of {args.repeats}; research way at {args.steps} steps"
     )
     header = (
         "ranks",
