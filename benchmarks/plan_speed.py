@@ -121,7 +121,8 @@ def main() -> None:
     elements = sum(o * n for o, n in shapes.values())
     print(
         f"{family.label} shapes (route {route}): {len(shapes)} projections, "
-        f"{elements / 1e6:.0f} M delta-W entries per LoRA; {torch.get_num_threads()} threads; medians of {args.repeats}; research way at {args.steps} steps"
+        f"{elements / 1e6:.0f} M delta-W entries per LoRA; {torch.get_num_threads()} threads; "
+        f"medians of {args.repeats}; research way at {args.steps} steps"
     )
     header = (
         "ranks",
