@@ -489,3 +489,21 @@ def test_a_flux_checkpoint_given_as_a_lora_is_named(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "flux1-dev.safetensors"))
     with pytest.raises(LoraFormatError, match="this is a FLUX.1 model checkpoint, not a LoRA"):
         load_lora(tmp_path / "flux1-dev.safetensors")
+
+
+def test_onetrainer_layout_equals_its_diffusers_twin(pipe, lora_paths, tmp_path):
+    """OneTrainer's names (`lora_transformer_` + diffusers' paths with underscores, kohya's parts and
+    alphas) load to the very factors of the same LoRA in diffusers' layout."""
+    twin = load_lora(lora_paths[0])
+    state = {}
+    for module, factors in twin.projections.items():
+        blocks, number, rest = re.fullmatch(r"((?:single_)?transformer_blocks)\.(\d+)\.(.+)", module).groups()
+        name = f"lora_transformer_{blocks}_{number}_{rest.replace('.', '_')}"
+        state |= {f"{name}.lora_down.weight": factors.down, f"{name}.lora_up.weight": factors.up}
+        state[f"{name}.alpha"] = torch.tensor(factors.alpha)
+    save_file(state, str(tmp_path / "onetrainer.safetensors"))
+    lora = load_lora(tmp_path / "onetrainer.safetensors", FLUX.linear_shapes(pipe.transformer), "tiny FLUX.1")
+    assert (lora.family, lora.layout, set(lora.projections)) == ("flux1", "onetrainer", set(twin.projections))
+    for module, factors in twin.projections.items():
+        got = lora.projections[module]
+        assert torch.equal(got.down, factors.down) and torch.equal(got.up, factors.up) and got.alpha == factors.alpha

@@ -13,7 +13,8 @@ four of them, a bug its author confirmed).
 LoRA layouts: diffusers/peft (`transformer.<module>.lora_A.weight`, with or without `.alpha` keys
 or adapter metadata; ai-toolkit and SimpleTuner write it), kohya sd-scripts with BFL's module
 names (`lora_unet_double_blocks_0_img_attn_qkv`, ...), ComfyUI (`diffusion_model.` + BFL's names
-with dots) and XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`, no alphas). BFL's fused
+with dots), OneTrainer (`lora_transformer_` + diffusers' paths with underscores) and XLabs
+(`double_blocks.0.processor.qkv_lora1.down.weight`, no alphas). BFL's fused
 projections are split exactly (shared/design/method.md, "Fused projections"): for `img_attn.qkv`
 (q, k, v), `txt_attn.qkv` (add_q, add_k, add_v) and a single block's `linear1` (q, k, v, proj_mlp,
 rows h, h, h, 4h), the slice of the update is scale * B[rows] @ A, so each slice becomes its own
@@ -86,6 +87,14 @@ SINGLE_PARTS = {
     "linear2": ("proj_out",),
     "modulation_lin": ("norm.linear",),
 }
+# Every linear a block holds, in its path below the block, keyed by that path with underscores.
+BLOCK_LINEARS = {
+    name.replace(".", "_"): name
+    for name in (
+        *(t for targets in DOUBLE_PARTS.values() for t in targets),
+        *(t for targets in SINGLE_PARTS.values() for t in targets),
+    )
+}
 # Row shares of a fused update: q, k, v of width h; a single block's MLP of width 4 h (FLUX.1's mlp_ratio).
 ROW_SHARES = {3: (1, 1, 1), 4: (1, 1, 1, 4)}
 KOHYA_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -108,6 +117,11 @@ XLABS_PARTS = {
 PEFT_BLOCK_KEY = re.compile(
     r"^(?:base_model\.model\.|transformer\.)?(?:single_)?transformer_blocks\.\d+\..*lora_[AB]\."
 )
+# OneTrainer: diffusers' module paths with underscores under `lora_transformer_`, kohya's parts.
+ONETRAINER_KEY = re.compile(
+    r"^lora_transformer_((?:single_)?transformer_blocks)_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+)
+PEFT_PART = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
 # A single file: FLUX.1's transformer in BFL's names, bare (BFL's own files) or under ComfyUI's prefix.
 BFL_TRANSFORMER = ("double_blocks.", "single_blocks.")
 COMFY_UNET = "model.diffusion_model."
@@ -158,7 +172,8 @@ class Flux1(ModelFamily):
     # ------------------------------------------------------------ LoRA files
 
     def claims_lora(self, keys: list[str]) -> bool:
-        return any(BFL_BLOCK_KEY.match(k) or PEFT_BLOCK_KEY.match(k) or XLABS_KEY.match(k) for k in keys)
+        patterns = (BFL_BLOCK_KEY, PEFT_BLOCK_KEY, XLABS_KEY, ONETRAINER_KEY)
+        return any(pattern.match(k) for k in keys for pattern in patterns)
 
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
         if any(XLABS_KEY.match(k) for k in tensors):
@@ -167,6 +182,8 @@ class Flux1(ModelFamily):
             return _from_bfl(path, "comfyui", comfy_to_kohya(tensors, COMFY_KEY))
         if any(k.startswith("lora_unet_") for k in tensors):
             return _from_bfl(path, "kohya", tensors)
+        if any(ONETRAINER_KEY.match(k) for k in tensors):
+            return peft_parts(path, "onetrainer", _onetrainer_to_peft(tensors), "transformer", BLOCKS)
         return peft_parts(path, "diffusers-peft", tensors, "transformer", BLOCKS)
 
     def adapter_groups(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -268,6 +285,22 @@ class Flux1(ModelFamily):
 
 
 # ---------------------------------------------------------------- LoRA layouts
+
+
+def _onetrainer_to_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight` ->
+    `transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight` (the underscores are resolved
+    against the block linears FLUX.1 has, so `ff_context_net_0_proj` is `ff_context.net.0.proj`);
+    other keys kept."""
+    renamed = {}
+    for key, value in tensors.items():
+        match = ONETRAINER_KEY.match(key)
+        linear = match and BLOCK_LINEARS.get(match.group(3))
+        if linear:
+            blocks, number, _, part = match.groups()
+            key = f"transformer.{blocks}.{number}.{linear}.{PEFT_PART[part]}"
+        renamed[key] = value
+    return renamed
 
 
 def _xlabs_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
