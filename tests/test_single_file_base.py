@@ -144,7 +144,7 @@ BAD_FILES = {
     ),
     "flux": (
         BaseModelError,
-        "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder",
+        "not a FLUX.1 transformer (its double blocks have no img_mod: FLUX.2's layout?)",
         lambda c, p: sgm_file(p / "flux.safetensors", {"model.diffusion_model.double_blocks.0.x": (1,)}),
     ),
     "sd3": (

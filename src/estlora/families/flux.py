@@ -125,6 +125,39 @@ PEFT_PART = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weig
 # A single file: FLUX.1's transformer in BFL's names, bare (BFL's own files) or under ComfyUI's prefix.
 BFL_TRANSFORMER = ("double_blocks.", "single_blocks.")
 COMFY_UNET = "model.diffusion_model."
+BFL_TENSOR = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+BLOCK_PATHS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+# BFL's modules outside the blocks -> diffusers'.
+BFL_OUTSIDE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+BFL_TOP = BFL_TRANSFORMER + tuple(f"{module}." for module in BFL_OUTSIDE)
+# The RMS norms on queries and keys, below a block.
+BFL_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    "norm.query_norm.scale": "attn.norm_q.weight",
+    "norm.key_norm.scale": "attn.norm_k.weight",
+}
+# ComfyUI's scaled fp8 files: per-weight scales beside the fp8 weights.
+FP8_SCALES = (".scale_weight", ".scale_input")
+# A ComfyUI all-in-one file's other parts -> the pipeline component they load into.
+AIO_PARTS = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.t5xxl.transformer.",
+    "vae": "vae.",
+}
 
 # Flow-matching samplers FluxPipeline can drive (it passes its own sigmas and the resolution shift mu).
 SCHEDULERS: dict[str, tuple[str, dict] | None] = {
@@ -220,7 +253,7 @@ class Flux1(ModelFamily):
 
     def not_a_lora(self, keys: list[str]) -> str | None:
         if any(k.startswith(BFL_TRANSFORMER) or k.startswith(COMFY_UNET + "double_blocks.") for k in keys):
-            return "this is a FLUX.1 model checkpoint, not a LoRA (the base is given as a diffusers folder: --base DIR)"
+            return "this is a FLUX.1 model checkpoint, not a LoRA (give it as --base, the rest from --base-config)"
         return None
 
     # ------------------------------------------------------------ bases
@@ -232,7 +265,24 @@ class Flux1(ModelFamily):
         return any(k.removeprefix(COMFY_UNET).startswith(BFL_TRANSFORMER) for k in keys)
 
     def read_checkpoint(self, base: str, header: dict, config: str) -> Checkpoint:
-        raise BaseModelError(base, "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder")
+        """Check that a header is FLUX.1's transformer in BFL's names (bare, or ComfyUI's all-in-one file)
+        whose converted tensors are exactly those of `config`'s transformer (dev's, or schnell's where
+        the file has no guidance embedder)."""
+        keys = [k for k in header if k != "__metadata__"]
+        if not any(k.removeprefix(COMFY_UNET).startswith("double_blocks.0.img_mod.") for k in keys):
+            raise BaseModelError(base, "not a FLUX.1 transformer (its double blocks have no img_mod: FLUX.2's layout?)")
+        meta = {key: torch.empty(header[key]["shape"], device="meta") for key in _transformer_keys(keys)}
+        converted = _converted(base, meta)
+        expected = _transformer_config(config, converted)
+        wanted = {name: tuple(t.shape) for name, t in _meta_transformer(expected).state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in converted.items()}
+        if found != wanted:
+            problem = f"its transformer does not have the shapes of {config}'s transformer"
+            raise BaseModelError(base, f"{problem} ({_first_difference(found, wanted)})")
+        shapes = {name.removesuffix(".weight"): shape for name, shape in found.items() if len(shape) == 2}
+        shapes = {name: shape for name, shape in shapes.items() if self.routable(name)}
+        denoiser_only = not any(k.startswith(tuple(AIO_PARTS.values())) for k in keys)
+        return Checkpoint(header, shapes, denoiser_only, {})
 
     def load_pretrained(self, location: str, torch_dtype: torch.dtype):
         from diffusers import FluxPipeline
@@ -245,7 +295,21 @@ class Flux1(ModelFamily):
             raise BaseModelError(location, f"cannot load a FLUX.1 pipeline ({first_line(exc)})") from None
 
     def load_single_file(self, path: str, checkpoint: Checkpoint, torch_dtype: torch.dtype, config: str):
-        raise BaseModelError(path, "single-file FLUX.1 checkpoints are not supported yet; give its diffusers folder")
+        """The transformer converted from BFL's names (any width; diffusers' own converter assumes
+        FLUX.1's 3072); an all-in-one file's CLIP-L, T5 and VAE from the file too; tokenizers, the
+        scheduler and whatever the file lacks from `config`."""
+        from diffusers import FluxPipeline
+        from safetensors.torch import load_file
+
+        state = _dequantized(load_file(path), torch_dtype)
+        converted = _converted(path, {k: state[k] for k in _transformer_keys(state)})
+        config_of = _transformer_config(config, converted)
+        components = {"transformer": _assigned(_meta_transformer(config_of), converted, torch_dtype)}
+        for name, prefix in AIO_PARTS.items():
+            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                components[name] = _aio_component(name, part, config, torch_dtype)
+        return FluxPipeline.from_pretrained(config, torch_dtype=torch_dtype, **components)
 
     def check_pipeline(self, pipe, source: str) -> None:
         """A tokenizer without its vocabulary (a folder copied without it) would make every prompt unknown tokens."""
@@ -369,6 +433,113 @@ def _row_slices(path: Path, name: str, rows: int, count: int) -> list[slice]:
         slices.append(slice(start, start + share * unit))
         start += share * unit
     return slices
+
+
+# ---------------------------------------------------------------- single files in BFL's names
+
+
+def _transformer_keys(keys) -> list[str]:
+    """The transformer's keys of a single file: bare BFL names, or under ComfyUI's prefix."""
+    return [k for k in keys if k.removeprefix(COMFY_UNET).startswith(BFL_TOP) and not k.endswith(FP8_SCALES)]
+
+
+def _dequantized(state: dict[str, torch.Tensor], torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 weights in `torch_dtype`; ComfyUI's scaled fp8 (a `scaled_fp8` marker, `<weight>.scale_weight`)
+    times its scale, as ComfyUI computes it. Other tensors as they are (cast once the model is built)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(("scaled_fp8", *FP8_SCALES)):
+            continue
+        scale = state.get(key.removesuffix(".weight") + ".scale_weight")
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or scale is not None:
+            value = value.to(torch.float32) * (1 if scale is None else scale.to(torch.float32))
+            value = value.to(torch_dtype)
+        out[key] = value
+    return out
+
+
+def _converted(source, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FLUX.1's transformer from BFL's names to diffusers', at any width (the fused qkv and linear1
+    split by FLUX.1's row shares, as LoRA updates are; the output norm's shift and scale halves swapped,
+    as diffusers' AdaLayerNormContinuous orders them). Tensors are views, not copies."""
+    state = {k.removeprefix(COMFY_UNET): v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".")
+        match = BFL_TENSOR.match(key)
+        if module in BFL_OUTSIDE:
+            if module == "final_layer.adaLN_modulation.1":
+                shift, scale = value.chunk(2, dim=0)
+                value = torch.cat([scale, shift], dim=0)
+            out[f"{BFL_OUTSIDE[module]}.{kind}"] = value
+        elif match and match.group(3) in BFL_NORMS:
+            blocks, number, below = match.groups()
+            out[f"{BLOCK_PATHS[blocks]}.{number}.{BFL_NORMS[below]}"] = value
+        elif match and kind in ("weight", "bias"):
+            blocks, number, below = match.groups()
+            table = DOUBLE_PARTS if blocks == "double_blocks" else SINGLE_PARTS
+            targets = table.get(below.rpartition(".")[0].replace(".", "_"))
+            if targets is None:
+                raise BaseModelError(source, f"not a FLUX.1 transformer: {key} has no place in it")
+            try:
+                slices = _row_slices(Path(str(source)), key, value.shape[0], len(targets))
+            except LoraShapeError as exc:
+                raise BaseModelError(source, exc.problem) from None
+            for target, rows in zip(targets, slices, strict=True):
+                out[f"{BLOCK_PATHS[blocks]}.{number}.{target}.{kind}"] = value[rows]
+        else:
+            raise BaseModelError(source, f"not a FLUX.1 transformer: {key} has no place in it")
+    return out
+
+
+def _first_difference(found: dict, wanted: dict) -> str:
+    missing = sorted(set(wanted) - set(found))
+    extra = sorted(set(found) - set(wanted))
+    if missing:
+        return f"{len(missing)} tensors missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} tensors it should not have, e.g. {extra[0]}"
+    name = next(n for n in sorted(found) if found[n] != wanted[n])
+    return f"{name} is {list(found[name])}, not {list(wanted[name])}"
+
+
+def _transformer_config(config: str, converted: dict[str, torch.Tensor]) -> dict:
+    """`config`'s transformer config, with or without the guidance embedder as the file has it (dev or schnell)."""
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in converted
+    return {**transformer_config(config), "guidance_embeds": guidance}
+
+
+def _meta_transformer(config: dict):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        return FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _assigned(model, state: dict[str, torch.Tensor], torch_dtype: torch.dtype):
+    """A model built with its parameters on the meta device (buffers real) given the file's tensors (no
+    second copy in memory), in `torch_dtype`."""
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(torch_dtype).eval()
+
+
+def _aio_component(name: str, state: dict[str, torch.Tensor], config: str, torch_dtype: torch.dtype):
+    """CLIP-L, T5 or the VAE of a ComfyUI all-in-one file, configured from `config`'s folder."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    if name == "vae":  # LDM names: diffusers' own single-file conversion
+        return AutoencoderKL.from_single_file(state, config=config, subfolder="vae", torch_dtype=torch_dtype)
+    model_class = CLIPTextModel if name == "text_encoder" else T5EncoderModel
+    with init_empty_weights():
+        model = model_class(AutoConfig.from_pretrained(config, subfolder=name))
+    if name == "text_encoder_2" and "shared.weight" in state:  # T5's token embedding, stored once
+        state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
+    elif name == "text_encoder_2":
+        state.setdefault("shared.weight", state["encoder.embed_tokens.weight"])
+    return _assigned(model, state, torch_dtype)
 
 
 # ---------------------------------------------------------------- bases
