@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,ui,eval]'
+	$(PY) -m pip install --quiet -e '.[dev,ui,eval,gguf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -271,3 +271,79 @@ def test_generate_on_a_bfl_file_with_its_base_config(folders, lora_paths, tmp_pa
     args += ["--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def write_gguf(state: dict[str, torch.Tensor], path) -> int:
+    """A GGUF file as city96's converter writes FLUX.1 (BFL's names): weights whose rows fit Q8_0's
+    32-wide blocks quantized, the rest F16 (weights) or F32 (biases, norms). Returns how many were quantized."""
+    import gguf
+    import numpy as np
+
+    writer, quantized = gguf.GGUFWriter(str(path), "flux"), 0
+    for key, value in state.items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(key, gguf.quants.quantize(array, q8), raw_dtype=q8)
+            quantized += 1
+        else:
+            writer.add_tensor(key, array.astype(np.float16 if array.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+def test_a_gguf_transformer_stays_quantized_and_routes_as_diffusers(folders, lora_paths):
+    """diffusers' GGUF linears under the routing: `--method subject` equals diffusers' own LoRA loading
+    on the same quantized transformer, and est runs every routed linear over its quantized weight."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    import estlora
+    from estlora.runtime.routing import RoutedLinear
+
+    folder, reference, _, root = folders
+    assert write_gguf(transformer_to_bfl(reference.transformer), root / "flux1-tiny-Q8_0.gguf") == 42
+    source = describe_base(root / "flux1-tiny-Q8_0.gguf", folder)
+    assert source.shapes == describe_base(folder).shapes
+    pipe, theirs = load_pipeline(source), load_pipeline(source)
+    quantized = [n for n, m in pipe.transformer.named_modules() if isinstance(m, GGUFLinear)]
+    assert len(quantized) == 42 and "transformer_blocks.0.ff.net.2" in quantized
+    theirs.load_lora_weights(str(lora_paths[0]), adapter_name="subject")
+
+    def render(p):
+        return p(
+            "a dog",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    expected = render(theirs)
+    with estlora.fuse(pipe, *lora_paths, method="subject") as fusion:
+        routed = dict(pipe.transformer.named_modules())["transformer_blocks.0.ff.net.2"]
+        assert isinstance(routed, RoutedLinear) and isinstance(routed.base, GGUFLinear)
+        assert routed.subject_down.dtype == torch.float32
+        got = render(pipe)
+        assert len(fusion.layers) == 494
+    assert torch.equal(got, expected)
+
+
+def test_a_broken_gguf_file_is_refused_in_one_line(folders, lora_paths, capsys):
+    folder, _, _, root = folders
+    (root / "garbage.gguf").write_bytes(b"not a gguf at all")
+    good = (root / "flux1-tiny-Q8_0.gguf").read_bytes() if (root / "flux1-tiny-Q8_0.gguf").exists() else None
+    cases = {root / "garbage.gguf": "not a GGUF file"}
+    if good:
+        (root / "cut.gguf").write_bytes(good[: len(good) // 2])
+        cases[root / "cut.gguf"] = "truncated or corrupt GGUF file"
+    for path, message in cases.items():
+        with pytest.raises(BaseModelError, match=message):
+            describe_base(path, folder)
+        assert main(["inspect", str(lora_paths[0]), "--base", str(path), "--base-config", str(folder)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert path.name in err and message in err and len(err.splitlines()) == 1

@@ -181,6 +181,7 @@ class Flux1(ModelFamily):
     route_sets = {"attention": ATTENTION, "blocks": BLOCKS}
     default_route = "blocks"
     klora_pattern = "s*"  # K-LoRA's FLUX script: s*, beta 0.85 alpha = 1.275
+    reads_gguf = True
     default_steps = 28
     default_guidance = 3.5  # FLUX.1-dev's embedded guidance
     size_multiple = 16  # the VAE's 8, then 2 x 2 patches
@@ -297,10 +298,15 @@ class Flux1(ModelFamily):
     def load_single_file(self, path: str, checkpoint: Checkpoint, torch_dtype: torch.dtype, config: str):
         """The transformer converted from BFL's names (any width; diffusers' own converter assumes
         FLUX.1's 3072); an all-in-one file's CLIP-L, T5 and VAE from the file too; tokenizers, the
-        scheduler and whatever the file lacks from `config`."""
+        scheduler and whatever the file lacks from `config`. A GGUF file stays quantized (diffusers'
+        GGUF linears, computing in `torch_dtype`)."""
         from diffusers import FluxPipeline
         from safetensors.torch import load_file
 
+        if path.lower().endswith(".gguf"):
+            return FluxPipeline.from_pretrained(
+                config, transformer=_gguf_transformer(path, config, torch_dtype), torch_dtype=torch_dtype
+            )
         state = _dequantized(load_file(path), torch_dtype)
         converted = _converted(path, {k: state[k] for k in _transformer_keys(state)})
         config_of = _transformer_config(config, converted)
@@ -522,6 +528,23 @@ def _assigned(model, state: dict[str, torch.Tensor], torch_dtype: torch.dtype):
     second copy in memory), in `torch_dtype`."""
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(torch_dtype).eval()
+
+
+def _gguf_transformer(path: str, config: str, torch_dtype: torch.dtype):
+    """A GGUF transformer through diffusers' GGUF quantizer, its tensors converted by estlora (row
+    slices of quantized weights are whole quantization blocks: GGUF quantizes along the input)."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    converted = _converted(path, load_gguf_checkpoint(path))
+    return FluxTransformer2DModel.from_single_file(
+        converted,
+        config=config,
+        subfolder="transformer",
+        guidance_embeds=_transformer_config(config, converted)["guidance_embeds"],
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch_dtype),
+        torch_dtype=torch_dtype,
+    )
 
 
 def _aio_component(name: str, state: dict[str, torch.Tensor], config: str, torch_dtype: torch.dtype):

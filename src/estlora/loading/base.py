@@ -19,12 +19,13 @@ import torch
 
 from ..errors import BaseModelError, BaseModelMismatchError, LoraError, SettingError, first_line
 from ..families import FAMILIES, Checkpoint, ModelFamily, family_named, family_of_checkpoint
+from ..files.gguf import GGUF_SUFFIX, is_gguf, read_gguf_header
 from ..files.safetensors import PICKLE_SUFFIXES, read_header
 from ..files.sources import download_from_hub
 from ..registry import BasePreset, base_preset
 from .lora import check_against_base
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", GGUF_SUFFIX, *PICKLE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def describe_base(
         path = single_file_path(location)
         header = read_single_file(location)
         found = family_of_checkpoint(list(header)) or family or FAMILIES[0]
+        if is_gguf(path) and not found.reads_gguf:
+            raise BaseModelError(base, f"a GGUF {found.label} file: GGUF bases are served for FLUX.1 only")
         configs = resolve_base(config or found.default_base)
         checkpoint = found.read_checkpoint(str(base), header, configs)
         return BaseSource(str(base), str(path), found, checkpoint.shapes, label, configs, checkpoint, preset)
@@ -131,9 +134,10 @@ def single_file_path(base: str | os.PathLike) -> Path:
 
 
 def read_single_file(base: str | os.PathLike) -> dict[str, dict]:
-    """A single file's header, checked whole (safetensors, not truncated); errors name the base."""
+    """A single file's header, checked whole (safetensors, not truncated; or GGUF); errors name the base."""
+    path = single_file_path(base)
     try:
-        return read_header(single_file_path(base))
+        return read_gguf_header(path) if is_gguf(path) else read_header(path)
     except LoraError as exc:  # the same file checks as for LoRAs; the message names the file
         raise BaseModelError(base, exc.problem) from None
 
@@ -237,9 +241,19 @@ def check_finite(source: str | os.PathLike, components: dict) -> None:
     0.3 s for SDXL's UNet in fp32 on two CPU cores, milliseconds on a GPU."""
     for name, module in components.items():
         parameters = [] if module is None else list(module.parameters())
-        if parameters and not torch.isfinite(torch.stack([p.sum(dtype=torch.float32) for p in parameters]).sum()):
-            bad = next(n for n, p in module.named_parameters() if not torch.isfinite(p.sum(dtype=torch.float32)))
+        if parameters and not torch.isfinite(torch.stack([_weight_sum(p) for p in parameters]).sum()):
+            bad = next(n for n, p in module.named_parameters() if not torch.isfinite(_weight_sum(p)))
             raise BaseModelError(source, f"its {name} holds NaN or infinite weights ({bad})")
+
+
+def _weight_sum(parameter: torch.Tensor) -> torch.Tensor:
+    """The float32 sum of a weight; of what a GGUF-quantized weight dequantizes to (its blocks' scales
+    can be NaN too), one tensor at a time."""
+    if hasattr(parameter, "quant_type"):
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        parameter = dequantize_gguf_tensor(parameter)
+    return parameter.sum(dtype=torch.float32)
 
 
 def load_vae(source: str | os.PathLike, torch_dtype: torch.dtype, config: str, family: ModelFamily):

@@ -38,18 +38,19 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     """A model's identity for cached results and image metadata: every parameter's name, shape,
     dtype and the sum of its bits, read four bytes at a time as integers (addition modulo 2^32 is
     exact and order-free, so the same weights give the same fingerprint on any device and thread
-    count). Two checkpoints never share a cached beta, even loaded from one path or with no path at
-    all (`from_single_file` pipelines have none), and one changed weight changes it. One pass over
-    the weights at memory speed and one transfer: about a second for SDXL's UNet on two CPU cores
-    (measured 0.7 to 0.9 s in fp32, 1.4 s in fp16, beside another job), milliseconds on a GPU. A
-    session takes it once for every pair it fuses."""
+    count; a quantized weight by its stored bytes). Two checkpoints never share a cached beta, even
+    loaded from one path or with no path at all (`from_single_file` pipelines have none), and one
+    changed weight changes it. One pass over the weights at memory speed and one transfer: about a
+    second for SDXL's UNet on two CPU cores (measured 0.7 to 0.9 s in fp32, 1.4 s in fp16, beside
+    another job), milliseconds on a GPU. A session takes it once for every pair it fuses."""
     digest = hashlib.sha256()
     sums = []
     for name, parameter in model.named_parameters():
         digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype};".encode())
         if parameter.is_meta:  # offloaded weights (sequential offload) have no values here
             continue
-        raw = parameter.detach().contiguous().reshape(-1).view(torch.uint8)
+        # A plain tensor first: quantized weights (diffusers' GGUF parameters) are tensor subclasses.
+        raw = parameter.detach().as_subclass(torch.Tensor).contiguous().reshape(-1).view(torch.uint8)
         whole = raw.numel() // 4 * 4
         total = raw[:whole].view(torch.int32).sum(dtype=torch.int32).to(torch.int64)
         sums.append(total + raw[whole:].sum(dtype=torch.int64))

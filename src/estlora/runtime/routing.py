@@ -63,6 +63,13 @@ class Router:
         self.step = step
 
 
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear computes in: its weight's, or a quantized linear's compute dtype (diffusers'
+    GGUF and bitsandbytes linears keep integer weights and say what they compute in)."""
+    dtype = linear.weight.dtype
+    return dtype if dtype.is_floating_point else getattr(linear, "compute_dtype", None) or torch.float32
+
+
 class RoutedLinear(nn.Module):
     """A linear projection plus two LoRAs, each applied only when its plan weight is nonzero."""
 
@@ -73,7 +80,7 @@ class RoutedLinear(nn.Module):
         self.base = base
         self.index = index
         self.router = router
-        device, dtype = base.weight.device, base.weight.dtype
+        device, dtype = base.weight.device, compute_dtype(base)
         for name, lora in (("subject", subject), ("style", style)):
             down = None if lora is None else lora.down.to(device=device, dtype=dtype)
             up = None if lora is None else lora.up.to(device=device, dtype=dtype)
