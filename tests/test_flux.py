@@ -507,3 +507,20 @@ def test_onetrainer_layout_equals_its_diffusers_twin(pipe, lora_paths, tmp_path)
     for module, factors in twin.projections.items():
         got = lora.projections[module]
         assert torch.equal(got.down, factors.down) and torch.equal(got.up, factors.up) and got.alpha == factors.alpha
+
+
+def test_a_flux_grid_cell_regenerates_bit_for_bit(flux_dir, lora_paths, tmp_path):
+    """`estlora grid` on a FLUX.1 base: klora takes its FLUX settings, and the command a cell's PNG
+    carries renders the very pixels again."""
+    args = ["grid", "--out", str(tmp_path / "grid"), "--subjects", str(lora_paths[0]), "--styles", str(lora_paths[1])]
+    args += ["--prompts", PROMPT, "--seeds", "3", "--methods", "est", "klora", "--base", str(flux_dir)]
+    args += ["--steps", "2", "--width", "32", "--height", "32", "--beta", "0.4", "--max-sequence-length", "16"]
+    assert main(args) == 0
+    cells = [json.loads(line) for line in (tmp_path / "grid" / "manifest.jsonl").read_text().splitlines()]
+    assert [cell["method"] for cell in cells] == ["est", "klora"]
+    png = tmp_path / "grid" / cells[1]["path"]
+    meta = json.loads(Image.open(png).text["estlora"])
+    assert (meta["family"], meta["settings"]["pattern"], meta["settings"]["route"]) == ("flux1", "s*", "blocks")
+    assert main([*shlex.split(meta["command"])[1:], "--out", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))

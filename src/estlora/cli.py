@@ -199,19 +199,35 @@ def cmd_grid(args: argparse.Namespace) -> None:
     else:
         if not (args.subjects and args.styles):
             raise EstloraError(None, "give a spec file, or --subjects and --styles")
+        names = _names([*args.subjects, *args.styles])
         data = {
-            "subjects": [{"name": _stem(p), "lora": p} for p in args.subjects],
-            "styles": [{"name": _stem(p), "lora": p} for p in args.styles],
+            "subjects": [{"name": names[p], "lora": p} for p in args.subjects],
+            "styles": [{"name": names[p], "lora": p} for p in args.styles],
         }
         spec = GridSpec.from_dict({**data, **overrides}, "flags")
     done = run_grid(spec, args.out, device=args.device)
     print(f"grid: {done} images rendered by this process into {args.out}")
 
 
-def _stem(path: str) -> str:
+def _names(paths: list[str]) -> dict[str, str]:
+    """Each LoRA's name in the grid: its file's stem, with as many parent folders as make it unique
+    (`subject/pytorch_lora_weights.safetensors` and `style/...`, diffusers' default file name, become
+    `subject-pytorch_lora_weights` and `style-pytorch_lora_weights`)."""
     from pathlib import Path
 
-    return Path(path).stem.replace(":", "-")
+    def name(path: str, depth: int) -> str:
+        parts = Path(path).with_suffix("").parts[-depth - 1 :]
+        return "-".join(parts).replace(":", "-").lstrip("-/")
+
+    depth = {path: 0 for path in paths}
+    while True:
+        named = {path: name(path, depth[path]) for path in paths}
+        clashes = {path for path in paths if list(named.values()).count(named[path]) > 1}
+        deeper = {path for path in clashes if depth[path] + 1 < len(Path(path).parts)}
+        if not deeper:
+            return named  # unique, or the same file twice (GridSpec says so)
+        for path in deeper:
+            depth[path] += 1
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
