@@ -1,11 +1,14 @@
 """Generation speed and memory: no LoRA, one LoRA, direct merge, est, klora, and the research code's way.
 
 Interleaved repeats (every repeat runs every configuration once, in a shuffled order), medians and
-ratios against one LoRA, from one run. Two models:
+ratios against one LoRA, from one run. Models:
 
-    --model tiny   the built-in tiny SDXL (560 projections), CPU, 64 x 64 (default)
-    --model sdxl   SDXL's real UNet config with random weights (speed does not depend on the values),
-                   fp16, 1024 x 1024, GPU; no network and no weights needed
+    --model tiny        the built-in tiny SDXL (560 projections), CPU, 64 x 64 (default)
+    --model sdxl        SDXL's real UNet config with random weights (speed does not depend on the
+                        values), fp16, 1024 x 1024, GPU; no network and no weights needed
+    --model tiny-flux1  the built-in tiny FLUX.1 (494 linears), CPU, 32 x 32
+    --model flux1       FLUX.1-dev's transformer config with random weights, bf16, 1024 x 1024;
+                        `--blocks 1,2` keeps FLUX.1's widths with fewer blocks (CPU runs)
 
 Configurations: `none` (base), `single` (subject LoRA via diffusers/peft), `merge` (both via
 `set_adapters`), `est` and `klora` (estlora routing), `research` (a re-creation, for measurement
@@ -34,7 +37,9 @@ from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
 CONFIGS = ("none", "single", "merge", "est", "klora", "research")
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # the SDXL model's: fp16 as on GPUs, fp32 for CPUs
+# The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}
 
 
 # ---------------------------------------------------------------- the research code's way (measurement only)
@@ -63,12 +68,12 @@ class ResearchLinear(nn.Module):
         return self.base(x, *args, **kwargs) + F.linear(x, delta.to(x.dtype))
 
 
-def install_research(unet, subject: Lora, style: Lora, steps: int):
+def install_research(denoiser, subject: Lora, style: Lora, steps: int):
     counter, originals = ResearchCounter(), {}
     names = list(subject.projections)
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name)
+        parent = denoiser.get_submodule(parent_name)
         originals[name] = getattr(parent, child)
         wrapped = ResearchLinear(
             originals[name], subject.projections[name], style.projections[name], counter, steps * len(names)
@@ -78,7 +83,7 @@ def install_research(unet, subject: Lora, style: Lora, steps: int):
     def remove():
         for name, module in originals.items():
             parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name), child, module)
+            setattr(denoiser.get_submodule(parent_name), child, module)
 
     return remove
 
@@ -102,20 +107,30 @@ def random_lora(shapes, rank: int, seed: int, name: str) -> Lora:
     return Lora(source=name, path=name, layout="random", projections=projections, sha256=sha256)
 
 
-def peft_state(lora: Lora) -> dict:
+def peft_state(lora: Lora, prefix: str = "unet") -> dict:
     state = {}
     for module, f in lora.projections.items():
-        state[f"unet.{module}.lora_A.weight"] = f.down
-        state[f"unet.{module}.lora_B.weight"] = f.up
+        state[f"{prefix}.{module}.lora_A.weight"] = f.down
+        state[f"{prefix}.{module}.lora_B.weight"] = f.up
     return state
 
 
-def build(model: str, device: str, size: int | None = None, dtype: torch.dtype = torch.float16):
+def build(
+    model: str,
+    device: str,
+    size: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    blocks: tuple[int, int] | None = None,
+    tokens: int = 512,
+):
     """(pipeline, call kwargs) with prompt embeddings prepared, so only denoising is timed.
 
-    `dtype` is the SDXL model's (fp16 as on GPUs; fp32 for CPU runs, where fp16 matmuls are slow)."""
+    `dtype` is the real-shaped model's (fp16 / bf16 as on GPUs; fp32 for CPU runs, where half
+    precision matmuls are slow); `blocks` a FLUX.1's double and single block counts."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
+    if FAMILY[model] == "flux1":
+        return build_flux(model, device, size, dtype, blocks, tokens)
     if model == "tiny":
         from estlora.testing.tiny_sdxl import builtin_tiny_sdxl
 
@@ -160,15 +175,65 @@ def build(model: str, device: str, size: int | None = None, dtype: torch.dtype =
     return pipe, kwargs
 
 
+def build_flux(
+    model: str, device: str, size: int | None, dtype: torch.dtype, blocks: tuple[int, int] | None, tokens: int = 512
+):
+    """A FluxPipeline with only its transformer: the tiny FLUX.1, or FLUX.1-dev's config with random
+    weights and `tokens` random T5 tokens (512, FluxPipeline's default length)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from estlora.families.flux import FLUX_DEV_SCHEDULER_CONFIG, FLUX_DEV_TRANSFORMER_CONFIG
+
+    if model == "tiny-flux1":
+        from estlora.testing.tiny_flux import builtin_tiny_flux
+
+        pipe = FluxPipeline.from_pretrained(builtin_tiny_flux()).to(device)
+        prompt, pooled, _ = pipe.encode_prompt("a photo of sks dog", None, device=device, max_sequence_length=64)
+        size = size or 32
+    else:
+        config = dict(FLUX_DEV_TRANSFORMER_CONFIG)
+        if blocks:
+            config |= {"num_layers": blocks[0], "num_single_layers": blocks[1]}
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in its dtype: 12 B parameters never held in fp32
+        try:
+            with torch.device(device):
+                transformer = FluxTransformer2DModel(**config)
+        finally:
+            torch.set_default_dtype(default)
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
+        )
+        g = torch.Generator(device).manual_seed(0)
+        prompt = torch.randn(1, tokens, 4096, generator=g, device=device, dtype=dtype)
+        pooled = torch.randn(1, 768, generator=g, device=device, dtype=dtype)
+        size = size or 1024
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt_embeds=prompt, pooled_prompt_embeds=pooled, height=size, width=size, output_type="latent")
+    return pipe, kwargs | {"guidance_scale": 3.5}
+
+
 def model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every benchmark shares: which model, where, how many steps, which LoRA ranks."""
-    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--model", choices=list(FAMILY), default="tiny")
+    parser.add_argument("--blocks", help="flux1: double,single block counts (default FLUX.1's 19,38)")
+    parser.add_argument("--tokens", type=int, default=512, help="flux1: prompt tokens (default 512)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--ranks", default="8,64", help="subject,style LoRA ranks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, help="image size (default 64 tiny, 1024 sdxl); small for smoke tests")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the SDXL model's (default fp16)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the real-shaped model's (default fp16)")
     return parser
+
+
+def blocks_of(args: argparse.Namespace) -> tuple[int, int] | None:
+    return tuple(int(n) for n in args.blocks.split(",")) if args.blocks else None
 
 
 def timed_run(pipe, kwargs: dict, steps: int, device: str) -> float:
@@ -198,28 +263,30 @@ def main() -> None:
     def log(message: str) -> None:  # progress as it goes: a run cut short by a time limit still says how far it got
         print(f"[{time.perf_counter() - clock:6.1f} s] {message}", flush=True)
 
-    pipe, kwargs = build(args.model, args.device, args.size, DTYPES[args.dtype])
+    pipe, kwargs = build(args.model, args.device, args.size, DTYPES[args.dtype], blocks_of(args), args.tokens)
     log("model built")
-    shapes = family_named("sdxl").linear_shapes(pipe.unet, "attention")
+    family = family_named(FAMILY[args.model])
+    denoiser = family.denoiser
+    shapes = family.linear_shapes(getattr(pipe, denoiser), family.default_route)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
     subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")
 
-    # diffusers/peft adapters live on a copy of the UNet, so estlora's routing runs on an untouched one.
-    plain_unet = pipe.unet
-    peft_unet = copy.deepcopy(plain_unet)
-    pipe.unet = peft_unet
-    pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
-    pipe.load_lora_weights(peft_state(style), adapter_name="style")
-    pipe.unet = plain_unet
+    # diffusers/peft adapters live on a copy of the denoiser, so estlora's routing runs on an untouched one.
+    plain = getattr(pipe, denoiser)
+    with_peft = copy.deepcopy(plain)
+    setattr(pipe, denoiser, with_peft)
+    pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
+    pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")
+    setattr(pipe, denoiser, plain)
     log("LoRAs loaded")
 
     hook_seconds = []
 
     def setup(config: str):
         if config in ("single", "merge"):
-            pipe.unet = peft_unet
+            setattr(pipe, denoiser, with_peft)
             pipe.set_adapters(["subject"] if config == "single" else ["subject", "style"])
-            return lambda: setattr(pipe, "unet", plain_unet)
+            return lambda: setattr(pipe, denoiser, plain)
         if config in ("est", "klora"):
             fusion = estlora.fuse(pipe, subject, style, method=config, beta=0.5)
             real = fusion._on_denoiser_call
@@ -230,11 +297,11 @@ def main() -> None:
                 hook_seconds.append(time.perf_counter() - start)
 
             fusion._hook.remove()
-            fusion._hook = pipe.unet.register_forward_pre_hook(timed_hook, with_kwargs=True)
+            fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
             return fusion.remove
         if config == "research":
-            return install_research(pipe.unet, subject, style, args.steps)
+            return install_research(plain, subject, style, args.steps)
         return lambda: None
 
     def run_once() -> float:
@@ -254,7 +321,7 @@ def main() -> None:
         "model": args.model,
         "steps": args.steps,
         "size": kwargs["height"],
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "dtype": str(plain.dtype).removeprefix("torch."),
         "device": args.device,
         "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "threads": torch.get_num_threads(),

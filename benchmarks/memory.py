@@ -1,10 +1,11 @@
 """Peak memory per configuration: peak RSS on the CPU, peak allocated on the GPU.
 
-Each configuration runs in a fresh process holding one UNet and only the LoRAs it needs (single:
-the subject LoRA; merge, est, klora, research: both), so peaks are comparable.
+Each configuration runs in a fresh process holding one denoiser and only the LoRAs it needs
+(single: the subject LoRA; merge, est, klora, research: both), so peaks are comparable.
 
     .venv/bin/python benchmarks/memory.py --model tiny [--steps 8] [--json out.json]
     .venv/bin/python benchmarks/memory.py --model sdxl --steps 30      # on a GPU
+    .venv/bin/python benchmarks/memory.py --model flux1 --dtype bf16 --steps 2      # on a GPU
 """
 
 from __future__ import annotations
@@ -16,27 +17,40 @@ import subprocess
 import sys
 
 import torch
-from generation import CONFIGS, DTYPES, build, install_research, model_arguments, peft_state, random_lora
+from generation import (
+    CONFIGS,
+    DTYPES,
+    FAMILY,
+    blocks_of,
+    build,
+    install_research,
+    model_arguments,
+    peft_state,
+    random_lora,
+)
 
 import estlora
 from estlora.families import family_named
 
 
-def one(config: str, model: str, steps: int, ranks: tuple[int, int], device: str, size: int | None, dtype: str) -> dict:
-    pipe, kwargs = build(model, device, size, DTYPES[dtype])
-    shapes = family_named("sdxl").linear_shapes(pipe.unet, "attention")
+def one(config: str, args: argparse.Namespace, ranks: tuple[int, int]) -> dict:
+    model, device, steps = args.model, args.device, args.steps
+    pipe, kwargs = build(model, device, args.size, DTYPES[args.dtype], blocks_of(args), args.tokens)
+    family = family_named(FAMILY[model])
+    denoiser = getattr(pipe, family.denoiser)
+    shapes = family.linear_shapes(denoiser, family.default_route)
     # Only the LoRAs this configuration holds: on the CPU, unused factors would count in its peak RSS.
     subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject")
     style = None if config in ("none", "single") else random_lora(shapes, ranks[1], 2, "style")
     if config in ("single", "merge"):
-        pipe.load_lora_weights(peft_state(subject), adapter_name="subject")
+        pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
         if config == "merge":
-            pipe.load_lora_weights(peft_state(style), adapter_name="style")
+            pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")
             pipe.set_adapters(["subject", "style"])
     elif config in ("est", "klora"):
         estlora.fuse(pipe, subject, style, method=config, beta=0.5)
     elif config == "research":
-        install_research(pipe.unet, subject, style, steps)
+        install_research(denoiser, subject, style, steps)
     del subject, style
     cuda = device.startswith("cuda")
     if cuda:
@@ -57,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
     if args.one:
-        print(json.dumps(one(args.one, args.model, args.steps, ranks, args.device, args.size, args.dtype)))
+        print(json.dumps(one(args.one, args, ranks)))
         return
 
     results = []
@@ -77,7 +91,10 @@ def main() -> None:
             args.device,
             "--dtype",
             args.dtype,
+            "--tokens",
+            str(args.tokens),
             *(["--size", str(args.size)] if args.size else []),
+            *(["--blocks", args.blocks] if args.blocks else []),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -90,6 +107,7 @@ def main() -> None:
                     "size": args.size,
                     "steps": args.steps,
                     "ranks": ranks,
+                    "blocks": args.blocks,
                 }
                 json.dump({**header, "results": results}, out, indent=2)
     single = next((r["peak_mib"] for r in results if r["config"] == "single"), None)

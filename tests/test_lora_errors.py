@@ -5,6 +5,7 @@ key layout (`unet.<module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -133,6 +134,33 @@ def patched(tmp, shapes, transform):
     return raw(tmp, transform(good(tmp, shapes, "whole.safetensors").read_bytes()))
 
 
+def reoffset(change):
+    """A whole file whose header's tensor offsets `change` rewrites (same header length, padded)."""
+
+    def transform(data: bytes) -> bytes:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        change({k: v for k, v in header.items() if k != "__metadata__"})
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+        assert len(text) == length
+        return data[:8] + text + data[8 + length :]
+
+    return transform
+
+
+def _overlap(entries):
+    first, second = sorted(entries.values(), key=lambda v: v["data_offsets"][0])[:2]
+    second["data_offsets"] = [second["data_offsets"][0] - 4, second["data_offsets"][1] - 4]
+
+
+def _duplicate(entries):
+    first, second = sorted(entries.values(), key=lambda v: v["data_offsets"][0])[:2]
+    if first["data_offsets"][1] - first["data_offsets"][0] == second["data_offsets"][1] - second["data_offsets"][0]:
+        second["data_offsets"] = list(first["data_offsets"])
+    else:
+        raise AssertionError("the first two tensors differ in size")
+
+
 def put(key, value):
     return lambda state: state.__setitem__(key, value)
 
@@ -167,6 +195,16 @@ CASES = {
     # Protocol 0 has no 0x80 opcode, so it is not recognised as pickle; it is still refused, unread.
     "protocol-0-pickle-as-safetensors": (*NOT_ST, lambda t, s: pickle_as_safetensors(t, 0)),
     "folder-with-only-bin": (*PKL, lambda t, s: folder(t, s, "model.bin")),
+    "overlapping-offsets": (
+        LoraFormatError,
+        "corrupt safetensors file (tensors",
+        lambda t, s: patched(t, s, reoffset(_overlap)),
+    ),
+    "duplicate-offsets": (
+        LoraFormatError,
+        "share the same bytes)",
+        lambda t, s: patched(t, s, reoffset(_duplicate)),
+    ),
     "truncated": (
         LoraFormatError,
         "truncated safetensors file (1956 of 3912 bytes)",
@@ -313,17 +351,26 @@ def test_trap_fires_when_unpickled(tmp_path):
 # ---------------------------------------------------------------- another base model
 
 
-def test_sd15_lora_against_sdxl_is_a_mismatch(tmp_path):
-    path = write(tmp_path / "sd15.safetensors", lora_state(SD15_LORA))
-    assert base_guess(load_lora(path)) == "SD 1.x"
+@pytest.mark.parametrize(("family", "width"), [("SD 1.x", 768), ("SD 2.x", 1024)])
+def test_a_lora_for_a_base_we_do_not_serve_is_refused_naming_it(tmp_path, capsys, family, width):
+    """SD 1.x / 2.x LoRAs share SDXL's diffusers names; their shapes say which base they are for, and
+    they are refused with or without --base (a plan over them would route nothing real)."""
+    shapes = {
+        name: (out, width if "attn2.to_" in name and "to_q" not in name else n_in)
+        for name, (out, n_in) in SD15_LORA.items()
+    }
+    path = write(tmp_path / "sd.safetensors", lora_state(shapes))
+    words = f"a LoRA for {family}, which estlora does not serve (SDXL and FLUX.1)"
     with pytest.raises(BaseModelMismatchError) as info:
-        load_lora(path, base_shapes=projection_shapes(SDXL_UNET_CONFIG), base_name=SDXL_BASE)
-    assert_clear(str(info.value), path, "another base model")
-    assert "SD 1.x" in str(info.value) and SDXL_BASE in str(info.value)
+        load_lora(path)
+    assert_clear(str(info.value), path, words)
+    assert cli.main(["plan", str(path), str(path)]) == 2
+    assert_cli_error(2, *capsys.readouterr(), path, words)
 
 
 def test_shape_mismatch_on_a_module_both_bases_have(tmp_path):
-    path = write(tmp_path / "sd15.safetensors", lora_state({K2: (640, 768)}))
+    wide = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"  # SDXL's layout, another width
+    path = write(tmp_path / "odd.safetensors", lora_state({wide: (640, 768)}))
     with pytest.raises(BaseModelMismatchError) as info:
         load_lora(path, base_shapes=projection_shapes(SDXL_UNET_CONFIG), base_name=SDXL_BASE)
     assert_clear(str(info.value), path, "768->640 in the LoRA but 2048->640")
@@ -337,10 +384,11 @@ def test_sdxl_lora_fits_sdxl(tmp_path):
     assert base_guess(lora) == "SDXL" and lora.family == "sdxl"
 
 
-def test_full_sd15_lora_family_is_sd1(tmp_path):
-    """All 128 SD 1.5 projections, down_blocks.2 included: still recognised as SD 1.x."""
+def test_full_sd15_lora_is_refused_as_sd1(tmp_path):
+    """All 128 SD 1.5 projections, down_blocks.2 included: still recognised as SD 1.x, and refused."""
     path = write(tmp_path / "sd15.safetensors", lora_state(projection_shapes(SD15_UNET_CONFIG), rank=1))
-    assert base_guess(load_lora(path)) == "SD 1.x"
+    with pytest.raises(BaseModelMismatchError, match="a LoRA for SD 1.x"):
+        load_lora(path)
 
 
 # ---------------------------------------------------------------- the CLI: one line on stderr, exit 2
@@ -399,7 +447,8 @@ def test_a_flux_lora_against_an_sdxl_base_is_a_mismatch(tmp_path, tiny_dir, caps
 def test_cli_base_mismatch_in_process(which, tmp_path, tiny_dir, capsys):
     path, base = mismatch_source(tmp_path, which, tiny_dir)
     code = cli.main(["inspect", str(path), "--base", base])
-    assert_cli_error(code, *capsys.readouterr(), path, "another base model")
+    words = "which estlora does not serve" if which.startswith("sd15") else "another base model"
+    assert_cli_error(code, *capsys.readouterr(), path, words)
 
 
 def test_cli_base_hub_id_prints_no_warning(tmp_path, tiny_dir):
@@ -441,3 +490,37 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
         pytest.fail("no padding gave such a header length")
     assert path.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
     assert set(load_lora(path).projections) == {Q}
+
+
+def test_adapter_metadata_that_is_not_json_is_refused(tmp_path, tiny_shapes, capsys):
+    """Read as absent, every alpha would fall back to the rank (scales silently wrong); diffusers refuses it."""
+    state = lora_state({m: tiny_shapes[m] for m in MODULES})
+    for bad, words in (('{"r": 4, "lora_alpha": 1', "is not valid JSON"), ("[4, 1]", "is JSON but not an object")):
+        path = tmp_path / "meta.safetensors"
+        save_file(state, str(path), {"lora_adapter_metadata": bad})
+        with pytest.raises(LoraFormatError) as info:
+            load_lora(path)
+        assert_clear(str(info.value), path, f"its lora_adapter_metadata {words}")
+        assert_cli_error(cli.main(["inspect", str(path)]), *capsys.readouterr(), path, words)
+
+
+def test_alpha_zero_is_read_as_rank_by_default_and_as_zero_when_asked(tmp_path, capsys):
+    """kohya's trainer reads alpha 0 as alpha = rank; diffusers and ComfyUI apply scale 0. The default
+    is the trainer's reading, said in a warning that offers the other."""
+    module = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    state = kohya_lora(module, 640, 640, rank=4) | kohya_lora(module.replace("to_q", "to_k"), 640, 640, rank=4)
+    state[f"{module}.alpha"] = torch.tensor(0.0)
+    path = write(tmp_path / "zero.safetensors", state)
+    name = "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"
+    lora = load_lora(path)
+    assert (lora.projections[name].alpha, lora.projections[name].scale) == (4.0, 1.0)
+    assert lora.notes == (
+        "warning: alpha is 0 in 1 of 2 projections: read as alpha = rank (scale 1), as kohya's trainer did;"
+        " --zero-alpha zero applies it as diffusers and ComfyUI do (scale 0: no effect)",
+    )
+    assert torch.equal(next(v for k, v in lora.projection_keys[name].items() if k.endswith("alpha")), torch.tensor(4.0))
+    zero = load_lora(path, zero_alpha="zero")
+    assert zero.projections[name].scale == 0 and "--zero-alpha rank reads it" in zero.notes[0]
+    assert cli.main(["inspect", str(path), "--zero-alpha", "zero"]) == 0
+    out = capsys.readouterr().out
+    assert "alphas:      0 (1), 4 (1)" in out and "--zero-alpha rank reads it" in out

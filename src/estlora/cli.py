@@ -126,7 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .loading.inspect import report, summary
     from .loading.lora import load_lora
 
-    lora = load_lora(args.lora)
+    lora = load_lora(args.lora, zero_alpha=args.zero_alpha)
     _checked_base(args, [lora])
     if args.json:
         print(json.dumps(report(lora), indent=2))
@@ -143,8 +143,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from .plan import build_plan
     from .score_cache import cached_pair_scores
 
-    subject, style = load_pair(args.subject, args.style)
+    subject, style = load_pair(args.subject, args.style, zero_alpha=args.zero_alpha)
     _checked_base(args, [subject, style])
+    for role, lora in (("subject", subject), ("style", style)):
+        for note in lora.notes:
+            print(f"{role} LoRA {note}", file=sys.stderr)
     family = family_named(subject.family)
     config = family.resolve_fusion(FusionConfig(**values(args, FusionConfig)))
     layers = family.routed(set(subject.projections) | set(style.projections), config.route)
@@ -246,11 +249,15 @@ def cmd_ui(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the parser
 
 
-def add_base_options(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """--base and --base-config, for commands that only check LoRAs against a base (no model loads)."""
-    base, config = (item for item in settings_of(ModelConfig) if item.name in ("base", "base_config"))
+def add_base_options(parser: argparse.ArgumentParser, purpose: str, reads_loras: bool = True) -> None:
+    """--base and --base-config, for commands that only check LoRAs against a base (no model loads),
+    and how those LoRAs are read (--zero-alpha)."""
+    names = ("base", "base_config", "zero_alpha") if reads_loras else ("base", "base_config")
+    base, config, *reading = (item for item in settings_of(ModelConfig) if item.name in names)
     parser.add_argument(base.flag, help=f"{purpose}: {base.help}")
     parser.add_argument(config.flag, help=f"{config.help} (default {describe_default(config)})")
+    for item in reading:
+        parser.add_argument(item.flag, choices=item.choices, default=item.default, help=item.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ui = commands.add_parser("ui", help="a local web page to fuse, compare and understand (Gradio)")
-    add_base_options(ui, "the base (default: the shipped toy model, toy)")
+    add_base_options(ui, "the base (default: the shipped toy model, toy)", reads_loras=False)
     vae = next(item for item in settings_of(ModelConfig) if item.name == "vae")
     ui.add_argument(vae.flag, help=vae.help)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

@@ -32,6 +32,9 @@ OTHER_WEIGHTS = ("ignore", "merge")
 ROUTES = ("attention", "blocks")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # trailing: what SDXL-Lightning / Turbo models want
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# An alpha of 0 in a LoRA file: kohya's training code reads it as alpha = rank (scale 1), diffusers and
+# ComfyUI as scale 0 (the LoRA does nothing).
+ZERO_ALPHA = ("rank", "zero")
 # K-LoRA's hand-set betas; also est's beta until one is measured (by `generate`, beta auto).
 DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -303,6 +306,12 @@ class ModelConfig(Settings):
     device: str = setting("auto", "auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = setting("auto", "weights' precision; auto: fp16 on GPU, fp32 on CPU", choices=DTYPES)
     cpu_offload: bool = setting(False, "keep only the running model on the GPU")
+    zero_alpha: str = setting(
+        "rank",
+        "an alpha of 0 in a LoRA file: rank (as kohya's trainer read it: scale 1) or zero (as diffusers and"
+        " ComfyUI apply it: the LoRA does nothing)",
+        choices=ZERO_ALPHA,
+    )
 
 
 GROUPS = (ModelConfig, FusionConfig, SamplingConfig)

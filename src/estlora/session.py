@@ -95,7 +95,7 @@ class Session:
         """Load the base once. The LoRAs and settings of `check` are checked against the base's config or
         header first, so bad input fails in a second, before the slow load; a base left unset is the
         LoRAs' family's standard one."""
-        loras = list(load_pair(check.subject, check.style)) if check else []
+        loras = list(load_pair(check.subject, check.style, zero_alpha=model.zero_alpha)) if check else []
         family = family_named(loras[0].family) if loras else None
         if family is not None:
             family.check_sampling(check.sampling)
@@ -123,7 +123,7 @@ class Session:
         path = resolve_lora_path(source)
         key = file_key(path)
         if key not in self.loras:
-            lora = load_lora(path, self.shapes, self.label, self.family)
+            lora = load_lora(path, self.shapes, self.label, self.family, self.model.zero_alpha)
             if len(self.loras) >= KEPT_LORAS:
                 self.loras.pop(next(iter(self.loras)))
             self.loras[key] = lora
@@ -263,6 +263,8 @@ class Session:
         energies = fusion.scores.energy.sum(dim=0).tolist()
         pair = (("subject", fusion.subject), ("style", fusion.style))
         for (role, lora), strength, energy in zip(pair, strengths, energies, strict=True):
+            for note in lora.notes:
+                self.report(f"{role} LoRA {note}")
             line = describe(role, self.family, lora.unrouted(fusion.routed), strength, fusion.config.other_weights)
             if line:
                 self.report(line)

@@ -68,6 +68,7 @@ class Lora:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str = ""  # the model family it was made for ("sdxl"); "" when built in memory
     projection_keys: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # how the file was read where it could be read two ways (alpha 0)
 
     @property
     def ranks(self) -> Counter:

@@ -62,6 +62,8 @@ class ModelFamily:
     size_multiple: int  # width and height must be multiples of this
     timestep_argument: str = "timestep"  # the denoiser's keyword for the timestep
     reads_gguf: bool = False  # quantized single files (GGUF) as the base
+    # Bases `guess_base` can name whose LoRAs share this family's key layout but that estlora does not serve.
+    foreign_bases: tuple[str, ...] = ()
     klora_pattern: str = "s"  # K-LoRA's time pattern for this family (its FLUX code wraps: s*)
     # sampler name -> (diffusers scheduler class, config overrides); None: the base's own
     schedulers: dict[str, tuple[str, dict] | None]

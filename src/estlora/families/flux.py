@@ -50,6 +50,15 @@ FLUX_DEV_TRANSFORMER_CONFIG = {
     "patch_size": 1,
     "pooled_projection_dim": 768,
 }
+# FLUX.1-dev's scheduler config as published (schnell's: shift 1, no dynamic shifting).
+FLUX_DEV_SCHEDULER_CONFIG = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 KNOWN_TRANSFORMER_CONFIGS = {
     DEFAULT_BASE: FLUX_DEV_TRANSFORMER_CONFIG,
     "black-forest-labs/FLUX.1-schnell": {**FLUX_DEV_TRANSFORMER_CONFIG, "guidance_embeds": False},
@@ -182,6 +191,7 @@ class Flux1(ModelFamily):
     default_route = "blocks"
     klora_pattern = "s*"  # K-LoRA's FLUX script: s*, beta 0.85 alpha = 1.275
     reads_gguf = True
+    foreign_bases = ("SD3",)
     default_steps = 28
     default_guidance = 3.5  # FLUX.1-dev's embedded guidance
     size_multiple = 16  # the VAE's 8, then 2 x 2 patches

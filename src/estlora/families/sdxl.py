@@ -142,6 +142,7 @@ class SDXL(ModelFamily):
     default_base = DEFAULT_BASE
     route_sets = {"attention": ATTENTION, "blocks": BLOCKS}
     default_route = "attention"
+    foreign_bases = ("SD 1.x", "SD 2.x")
     default_steps = 30
     default_guidance = 5.0
     size_multiple = 8

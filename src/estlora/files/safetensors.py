@@ -56,12 +56,29 @@ def read_header(path: Path) -> dict[str, dict]:
             raise LoraFormatError(path, "truncated or corrupt safetensors file (header is not JSON)") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
-        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k) for k, v in tensors.items())
     except (TypeError, KeyError, IndexError, ValueError):
         raise LoraFormatError(path, "truncated or corrupt safetensors file (bad tensor entries)") from None
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + header_len + end > size:
         raise LoraFormatError(path, f"truncated safetensors file ({size} of {8 + header_len + end} bytes)")
+    _check_spans(path, spans)
     return tensors
+
+
+def _check_spans(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """The tensors' byte ranges must tile the data section, each once, as the format requires: a file
+    whose entries overlap or share bytes is corrupt (or crafted), not truncated."""
+    position, previous = 0, None
+    for start, stop, key in spans:
+        if stop < start:
+            raise LoraFormatError(path, f"corrupt safetensors file ({key} ends before it starts)")
+        if start < position:
+            how = "share the same bytes" if (start, stop) == previous[:2] else "overlap"
+            raise LoraFormatError(path, f"corrupt safetensors file (tensors {previous[2]} and {key} {how})")
+        if start > position:
+            raise LoraFormatError(path, f"corrupt safetensors file ({start - position} unused bytes before {key})")
+        position, previous = stop, (start, stop, key)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -68,6 +68,7 @@ def report(lora: Lora) -> dict:
         "training": training_info(lora.metadata),
         "other_tensors": len(lora.other),
         "other_modules": family.other_modules(lora.other),
+        "notes": list(lora.notes),
         "projections": {
             name: {"rank": f.rank, "alpha": f.alpha, "scale": f.scale, "in": f.in_features, "out": f.out_features}
             for name, f in lora.projections.items()
@@ -107,7 +108,7 @@ def summary(lora: Lora) -> str:
         f"other keys:  {len(lora.other)} tensors kept, routed by no plan (--other-weights merge applies them "
         f"statically): {kept}"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + list(lora.notes))
 
 
 def _fmt(value) -> str:

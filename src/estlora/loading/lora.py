@@ -16,11 +16,12 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 
 import torch
 
 from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
-from ..families import CLAIM_ORDER, ModelFamily, family_named, family_of_lora
+from ..families import CLAIM_ORDER, FAMILIES, ModelFamily, family_named, family_of_lora
 from ..files.lora_keys import check_alpha
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
@@ -32,17 +33,24 @@ def load_lora(
     base_shapes: dict[str, tuple[int, int]] | None = None,
     base_name: str = "the base model",
     family: ModelFamily | None = None,
+    zero_alpha: str = "rank",
 ) -> Lora:
     """Load and validate one LoRA. Raises a `LoraError` subclass naming the file on bad input.
 
     With `base_shapes` (routable linear -> (out, in), as `estlora.loading.base.describe_base` gives
     them), also checks it fits that base; with `family`, that it was made for that family.
+    `zero_alpha` says how an alpha of 0 is read (`ModelConfig.zero_alpha`).
     """
     path = resolve_lora_path(source)
     tensors, metadata = read_safetensors(path)
     found = _family(path, tensors, family)
     parts = found.lora_parts(path, tensors, metadata)
     projections = _factors(path, found, parts.parts, metadata)
+    guess = found.guess_base({name: (f.out_features, f.in_features) for name, f in projections.items()})
+    if guess in found.foreign_bases:
+        served = " and ".join(f.label for f in FAMILIES)
+        raise BaseModelMismatchError(path, f"a LoRA for {guess}, which estlora does not serve ({served})")
+    notes = _read_zero_alphas(projections, parts.keys, zero_alpha)
     if not projections:
         raise found.no_projections(path, parts.other)
     for key, tensor in parts.other.items():  # not routed, but merged under --other-weights merge: broken either way
@@ -58,6 +66,7 @@ def load_lora(
         metadata=metadata,
         family=found.name,
         projection_keys={module: parts.keys[module] for module in projections},
+        notes=notes,
     )
     if base_shapes is not None:
         check_against_base(lora, base_shapes, base_name)
@@ -70,11 +79,12 @@ def load_pair(
     base_shapes: dict[str, tuple[int, int]] | None = None,
     base_name: str = "the base model",
     family: ModelFamily | None = None,
+    zero_alpha: str = "rank",
 ) -> tuple[Lora, Lora]:
     """Subject and style LoRAs, each checked against the base (when given) and against each other."""
     pair = (
-        load_lora(subject, base_shapes, base_name, family),
-        load_lora(style, base_shapes, base_name, family),
+        load_lora(subject, base_shapes, base_name, family, zero_alpha),
+        load_lora(style, base_shapes, base_name, family, zero_alpha),
     )
     check_pair(*pair)
     return pair
@@ -115,7 +125,7 @@ def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -
     """LoraFactors per module, in the family's order, after checking every part."""
     from peft.utils.other import get_pattern_key
 
-    meta_alpha, alpha_pattern, rslora = metadata_alphas(metadata, family.lora_prefix)
+    meta_alpha, alpha_pattern, rslora = metadata_alphas(path, metadata, family.lora_prefix)
     projections = {}
     for module in family.ordered(parts):
         got = parts[module]
@@ -146,17 +156,41 @@ def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -
     return projections
 
 
-def metadata_alphas(metadata: dict[str, str], prefix: str) -> tuple[float | None, dict[str, float], bool]:
-    """lora_alpha, alpha_pattern and use_rslora from diffusers' adapter metadata for the denoiser."""
+def _read_zero_alphas(projections: dict[str, LoraFactors], keys: dict, reading: str) -> tuple[str, ...]:
+    """An alpha of 0 read as `reading` says (in place, and in the tensors diffusers' loader would get
+    for `--other-weights merge`), with the note that says so."""
+    zero = [module for module, factors in projections.items() if factors.alpha == 0]
+    if not zero:
+        return ()
+    if reading == "rank":
+        for module in zero:
+            factors = projections[module]
+            projections[module] = replace(factors, alpha=float(factors.rank))
+            for name in keys.get(module, {}):
+                if name.endswith("alpha"):
+                    keys[module][name] = torch.tensor(float(factors.rank))
+        how = "read as alpha = rank (scale 1), as kohya's trainer did; --zero-alpha zero applies it as diffusers"
+        how += " and ComfyUI do (scale 0: no effect)"
+    else:
+        how = "applied as diffusers and ComfyUI do (scale 0: no effect); --zero-alpha rank reads it as kohya's"
+        how += " trainer did (alpha = rank)"
+    return (f"warning: alpha is 0 in {len(zero)} of {len(projections)} projections: {how}",)
+
+
+def metadata_alphas(path, metadata: dict[str, str], prefix: str) -> tuple[float | None, dict[str, float], bool]:
+    """lora_alpha, alpha_pattern and use_rslora from diffusers' adapter metadata for the denoiser.
+
+    Metadata that is not a JSON object is refused, as diffusers refuses it: read as absent, every
+    alpha would fall back to the rank and the scales would be silently wrong."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None, {}, False
     try:
         config = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, {}, False
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(path, f"its lora_adapter_metadata is not valid JSON ({exc.msg} at {exc.pos})") from None
     if not isinstance(config, dict):
-        return None, {}, False
+        raise LoraFormatError(path, f"its lora_adapter_metadata is JSON but not an object ({type(config).__name__})")
     # diffusers packs per-component configs as "unet.lora_alpha"; a bare peft config has no prefix.
     config = {k.removeprefix(f"{prefix}."): v for k, v in config.items() if not k.startswith("text_encoder")}
     alpha = config.get("lora_alpha")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_dir
+from ..families.flux import FLUX_DEV_SCHEDULER_CONFIG
 from ..outputs import cached_folder, write_folder
 from ..tokenizers import tiny_clip_tokenizer
 from .parts import tiny_clip_text_config, tiny_vae
@@ -83,14 +84,7 @@ def build_tiny_flux(seed: int = TINY_SEED):
             dropout_rate=0.0,
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     for model in (transformer, vae, text_encoder, text_encoder_2):
         model.eval()  # as from_pretrained leaves them
     return FluxPipeline(
