@@ -12,9 +12,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, model: str = "tiny") -> str:
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", *args],
+        [sys.executable, str(BENCHMARKS / script), "--model", model, *args],
         capture_output=True,
         text=True,
         cwd=BENCHMARKS,
@@ -59,3 +59,18 @@ def test_compile_benchmark(tmp_path):
     assert [c["graphs"] for c in results["configs"].values()] == [0, 0, 1, 1]
     assert results["recompiled_graphs_after_first_runs"] == 0
     assert "graphs compiled after the first runs: 0" in said
+
+
+@pytest.mark.slow
+def test_the_benchmarks_run_on_flux1(tmp_path):
+    """The FLUX.1 path of generation and memory (the GPU run's FLUX phases): FLUX.1's real widths with
+    one block of each kind, and the tiny FLUX.1."""
+    out = tmp_path / "generation.json"
+    args = ["--blocks", "1,1", "--dtype", "fp32", "--size", "32", "--tokens", "8", "--steps", "1", "--repeats", "1"]
+    said = run("generation.py", *args, "--configs", "single,est", "--json", str(out), model="flux1")
+    results = json.loads(out.read_text())
+    assert results["projections"] == 20 and list(results["configs"]) == ["single", "est"]
+    assert "est / single" in said
+    out = tmp_path / "memory.json"
+    run("memory.py", "--steps", "1", "--configs", "single,est", "--json", str(out), model="tiny-flux1")
+    assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["single", "est"]

@@ -415,3 +415,23 @@ def test_dora_is_refused(tmp_path, truth):
     }
     with pytest.raises(LoraFormatError, match="DoRA"):
         load_lora(write(tmp_path / "dora.safetensors", state))
+
+
+def test_pattern_keys_match_as_peft_matches_them():
+    """estlora's own `alpha_pattern` matching (peft's import costs seconds) equals peft's `get_pattern_key`."""
+    from peft.utils.other import get_pattern_key
+
+    from estlora.files.lora_keys import pattern_key
+
+    patterns = ["attn1.to_q", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "to_out.0", r"to_v$", "q"]
+    modules = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.0.attentions.1.transformer_blocks.3.attn1.to_out.0",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
+        "down_blocks.2.attentions.1.transformer_blocks.0.attn1.xto_q",
+        "single_transformer_blocks.0.attn.to_k",
+    ]
+    for module in modules:
+        theirs = get_pattern_key(patterns, module)
+        assert pattern_key(patterns, module) == (theirs if theirs in patterns else None), module

@@ -27,6 +27,13 @@ def module_of(key: str) -> str:
     return key.rsplit(".", 2)[0]
 
 
+def pattern_key(patterns, module: str) -> str | None:
+    """The first key of a peft `alpha_pattern` / `rank_pattern` that names `module`: the pattern
+    matches the module path whole or a dotted suffix of it (peft's `get_pattern_key`, whose import
+    would pull in peft and transformers, seconds at every `inspect`); None when none does."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
 def check_alpha(path: Path, name: str, alpha: torch.Tensor) -> torch.Tensor:
     """A LoRA's alpha is one number; `name` is the module as the message should call it."""
     if alpha.numel() != 1:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
 from ..families import CLAIM_ORDER, FAMILIES, ModelFamily, family_named, family_of_lora
-from ..files.lora_keys import check_alpha
+from ..files.lora_keys import check_alpha, pattern_key
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
 from ..updates import Lora, LoraFactors
@@ -123,8 +123,6 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
 
 def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, LoraFactors]:
     """LoraFactors per module, in the family's order, after checking every part."""
-    from peft.utils.other import get_pattern_key
-
     meta_alpha, alpha_pattern, rslora = metadata_alphas(path, metadata, family.lora_prefix)
     projections = {}
     for module in family.ordered(parts):
@@ -146,8 +144,8 @@ def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -
             raise LoraShapeError(path, f"{module}: rank 0 (empty factors)")
         if "alpha" in got:
             alpha = float(check_alpha(path, module, got["alpha"]).float().item())
-        elif alpha_pattern and get_pattern_key(alpha_pattern, module) in alpha_pattern:
-            alpha = float(alpha_pattern[get_pattern_key(alpha_pattern, module)])
+        elif pattern_key(alpha_pattern, module) is not None:
+            alpha = float(alpha_pattern[pattern_key(alpha_pattern, module)])
         else:
             alpha = meta_alpha if meta_alpha is not None else float(rank)
         if not math.isfinite(alpha):
