@@ -388,3 +388,22 @@ def test_cli_plan_on_route_blocks(capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["family"], report["route"]) == ("sdxl", "blocks")
     assert len(report["layers"]) == 32  # the toy LoRAs train the attention projections only
+
+
+def test_factors_of_an_offloaded_linear_follow_the_input_to_its_device():
+    """Under sequential offload a linear's weight is on the meta device until its hook loads it: the
+    LoRA factors wait on the CPU (not as meta tensors, which would hold nothing) and move, once, to
+    the device the call runs on (here the meta device stands in for the GPU, which this machine lacks)."""
+    from estlora.runtime.routing import RoutedLinear, Router
+    from estlora.updates import LoraFactors
+
+    with torch.device("meta"):
+        base = torch.nn.Linear(4, 3)
+    factors = LoraFactors(torch.ones(2, 4), torch.ones(3, 2), 2.0)
+    router = Router(1)
+    router.set_rows([[(1.0, 0.0)]])
+    router.go_to(0, torch.device("cpu"))
+    routed = RoutedLinear(base, 0, router, factors, None)
+    assert routed.subject_down.device.type == "cpu" and torch.equal(routed.subject_down, factors.down)
+    out = routed(torch.ones(5, 4, device="meta"))
+    assert out.shape == (5, 3) and routed.subject_down.device.type == routed.subject_up.device.type == "meta"

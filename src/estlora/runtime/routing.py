@@ -80,7 +80,10 @@ class RoutedLinear(nn.Module):
         self.base = base
         self.index = index
         self.router = router
-        device, dtype = base.weight.device, compute_dtype(base)
+        # Offloaded weights (sequential offload) sit on the meta device until their hook loads them:
+        # the factors wait on the CPU and follow the input to the execution device at the first call.
+        device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
+        dtype = compute_dtype(base)
         for name, lora in (("subject", subject), ("style", style)):
             down = None if lora is None else lora.down.to(device=device, dtype=dtype)
             up = None if lora is None else lora.up.to(device=device, dtype=dtype)
@@ -101,6 +104,9 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
+        factors = self.subject_down if self.subject_down is not None else self.style_down
+        if factors is not None and factors.device != x.device:  # offloaded: the weights came to x's device
+            self._apply(lambda t: t.to(x.device), recurse=False)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, result)
         scale_subject, scale_style = self.router.row[self.index]
