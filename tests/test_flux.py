@@ -524,3 +524,40 @@ def test_a_flux_grid_cell_regenerates_bit_for_bit(flux_dir, lora_paths, tmp_path
     assert main([*shlex.split(meta["command"])[1:], "--out", str(tmp_path / "again")]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))
+
+
+@pytest.mark.parametrize("name", ["FluxInpaintPipeline", "FluxKontextPipeline"])
+def test_inpaint_and_kontext_pipelines_equal_diffusers(pipe, ref_pipe, loras, name):
+    """The same routing under FLUX.1's other pipelines (inpainting with strength 0.6; Kontext, whose
+    transformer sees the reference image's tokens beside the latents): a switch plan equals diffusers'
+    per-step callback recipe, bit for bit."""
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    ours, ref = cls(**pipe.components), cls(**ref_pipe.components)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    kwargs = {"image": image, "mask_image": torch.ones(1, 1, 32, 32), "strength": 0.6} if "Inpaint" in name else {}
+    if "Kontext" in name:
+        kwargs = {"image": image, "_auto_resize": False, "max_area": 32 * 32}
+    steps, every = 5, 2
+
+    def adapter_for(step):
+        return "subject" if (step // every) % 2 == 0 else "style"
+
+    first = steps - int(steps * 0.6) if "Inpaint" in name else 0
+    ref.set_adapters([adapter_for(first)], [1.0])
+
+    def callback(p, step, timestep, tensors):  # `step` counts the loop, which inpainting starts at `first`
+        p.set_adapters([adapter_for(first + step + 1)], [1.0])
+        return tensors
+
+    def render(p, **extra):
+        p.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        common = dict(prompt=PROMPT, num_inference_steps=steps, height=32, width=32, max_sequence_length=16)
+        return p(**common, output_type="latent", generator=generator, **kwargs, **extra).images
+
+    expected = render(ref, callback_on_step_end=callback)
+    with estlora.fuse(ours, *loras, method="switch", switch_every=every):
+        got = render(ours)
+    assert torch.equal(got, expected)
