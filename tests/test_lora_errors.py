@@ -243,20 +243,42 @@ CASES = {
     ),
     "lycoris-loha": (
         LoraFormatError,
-        "LyCORIS LoHa/LoKr",
+        "LyCORIS LoHa weights (hada_*), not LoRA factors",
         lambda t, s: write(t / "loha.safetensors", {f"{KOHYA_Q}.hada_w1_a": torch.ones(64, 2)}),
     ),
     "lycoris-lokr-beside-lora": (
         LoraFormatError,
-        f"{KOHYA_Q}.lokr_w1: LyCORIS",
+        f"{KOHYA_Q}.lokr_w1: LyCORIS LoKr weights (lokr_*), not LoRA factors",
         lambda t, s: write(
             t / "lokr.safetensors", {**kohya_lora(KOHYA_K, 64, 64), f"{KOHYA_Q}.lokr_w1": torch.ones(8, 8)}
         ),
     ),
+    "lycoris-full": (
+        LoraFormatError,
+        "holds only full-weight differences (2 .diff / .diff_b keys: LyCORIS 'full' or ComfyUI), no LoRA factors",
+        lambda t, s: write(
+            t / "full.safetensors", {f"{KOHYA_Q}.diff": torch.ones(64, 64), f"{KOHYA_Q}.diff_b": torch.ones(64)}
+        ),
+    ),
     "unknown-part-on-projection": (
         LoraFormatError,
-        "'diff' is not a LoRA factor",
-        lambda t, s: write(t / "full.safetensors", {f"{KOHYA_Q}.diff": torch.ones(64, 64)}),
+        "'scale_x' is not a LoRA factor",
+        lambda t, s: write(t / "odd.safetensors", {**kohya_lora(KOHYA_K, 64, 64), f"{KOHYA_Q}.scale_x": torch.ones(1)}),
+    ),
+    "lycoris-ia3": (
+        LoraFormatError,
+        f"{KOHYA_Q}.on_input: LyCORIS (IA)3 weights, not LoRA factors",
+        lambda t, s: write(
+            t / "ia3.safetensors", {f"{KOHYA_Q}.on_input": torch.tensor(True), f"{KOHYA_Q}.weight": torch.ones(64)}
+        ),
+    ),
+    "comfyui-key-named-as-in-the-file": (
+        LoraFormatError,
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.hada_w1_a: LyCORIS LoHa",
+        lambda t, s: write(
+            t / "comfy.safetensors",
+            {"diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(64, 2)},
+        ),
     ),
     "lora-bias": (
         LoraFormatError,

@@ -435,3 +435,46 @@ def test_pattern_keys_match_as_peft_matches_them():
     for module in modules:
         theirs = get_pattern_key(patterns, module)
         assert pattern_key(patterns, module) == (theirs if theirs in patterns else None), module
+
+
+def test_advanced_script_layout_equals_its_kohya_twin(tmp_path, truth):
+    """diffusers' advanced SDXL script: `lora_unet_<name>_lora.down.weight`, no alphas (scale 1, as
+    ComfyUI reads it): the very factors of the kohya file with alpha = rank."""
+    from safetensors.torch import load_file
+
+    kohya = load_file(str(kohya_file(tmp_path / "kohya.safetensors", truth, sgm=False)))
+    state = {
+        k.replace(".lora_down.weight", "_lora.down.weight").replace(".lora_up.weight", "_lora.up.weight"): v
+        for k, v in kohya.items()
+        if not k.endswith(".alpha")
+    }
+    lora = load_lora(write(tmp_path / "advanced.safetensors", state))
+    assert lora.layout == "kohya"
+    assert_loaded(lora, {m: (d, u, float(d.shape[0])) for m, (d, u, _) in half_truth(truth).items()})
+    assert {f.scale for f in lora.projections.values()} == {1.0}
+
+
+def test_comfyui_extracted_lora_with_diffs_routes_its_factors(tmp_path, truth, tiny_pipe):
+    """ComfyUI's "Extract and Save Lora" and trainer nodes: LoRA factors plus `.diff` on 1-D weights and
+    `.diff_b` on biases (every `to_out.0` too). The factors are routed, the diffs are other weights:
+    ignored by default, and `--other-weights merge`, which cannot apply them yet, says so in one line."""
+    from safetensors.torch import load_file
+
+    import estlora
+    from estlora.errors import LoraFormatError
+
+    state = load_file(str(comfy_file(tmp_path / "comfy.safetensors", truth)))
+    block = "diffusion_model.input_blocks.4.1.transformer_blocks.0"
+    state[f"{block}.attn1.to_out.0.diff_b"] = torch.ones(64)
+    state[f"{block}.norm1.diff"] = torch.ones(64)
+    lora = load_lora(write(tmp_path / "extracted.safetensors", state))
+    assert lora.layout == "comfyui"
+    assert_loaded(lora, truth)
+    assert sorted(lora.other) == [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0.diff_b",
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_norm1.diff",
+    ]
+    with pytest.raises(LoraFormatError, match=r"its 2 full-weight differences \(.diff / .diff_b, e.g. "):
+        estlora.fuse(tiny_pipe, lora, lora, method="est", beta=0.5, other_weights="merge")
+    with estlora.fuse(tiny_pipe, lora, lora, method="est", beta=0.5) as fusion:
+        assert len(fusion.layers) == len(attention(lora))

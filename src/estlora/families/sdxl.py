@@ -81,6 +81,19 @@ KOHYA_ROUTABLE = re.compile(
 # The parts of a kohya LoRA module; anything else on a routable linear (LyCORIS `hada_w1_a`, `lokr_w1`,
 # `diff`, ...) is another kind of adapter whose update is not scale * up @ down.
 KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+# Full-weight differences: ComfyUI's LoRA extraction and trainer add them beside the factors (on norms
+# and biases); LyCORIS' `full` algorithm writes nothing else.
+DIFF_PARTS = ("diff", "diff_b")
+# Adapter kinds by their keys' parts, for messages (LyCORIS' algorithms and others estlora does not apply).
+ADAPTER_KINDS = (
+    (("hada_",), "LyCORIS LoHa weights (hada_*)"),
+    (("lokr_",), "LyCORIS LoKr weights (lokr_*)"),
+    (("lora_mid",), "a LyCORIS LoCon with a Tucker core (lora_mid)"),
+    (("on_input", "weight"), "LyCORIS (IA)3 weights"),
+    (("a1.", "a2.", "b1.", "b2."), "LyCORIS GLoRA weights"),
+    (("oft_", "rescale"), "OFT / BOFT weights"),
+    (("w_norm", "b_norm"), "LyCORIS norm weights"),
+)
 # ComfyUI: `diffusion_model.<SGM module path>.<part>`, with kohya's or peft's part names.
 COMFY_KEY = re.compile(r"^diffusion_model\.(.+?)\.(lora_(?:up|down|A|B|mid)\.weight|alpha|\w+)$")
 # Keys of LoRAs for transformer (DiT) models: diffusers/peft `transformer.`, kohya or ComfyUI Flux/SD3 blocks.
@@ -174,11 +187,11 @@ class SDXL(ModelFamily):
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
         layout = detect_layout(list(tensors))
         if layout == "comfyui":
-            return _from_kohya(path, layout, comfy_to_kohya(tensors, COMFY_KEY))
+            return _from_kohya(path, layout, comfy_to_kohya(tensors, COMFY_KEY), tensors)
         if layout == "lycoris":
-            return _from_kohya(path, layout, _lycoris_to_kohya(tensors))
+            return _from_kohya(path, layout, _lycoris_to_kohya(tensors), tensors)
         if layout == "kohya":
-            return _from_kohya(path, layout, tensors)
+            return _from_kohya(path, layout, _advanced_script_to_kohya(tensors), tensors)
         return _from_peft_names(path, layout, tensors)
 
     def no_projections(self, path: Path, other: dict[str, torch.Tensor]) -> Exception:
@@ -191,6 +204,12 @@ class SDXL(ModelFamily):
             return LoraFormatError(
                 path,
                 f"holds only text-encoder weights ({len(other)} keys), no LoRA weights for UNet attention projections",
+            )
+        if other and all(key.endswith(tuple(f".{part}" for part in DIFF_PARTS)) for key in other):
+            return LoraFormatError(
+                path,
+                f"holds only full-weight differences ({len(other)} .diff / .diff_b keys: LyCORIS 'full' or"
+                " ComfyUI), no LoRA factors to route",
             )
         counted = f"({len(other)} other keys)" if other else ""
         return LoraFormatError(path, "holds no LoRA weights for UNet attention projections " + counted)
@@ -383,23 +402,38 @@ def _lycoris_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {re.sub(r"^lycoris_", "lora_unet_", k): v for k, v in tensors.items()}
 
 
-def _from_kohya(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> LoraParts:
+def _advanced_script_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' advanced SDXL script (with text-encoder training) writes kohya's prefix with its own
+    suffix, `lora_unet_<name>_lora.down.weight`, and no alphas (ComfyUI reads them at scale 1, as a
+    missing alpha means here too): kohya's spelling, `lora_unet_<name>.lora_down.weight`."""
+    return {
+        re.sub(r"^(lora_unet_\w+?)_lora\.(down|up)\.weight$", r"\1.lora_\2.weight", k): v for k, v in tensors.items()
+    }
+
+
+def _from_kohya(
+    path: Path, layout: str, tensors: dict[str, torch.Tensor], original: dict[str, torch.Tensor]
+) -> LoraParts:
     """Routable keys through diffusers' kohya converter (SGM block names included); the rest kept
-    under kohya's names, which diffusers' loader reads."""
+    under kohya's names, which diffusers' loader reads. `original` is the file as read: messages name
+    its keys, not their kohya spelling. ComfyUI's full-weight differences (`.diff`, `.diff_b`) are
+    other weights, whatever module they belong to."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    file_key = {id(value): key for key, value in original.items()}
     routable, other = {}, {}
     for key, value in tensors.items():
         module, _, part = key.partition(".")
-        if not KOHYA_ROUTABLE.match(module):
+        if not KOHYA_ROUTABLE.match(module) or part in DIFF_PARTS:
             other[key] = value
         elif part in KOHYA_LORA_PARTS:
             if part == "alpha":
-                check_alpha(path, module, value)  # named as the file names it
+                check_alpha(path, file_key.get(id(value), key).removesuffix(".alpha"), value)
             routable[key] = value
         else:
-            raise LoraFormatError(path, f"{key}: {_adapter_kind(part)}; only LoRA (down/up) files are supported")
+            named = file_key.get(id(value), key)
+            raise LoraFormatError(path, f"{named}: {_adapter_kind(part)}; only LoRA (down/up) files are supported")
     if not routable:
         return LoraParts(layout, {}, {}, other)
     factors = {key: value for key, value in routable.items() if not key.endswith(".alpha")}
@@ -427,8 +461,10 @@ def _from_kohya(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> Lo
 
 
 def _adapter_kind(part: str) -> str:
-    if part.startswith(("hada_", "lokr_")):
-        return "LyCORIS LoHa/LoKr weights are not LoRA factors"
+    """What a key's part says its adapter is, where it is not a LoRA factor."""
+    for prefixes, kind in ADAPTER_KINDS:
+        if part.startswith(prefixes):
+            return f"{kind}, not LoRA factors"
     return f"'{part}' is not a LoRA factor (LyCORIS or another adapter type?)"
 
 

@@ -65,6 +65,14 @@ class StaticAdapters:
         self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
         self.names: dict[str, list[str]] = {}  # role -> its adapters (one per group of key names)
+        for role, lora in loras.items():
+            diffs = [key for key in tensors[role] if key.endswith((".diff", ".diff_b"))]
+            if diffs:
+                raise LoraFormatError(
+                    lora.path,
+                    f"its {len(diffs)} full-weight differences (.diff / .diff_b, e.g. {diffs[0]}) cannot be merged"
+                    " yet (diffusers drops them; ComfyUI adds them to the base weights); use --other-weights ignore",
+                )
         try:
             for role, lora in loras.items():
                 for i, group in enumerate(family.adapter_groups(tensors[role])):
