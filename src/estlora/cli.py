@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from .config import DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of  # noqa: E402
+from .config import DEFAULT_CLIP, DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of  # noqa: E402
 from .errors import REPORT_BUG, EstloraError, SettingError  # noqa: E402
 from .toy.world import STYLES, SUBJECTS  # noqa: E402
 
@@ -261,8 +261,6 @@ def add_base_options(parser: argparse.ArgumentParser, purpose: str, reads_loras:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .metrics import DEFAULT_CLIP
-
     parser = argparse.ArgumentParser(
         prog="estlora",
         description="EST-LoRA: adaptive, training-free fusion of a subject LoRA and a style LoRA.",

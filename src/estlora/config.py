@@ -38,6 +38,7 @@ ZERO_ALPHA = ("rank", "zero")
 # K-LoRA's hand-set betas; also est's beta until one is measured (by `generate`, beta auto).
 DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
 DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # `estlora eval`'s text-image scorer
 
 
 @dataclass(frozen=True)

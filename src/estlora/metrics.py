@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import DEFAULT_DINO
+from .config import DEFAULT_CLIP, DEFAULT_DINO
 from .discrepancy import DinoEmbedder, ImageEmbedderError, PretrainedEmbedder
 from .errors import EstloraError
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Private-use marks around replaced text, so that only repeats the replacement created are collapsed.
 _OPEN, _CLOSE = "\ue000", "\ue001"

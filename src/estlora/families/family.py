@@ -15,11 +15,10 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from ..config import FusionConfig, SamplingConfig
 from ..errors import LoraFormatError, SettingError
 from ..files.lora_keys import module_of
+from ..lazy import torch
 
 
 @dataclass

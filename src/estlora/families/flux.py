@@ -29,11 +29,10 @@ import re
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..config import SamplingConfig
 from ..errors import BaseModelError, LoraFormatError, LoraShapeError, SettingError, first_line
 from ..files.lora_keys import check_alpha, comfy_to_kohya
+from ..lazy import torch
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts
 
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"

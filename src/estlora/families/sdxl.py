@@ -26,11 +26,10 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from ..config import SamplingConfig
 from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, SettingError, first_line
 from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
+from ..lazy import torch
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts, split_module
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"

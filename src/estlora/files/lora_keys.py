@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from ..errors import LoraShapeError
+from ..lazy import torch
 
 
 def module_of(key: str) -> str:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..families.sdxl import SDXL_SCHEDULER_CONFIG
+from ..lazy import torch
 from .world import MAX_TOKENS, SIZE, STYLES, SUBJECTS, toy_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
