@@ -469,13 +469,14 @@ def _adapter_kind(part: str) -> str:
 
 def _from_peft_names(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> LoraParts:
     """diffusers/peft names (legacy and research layouts renamed by diffusers' converter first). Other
-    keys keep the names diffusers' loader reads: only the research layout's extra `unet.` is dropped."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
+    keys keep the names diffusers' loader reads: only the research layout's extra `unet.` is dropped.
+    (diffusers is imported only for the layouts its converter renames: it costs seconds.)"""
     if layout == "klora-research":
         tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
     if layout not in ("klora-research", "diffusers-legacy"):
         return peft_parts(path, layout, tensors, "unet", BLOCKS)
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     return peft_parts(
         path,
         layout,
