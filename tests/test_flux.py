@@ -371,8 +371,13 @@ def test_bfl_file_with_an_unsplittable_fused_update_is_one_clear_error(pipe, tmp
     truth = bfl_truth(FLUX.linear_shapes(pipe.transformer))
     down, up, alpha = truth["single_blocks_7_linear1"]
     truth["single_blocks_7_linear1"] = (down, up[:-1], alpha)  # one row short of 7 h
-    with pytest.raises(LoraShapeError, match="single_blocks_7_linear1: 111 rows cannot be split into 4 fused"):
+    with pytest.raises(
+        LoraShapeError, match="lora_unet_single_blocks_7_linear1: 111 rows cannot be split into 4 fused"
+    ):
         load_lora(kohya_flux_file(tmp_path / "bad.safetensors", truth))
+    # A ComfyUI file's message names its own key, not the kohya spelling it is read through.
+    with pytest.raises(LoraShapeError, match=r"diffusion_model\.single_blocks\.7\.linear1: 111 rows cannot be split"):
+        load_lora(kohya_flux_file(tmp_path / "bad-comfy.safetensors", truth, comfy=True))
 
 
 # ---------------------------------------------------------------- the commands

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..config import SamplingConfig
 from ..errors import BaseModelError, LoraFormatError, LoraShapeError, SettingError, first_line
-from ..files.lora_keys import check_alpha, comfy_to_kohya
+from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
 from ..lazy import torch
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts
 
@@ -220,11 +220,11 @@ class Flux1(ModelFamily):
 
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
         if any(XLABS_KEY.match(k) for k in tensors):
-            return _from_bfl(path, "xlabs", _xlabs_to_kohya(tensors))
+            return _from_bfl(path, "xlabs", _xlabs_to_kohya(tensors), tensors)
         if any(k.startswith("diffusion_model.") for k in tensors):
-            return _from_bfl(path, "comfyui", comfy_to_kohya(tensors, COMFY_KEY))
+            return _from_bfl(path, "comfyui", comfy_to_kohya(tensors, COMFY_KEY), tensors)
         if any(k.startswith("lora_unet_") for k in tensors):
-            return _from_bfl(path, "kohya", tensors)
+            return _from_bfl(path, "kohya", tensors, tensors)
         if any(ONETRAINER_KEY.match(k) for k in tensors):
             return peft_parts(path, "onetrainer", _onetrainer_to_peft(tensors), "transformer", BLOCKS)
         return peft_parts(path, "diffusers-peft", tensors, "transformer", BLOCKS)
@@ -397,12 +397,16 @@ def _xlabs_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return renamed
 
 
-def _from_bfl(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> LoraParts:
+def _from_bfl(
+    path: Path, layout: str, tensors: dict[str, torch.Tensor], original: dict[str, torch.Tensor]
+) -> LoraParts:
     """kohya's spelling of BFL's block modules, fused updates split into their diffusers linears.
 
     A split linear's own tensors are its slice in diffusers' peft names (`transformer.<module>.lora_A.weight`,
     `.lora_B.weight`, `.alpha`), which diffusers' loader reads; every other key keeps the file's name.
+    `original` is the file as read: messages name its modules, not their kohya spelling.
     """
+    file_module = {id(value): module_of(key) for key, value in original.items()}
     fused: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
     other = {}
     for key, value in tensors.items():
@@ -416,7 +420,7 @@ def _from_bfl(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> Lora
     parts: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[str, dict[str, torch.Tensor]] = {}
     for (kind, number, part), got in fused.items():
-        name = f"lora_unet_{kind}_blocks_{number}_{part}"
+        name = file_module.get(id(next(iter(got.values()))), f"lora_unet_{kind}_blocks_{number}_{part}")
         if "lora_down.weight" not in got or "lora_up.weight" not in got:
             missing = "down" if "lora_down.weight" not in got else "up"
             raise LoraShapeError(path, f"{name}: {missing} factor missing")
