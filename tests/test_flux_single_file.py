@@ -327,7 +327,7 @@ def test_a_gguf_transformer_stays_quantized_and_routes_as_diffusers(folders, lor
     with estlora.fuse(pipe, *lora_paths, method="subject") as fusion:
         routed = dict(pipe.transformer.named_modules())["transformer_blocks.0.ff.net.2"]
         assert isinstance(routed, RoutedLinear) and isinstance(routed.base, GGUFLinear)
-        assert routed.subject_down.dtype == torch.float32
+        assert routed.subject.down.dtype == torch.float32
         got = render(pipe)
         assert len(fusion.layers) == 494
     assert torch.equal(got, expected)

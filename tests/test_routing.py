@@ -404,6 +404,6 @@ def test_factors_of_an_offloaded_linear_follow_the_input_to_its_device():
     router.set_rows([[(1.0, 0.0)]])
     router.go_to(0, torch.device("cpu"))
     routed = RoutedLinear(base, 0, router, factors, None)
-    assert routed.subject_down.device.type == "cpu" and torch.equal(routed.subject_down, factors.down)
+    assert routed.subject.down.device.type == "cpu" and torch.equal(routed.subject.down, factors.down)
     out = routed(torch.ones(5, 4, device="meta"))
-    assert out.shape == (5, 3) and routed.subject_down.device.type == routed.subject_up.device.type == "meta"
+    assert out.shape == (5, 3) and routed.subject.down.device.type == routed.subject.up.device.type == "meta"

@@ -22,14 +22,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import scores as S
 from .config import FusionConfig
 from .errors import SettingError
-from .updates import Lora, LoraFactors
+from .updates import Lora, Update
 
 # ---------------------------------------------------------------- static scores of a pair
 
@@ -39,7 +39,8 @@ class PairScores:
     """Per-projection scores of both LoRAs, in plan order; column 0 subject, column 1 style.
 
     Absent projections have zero scores and `present` False. l1 and topk need the dense delta W and
-    are filled only when a method needs them.
+    are filled only when a method needs them. `units` are the groups of rows gated as one (the members
+    of a fused linear whose update does not split, `Lora.units`); derived from the LoRAs, not cached.
     """
 
     layers: list[str]
@@ -48,6 +49,15 @@ class PairScores:
     l1: torch.Tensor | None = None
     topk: torch.Tensor | None = None
     raw: bool = False
+    units: list[list[int]] = field(default_factory=list)
+
+    def by_unit(self, table: torch.Tensor) -> torch.Tensor:
+        """Per-projection scores where each unit's members carry the unit's sum (the energy of a
+        fused update is the sum over its row slices): the gate then decides for the unit as a whole."""
+        table = table.clone()
+        for members in self.units:
+            table[members] = table[members].sum(dim=0)
+        return table
 
     def shared(self) -> torch.Tensor:
         return self.present.all(dim=1)
@@ -74,28 +84,58 @@ def pair_scores(
     loras = (subject, style)
     present = torch.tensor([[name in lora.projections for lora in loras] for name in layers], dtype=torch.bool)
 
-    def scale(factors: LoraFactors) -> float:
+    def scale(update: Update) -> float:
         # raw: the research code's form, B @ A without alpha / rank (identical when alpha == rank).
-        return 1.0 if raw else factors.scale
+        return 1.0 if raw else update.scale
 
-    def table(score: Callable[[str, LoraFactors], float]) -> torch.Tensor:
+    def table(score: Callable[[str, Update], float]) -> torch.Tensor:
         return torch.tensor(
             [[score(n, lora.projections[n]) if n in lora.projections else 0.0 for lora in loras] for n in layers],
             dtype=torch.float64,
         )
 
-    result = cached or PairScores(layers, present, table(lambda n, f: S.energy(f.down, f.up, scale(f))), raw=raw)
+    result = cached or PairScores(layers, present, table(lambda n, f: S.energy_of(f, scale(f))), raw=raw)
+    result.units = units_of(loras, layers)
     if need_l1 and result.l1 is None:
-        result.l1 = table(lambda n, f: S.l1_norm(f.down, f.up, scale(f)))
+        result.l1 = table(lambda n, f: S.l1_of(f, scale(f)))
     if need_topk and result.topk is None:
-        # k = rank_c * rank_s per projection (K-LoRA); a one-sided projection needs no score.
-        ks = {
-            n: subject.projections[n].rank * style.projections[n].rank
-            for n in layers
-            if n in subject.projections and n in style.projections
-        }
-        result.topk = table(lambda n, f: S.topk_sum(f.down, f.up, scale(f), ks[n]) if n in ks else 0.0)
+        result.topk = _topk_table(loras, layers, result.units, scale)
     return result
+
+
+def units_of(loras: tuple[Lora, Lora], layers: list[str]) -> list[list[int]]:
+    """Row groups gated as one: each fused linear of either LoRA that does not split (a FLUX.1 qkv
+    LoKr), as the indices of its members among `layers`; groups that overlap are joined."""
+    index = {name: i for i, name in enumerate(layers)}
+    groups: list[set[int]] = []
+    for lora in loras:
+        for members in lora.units().values():
+            group = {index[m] for m in members if m in index}
+            for other in [g for g in groups if g & group]:
+                groups.remove(other)
+                group |= other
+            if len(group) > 1:
+                groups.append(group)
+    return sorted(sorted(g) for g in groups)
+
+
+def _topk_table(loras: tuple[Lora, Lora], layers: list[str], units: list[list[int]], scale) -> torch.Tensor:
+    """K-LoRA's S per projection, k = rank_c * rank_s (a one-sided projection needs none); a unit's
+    members all carry the top-k of the unit's entries, k from the units' largest ranks."""
+    groups = {i: members for members in units for i in members}
+    out = torch.zeros(len(layers), 2, dtype=torch.float64)
+    for i in range(len(layers)):
+        members = [layers[j] for j in groups.get(i, [i])]
+        if i in groups and i != groups[i][0]:
+            out[i] = out[groups[i][0]]
+            continue
+        ranks = [max((lora.projections[m].rank for m in members if m in lora.projections), default=0) for lora in loras]
+        if not all(ranks):
+            continue
+        for column, lora in enumerate(loras):
+            updates = [lora.projections[m] for m in members if m in lora.projections]
+            out[i, column] = S.topk_of(updates, [scale(u) for u in updates], ranks[0] * ranks[1])
+    return out
 
 
 # ---------------------------------------------------------------- methods
@@ -131,8 +171,8 @@ def _gate(scores: PairScores, score: torch.Tensor, config: FusionConfig, steps: 
 
 
 def plan_est(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
-    """EST-LoRA: the gate on energies E = ||delta W||_F^2."""
-    return _gate(scores, scores.energy, config, steps, gamma)
+    """EST-LoRA: the gate on energies E = ||delta W||_F^2 (a unit's: its members' sum)."""
+    return _gate(scores, scores.by_unit(scores.energy), config, steps, gamma)
 
 
 def plan_klora(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Scores of one LoRA projection, pure tensor math (no diffusers): energy, L1 norm, top-k sum, gamma.
+"""Scores of one projection's update, pure tensor math (no diffusers): energy, L1 norm, top-k sum, gamma.
 
-Each takes the factors and the scale of delta W = s * B @ A, with B (out x rank), A (rank x in) and
+A LoRA's take the factors and the scale of delta W = s * B @ A, with B (out x rank), A (rank x in) and
 s = alpha / rank (or 1 for the research code's unscaled scores). The energy needs only the two
 rank x rank Gram matrices; the L1 norm and the top-k sum need the dense delta W, which is built in
-row chunks (fp32, a bounded number of elements at a time) and never kept.
+row chunks (fp32, a bounded number of elements at a time) and never kept. LoKr and LoHa
+(shared/design/method.md, "Other update kinds") have closed forms for the energy, LoKr for the L1
+norm too; their top-k sums read row chunks as well. `energy_of`, `l1_of` and `topk_of` take any kind.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .updates import LokrFactors, LoraFactors, Update
 
 # Dense delta W is built this many elements at a time: 4 MB of fp32, which stays in the CPU's caches
 # between the matmul that writes a block, the abs and the sum that read it (2.2 to 2.5x faster than
@@ -50,13 +54,15 @@ def l1_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
 
 
 def topk_sum(down: torch.Tensor, up: torch.Tensor, scale: float, k: int) -> float:
-    """Sum of the k largest |delta W| entries (K-LoRA's score S, with k = rank_c * rank_s).
+    """Sum of the k largest |delta W| entries (K-LoRA's score S, with k = rank_c * rank_s)."""
+    return _topk_of_chunks(_dense_chunks(down, up, scale), k)
 
-    A running top-k: each chunk contributes only the entries above the current k-th largest, so
-    the full top-k runs on a handful of candidates instead of on every chunk.
-    """
+
+def _topk_of_chunks(chunks, k: int) -> float:
+    """The sum of the k largest entries of row blocks. A running top-k: each chunk contributes only the
+    entries above the current k-th largest, so the full top-k runs on a handful of candidates."""
     best = torch.empty(0)
-    for chunk in _dense_chunks(down, up, scale):
+    for chunk in chunks:
         flat = chunk.flatten()
         if best.numel() >= k:
             flat = flat[flat > best[-1]]
@@ -64,6 +70,92 @@ def topk_sum(down: torch.Tensor, up: torch.Tensor, scale: float, k: int) -> floa
             merged = torch.cat([best, flat])
             best = merged.topk(min(k, merged.numel()), sorted=True).values
     return float(best.sum(dtype=torch.float64))
+
+
+def lokr_energy(w1: torch.Tensor, w2: torch.Tensor, scale: float, rows: slice | None = None) -> float:
+    """||s kron(W1, W2)[rows]||_F^2 without forming the product: row a c + b of the product is
+    W1[a] (x) W2[b], of squared norm ||W1[a]||^2 ||W2[b]||^2; over all rows, s^2 ||W1||_F^2 ||W2||_F^2."""
+    per_row = torch.outer(w1.double().square().sum(1), w2.double().square().sum(1)).flatten()
+    return scale**2 * float(per_row[rows or slice(None)].sum())
+
+
+def lokr_l1(w1: torch.Tensor, w2: torch.Tensor, scale: float, rows: slice | None = None) -> float:
+    """||s kron(W1, W2)[rows]||_1, row by row as the energy: |s| ||W1||_1 ||W2||_1 over all rows."""
+    per_row = torch.outer(w1.double().abs().sum(1), w2.double().abs().sum(1)).flatten()
+    return abs(scale) * float(per_row[rows or slice(None)].sum())
+
+
+def _kron_chunks(w1: torch.Tensor, w2: torch.Tensor, scale: float, rows: slice | None = None):
+    """Row blocks of |s kron(W1, W2)[rows]|: rows of W1 at a time (each gives W2's row count), within
+    CHUNK_ELEMENTS where one W1 row allows it."""
+    w1, w2 = w1.float().abs() * abs(scale), w2.float().abs()
+    first, stop, _ = (rows or slice(None)).indices(w1.shape[0] * w2.shape[0])
+    height = w2.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, w2.numel() * w1.shape[1]))
+    for row in range(first // height, -(-stop // height), step):
+        block = torch.kron(w1[row : row + step], w2)
+        offset = row * height
+        yield block[max(first - offset, 0) : stop - offset]
+
+
+def loha_energy(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor], scale: float) -> float:
+    """||s (W1a W1b) * (W2a W2b)||_F^2 = s^2 tr((U^T U)(V V^T)), U and V the row-wise and column-wise
+    Khatri-Rao products U[i,(a,b)] = W1a[i,a] W2a[i,b], V[(a,b),j] = W1b[a,j] W2b[b,j]: the Hadamard
+    product of two rank-r matrices is U @ V, of rank r1 r2, whose Grams are (r1 r2)^2."""
+    (a1, b1), (a2, b2) = (t.float() for t in w1), (t.float() for t in w2)
+    u = (a1[:, :, None] * a2[:, None, :]).flatten(1)
+    v = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+    return scale**2 * float(((u.T @ u) * (v @ v.T)).sum(dtype=torch.float64))
+
+
+def _loha_chunks(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor], scale: float):
+    """Row blocks of |s (W1a W1b) * (W2a W2b)|, CHUNK_ELEMENTS at a time."""
+    (a1, b1), (a2, b2) = (t.float() for t in w1), (t.float() for t in w2)
+    rows = max(1, CHUNK_ELEMENTS // max(1, b1.shape[1]))
+    for start in range(0, a1.shape[0], rows):
+        yield ((a1[start : start + rows] @ b1) * (a2[start : start + rows] @ b2)).abs_().mul_(abs(scale))
+
+
+def energy_of(update: Update, scale: float) -> float:
+    """E of any update kind at this scale (a fused LoKr's member: of its rows)."""
+    if isinstance(update, LoraFactors):
+        return energy(update.down, update.up, scale)
+    if isinstance(update, LokrFactors):
+        return lokr_energy(*update.matrices(), scale, update.rows)
+    return loha_energy(update.w1, update.w2, scale)
+
+
+def l1_of(update: Update, scale: float) -> float:
+    """The L1 norm of any update kind at this scale."""
+    if isinstance(update, LoraFactors):
+        return l1_norm(update.down, update.up, scale)
+    if isinstance(update, LokrFactors):
+        return lokr_l1(*update.matrices(), scale, update.rows)
+    return math.fsum(float(chunk.sum()) for chunk in _loha_chunks(update.w1, update.w2, scale))
+
+
+def _chunks_of(update: Update, scale: float):
+    if isinstance(update, LoraFactors):
+        return _dense_chunks(update.down, update.up, scale)
+    if isinstance(update, LokrFactors):
+        return _kron_chunks(*update.matrices(), scale, update.rows)
+    return _loha_chunks(update.w1, update.w2, scale)
+
+
+def topk_of(updates: list[Update], scales: list[float], k: int) -> float:
+    """The sum of the k largest |delta W| entries over one or more updates (a unit's members) at their scales."""
+    return _topk_of_chunks((chunk for u, s in zip(updates, scales, strict=True) for chunk in _chunks_of(u, s)), k)
+
+
+def dense_of(update: Update) -> torch.Tensor:
+    """The update without its scale, dense (fp32; a fused LoKr's member: its rows): what LoHa's routing
+    and static merging apply."""
+    if isinstance(update, LoraFactors):
+        return update.up.float() @ update.down.float()
+    if isinstance(update, LokrFactors):
+        return torch.kron(*update.matrices())[update.rows or slice(None)]
+    (a1, b1), (a2, b2) = update.w1, update.w2
+    return (a1.float() @ b1.float()) * (a2.float() @ b2.float())
 
 
 def gamma_reference(ratios: list[float]) -> float:

@@ -1,8 +1,11 @@
 """Per-linear updates, the data every later stage works on: a LoRA file becomes one of these per linear.
 
 Data only (torch, nothing else): the loaders fill them, scores and plans read them, routing applies
-them. A projection is any linear of the denoiser that a LoRA touches (shared/design/method.md),
-named by its module path in the diffusers model (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
+them. Three update kinds (shared/design/method.md, "Other update kinds"): a LoRA (`LoraFactors`),
+LyCORIS' LoKr (`LokrFactors`, a Kronecker product) and LoHa (`LohaFactors`, a Hadamard product of
+two low-rank matrices); each says its scale the way the trainer that wrote it applies it.
+A projection is any linear of the denoiser that a LoRA touches (shared/design/method.md), named by its
+module path in the diffusers model (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,126 @@ class LoraFactors:
     def out_features(self) -> int:
         return self.up.shape[0]
 
+    kind = "lora"
+    unit = ""  # a LoRA's fused update splits exactly: every slice is a LoRA of its own
+
+
+@dataclass(frozen=True)
+class _LycorisUpdate:
+    """What LoKr and LoHa share: LyCORIS' scale, alpha / dim, dim being the rank of the decomposed
+    factors (`lora_dim`); a missing alpha is dim (scale 1)."""
+
+    alpha: float
+    dim: int
+    unit = ""
+
+    def scale_at(self, weight: float = 1.0) -> float:
+        return weight * self.alpha / self.dim
+
+    @property
+    def scale(self) -> float:
+        return self.scale_at(1.0)
+
+    @property
+    def out_features(self) -> int:
+        return self.whole_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.whole_shape[1]
+
+    @property
+    def whole_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        """The rank bound of delta W (K-LoRA's k multiplies the two LoRAs' ranks)."""
+        raise NotImplementedError
+
+
+def _product(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A full matrix, or the product of its two factors (w_a @ w_b), in fp32 at least."""
+    full = factors[0] if len(factors) == 1 else factors[0].float() @ factors[1].float()
+    return full if full.dtype == torch.float64 else full.float()
+
+
+def _rank_of(factors: tuple[torch.Tensor, ...]) -> int:
+    return min(factors[0].shape) if len(factors) == 1 else factors[0].shape[1]
+
+
+@dataclass(frozen=True)
+class LokrFactors(_LycorisUpdate):
+    """One linear's LyCORIS LoKr: delta W = scale * kron(W1, W2), W1 (a x b), W2 (c x d), out = a c,
+    in = b d; each W is one full matrix `(W,)` or two factors `(w_a, w_b)`. LyCORIS applies two full
+    matrices at scale 1 whatever alpha says.
+
+    A BFL fused projection (FLUX.1's qkv, linear1) holds one update over several diffusers linears.
+    Where a member's rows are whole rows of W1 it is a LoKr of its own (W1's rows sliced); where they
+    are not, each member holds the whole update, its `rows` and the fused module's name as `unit`, and
+    the plan gates the members as one unit.
+    """
+
+    w1: tuple[torch.Tensor, ...] = ()
+    w2: tuple[torch.Tensor, ...] = ()
+    rows: slice | None = None
+    unit: str = ""
+    kind = "lokr"
+
+    def scale_at(self, weight: float = 1.0) -> float:
+        """LyCORIS: alpha / dim when a factor is decomposed; two full matrices are applied as they are."""
+        return super().scale_at(weight) if self.decomposed else weight
+
+    @property
+    def decomposed(self) -> bool:
+        return len(self.w1) == 2 or len(self.w2) == 2
+
+    @property
+    def whole_shape(self) -> tuple[int, int]:
+        (a, b), (c, d) = self.shape1, self.shape2
+        return a * c, b * d
+
+    @property
+    def out_features(self) -> int:
+        whole = self.whole_shape[0]
+        return whole if self.rows is None else len(range(whole)[self.rows])
+
+    @property
+    def shape1(self) -> tuple[int, int]:
+        return self.w1[0].shape[0], self.w1[-1].shape[1]
+
+    @property
+    def shape2(self) -> tuple[int, int]:
+        return self.w2[0].shape[0], self.w2[-1].shape[1]
+
+    @property
+    def rank(self) -> int:
+        return min(_rank_of(self.w1) * _rank_of(self.w2), *self.whole_shape)
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W1 and W2 themselves (fp32; small: their product is the large one)."""
+        return _product(self.w1), _product(self.w2)
+
+
+@dataclass(frozen=True)
+class LohaFactors(_LycorisUpdate):
+    """One linear's LyCORIS LoHa: delta W = scale * (w1_a @ w1_b) * (w2_a @ w2_b), elementwise."""
+
+    w1: tuple[torch.Tensor, torch.Tensor] = ()
+    w2: tuple[torch.Tensor, torch.Tensor] = ()
+    kind = "loha"
+
+    @property
+    def whole_shape(self) -> tuple[int, int]:
+        return self.w1[0].shape[0], self.w1[1].shape[1]
+
+    @property
+    def rank(self) -> int:
+        return min(self.w1[0].shape[1] * self.w2[0].shape[1], *self.whole_shape)
+
+
+Update = LoraFactors | LokrFactors | LohaFactors
+
 
 @dataclass
 class Lora:
@@ -62,7 +185,7 @@ class Lora:
     source: str
     path: Path
     layout: str
-    projections: dict[str, LoraFactors]
+    projections: dict[str, Update]
     other: dict[str, torch.Tensor] = field(default_factory=dict)
     sha256: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -77,6 +200,18 @@ class Lora:
     @property
     def alphas(self) -> Counter:
         return Counter(f.alpha for f in self.projections.values())
+
+    @property
+    def kinds(self) -> Counter:
+        return Counter(f.kind for f in self.projections.values())
+
+    def units(self) -> dict[str, list[str]]:
+        """Fused linears whose update does not split (a FLUX.1 qkv LoKr) -> their member projections."""
+        found: dict[str, list[str]] = {}
+        for module, update in self.projections.items():
+            if update.unit:
+                found.setdefault(update.unit, []).append(module)
+        return found
 
     def unrouted(self, routed: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
         """The tensors a fusion routing `routed` leaves to the other-weights policy, under the loader's names."""

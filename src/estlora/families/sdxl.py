@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 from ..config import SamplingConfig
 from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, SettingError, first_line
+from ..files import lycoris
 from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
 from ..lazy import torch
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts, split_module
@@ -77,8 +78,8 @@ KOHYA_ROUTABLE = re.compile(
     r"^lora_unet_.*(?:transformer_blocks_\d+_(?:attn[12]_(?:to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2)"
     r"|(?:attentions_\d+|input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_proj_(?:in|out))$"
 )
-# The parts of a kohya LoRA module; anything else on a routable linear (LyCORIS `hada_w1_a`, `lokr_w1`,
-# `diff`, ...) is another kind of adapter whose update is not scale * up @ down.
+# The parts of a kohya LoRA module (LyCORIS LoKr and LoHa parts: `estlora.files.lycoris`); anything else on
+# a routable linear (`lora_mid`, `on_input`, ...) is an adapter kind estlora does not apply.
 KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # Full-weight differences: ComfyUI's LoRA extraction and trainer add them beside the factors (on norms
 # and biases); LyCORIS' `full` algorithm writes nothing else.
@@ -416,7 +417,8 @@ def _from_kohya(
     """Routable keys through diffusers' kohya converter (SGM block names included); the rest kept
     under kohya's names, which diffusers' loader reads. `original` is the file as read: messages name
     its keys, not their kohya spelling. ComfyUI's full-weight differences (`.diff`, `.diff_b`) are
-    other weights, whatever module they belong to."""
+    other weights, whatever module they belong to. LyCORIS' LoKr and LoHa parts, which the converter
+    does not read, get their module's name from it through stand-in factors."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 
@@ -426,7 +428,7 @@ def _from_kohya(
         module, _, part = key.partition(".")
         if not KOHYA_ROUTABLE.match(module) or part in DIFF_PARTS:
             other[key] = value
-        elif part in KOHYA_LORA_PARTS:
+        elif part in KOHYA_LORA_PARTS or lycoris.part_name(part):
             if part == "alpha":
                 check_alpha(path, file_key.get(id(value), key).removesuffix(".alpha"), value)
             routable[key] = value
@@ -435,15 +437,20 @@ def _from_kohya(
             raise LoraFormatError(path, f"{named}: {_adapter_kind(part)}; only LoRA (down/up) files are supported")
     if not routable:
         return LoraParts(layout, {}, {}, other)
-    factors = {key: value for key, value in routable.items() if not key.endswith(".alpha")}
-    kohya_module = {id(value): key.partition(".")[0] for key, value in factors.items()}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in routable.items():
         by_module.setdefault(key.partition(".")[0], {})[key] = value
+    factors = {key: value for key, value in routable.items() if key.partition(".")[2] in KOHYA_LORA_PARTS[:2]}
+    stand_ins = {}
+    for source, keys in by_module.items():
+        if any(lycoris.part_name(key.partition(".")[2]) for key in keys):
+            for part in KOHYA_LORA_PARTS[:2]:
+                stand_ins[f"{source}.{part}"] = torch.zeros(1, 1)
+    kohya_module = {id(value): key.partition(".")[0] for key, value in {**factors, **stand_ins}.items()}
     # SGM block numbers depend only on layers_per_block, which is 2 for SDXL (and SD 1.x / 2.x).
     try:
         converted, _ = StableDiffusionXLPipeline.lora_state_dict(
-            dict(factors), unet_config=SimpleNamespace(layers_per_block=2)
+            {**factors, **stand_ins}, unet_config=SimpleNamespace(layers_per_block=2)
         )
     except ValueError as exc:  # diffusers' converter names keys it cannot rename
         raise LoraFormatError(path, f"kohya keys diffusers cannot convert ({first_line(exc)})") from None
@@ -452,8 +459,15 @@ def _from_kohya(
     for name, value in convert_unet_state_dict_to_peft(converted).items():
         module, part = split_module(name, "unet")
         source = kohya_module[id(value)]  # diffusers moves the very tensors: the file's name for each
-        parts.setdefault(module, {})[part] = value
         keys[module] = by_module[source]
+        if id(value) in {id(v) for v in stand_ins.values()}:
+            parts[module] = {
+                lycoris.part_name(key.partition(".")[2]): tensor
+                for key, tensor in by_module[source].items()
+                if lycoris.part_name(key.partition(".")[2])
+            }
+        else:
+            parts.setdefault(module, {})[part] = value
         if f"{source}.alpha" in routable:
             parts[module]["alpha"] = routable[f"{source}.alpha"]
     return LoraParts(layout, parts, keys, other)

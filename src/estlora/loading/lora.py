@@ -22,10 +22,11 @@ import torch
 
 from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
 from ..families import CLAIM_ORDER, FAMILIES, ModelFamily, family_named, family_of_lora
+from ..files import lycoris
 from ..files.lora_keys import check_alpha, pattern_key
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
-from ..updates import Lora, LoraFactors
+from ..updates import Lora, LoraFactors, Update
 
 
 def load_lora(
@@ -121,12 +122,15 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
     )
 
 
-def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, LoraFactors]:
-    """LoraFactors per module, in the family's order, after checking every part."""
+def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, Update]:
+    """The update per module, in the family's order, after checking every part."""
     meta_alpha, alpha_pattern, rslora = metadata_alphas(path, metadata, family.lora_prefix)
     projections = {}
     for module in family.ordered(parts):
         got = parts[module]
+        if lycoris.kind_of(got) != "lora":
+            projections[module] = _lycoris_update(path, module, got)
+            continue
         if "A" not in got or "B" not in got:
             missing = "down (A)" if "A" not in got else "up (B)"
             raise LoraShapeError(path, f"{module}: {missing} factor missing")
@@ -154,7 +158,18 @@ def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -
     return projections
 
 
-def _read_zero_alphas(projections: dict[str, LoraFactors], keys: dict, reading: str) -> tuple[str, ...]:
+def _lycoris_update(path, module: str, got: dict) -> Update:
+    """A LoKr or LoHa, at LyCORIS' scale; a fused member's rows and unit kept."""
+    alpha = float(check_alpha(path, module, got["alpha"]).float().item()) if "alpha" in got else None
+    if alpha is not None and not math.isfinite(alpha):
+        raise LoraValueError(path, f"{module}: alpha is {alpha}")
+    update = lycoris.update_of(path, module, got, alpha)
+    if lycoris.ROWS in got:
+        update = replace(update, rows=got[lycoris.ROWS], unit=got[lycoris.UNIT])
+    return update
+
+
+def _read_zero_alphas(projections: dict[str, Update], keys: dict, reading: str) -> tuple[str, ...]:
     """An alpha of 0 read as `reading` says (in place, and in the tensors diffusers' loader would get
     for `--other-weights merge`), with the note that says so."""
     zero = [module for module, factors in projections.items() if factors.alpha == 0]
@@ -163,10 +178,12 @@ def _read_zero_alphas(projections: dict[str, LoraFactors], keys: dict, reading: 
     if reading == "rank":
         for module in zero:
             factors = projections[module]
-            projections[module] = replace(factors, alpha=float(factors.rank))
+            # kohya's rank; LyCORIS' dim, which its modules take for an alpha of 0 too
+            full = float(factors.rank if factors.kind == "lora" else factors.dim)
+            projections[module] = replace(factors, alpha=full)
             for name in keys.get(module, {}):
                 if name.endswith("alpha"):
-                    keys[module][name] = torch.tensor(float(factors.rank))
+                    keys[module][name] = torch.tensor(full)
         how = "read as alpha = rank (scale 1), as kohya's trainer did; --zero-alpha zero applies it as diffusers"
         how += " and ComfyUI do (scale 0: no effect)"
     else:

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..updates import LoraFactors
+from ..updates import Update
+from .deltas import delta_module
 
 
 class Router:
@@ -71,24 +71,20 @@ def compute_dtype(linear: nn.Module) -> torch.dtype:
 
 
 class RoutedLinear(nn.Module):
-    """A linear projection plus two LoRAs, each applied only when its plan weight is nonzero."""
+    """A linear projection plus two LoRAs' updates (any kind, `estlora.runtime.deltas`), each applied
+    only when its plan weight is nonzero."""
 
-    def __init__(
-        self, base: nn.Linear, index: int, router: Router, subject: LoraFactors | None, style: LoraFactors | None
-    ):
+    def __init__(self, base: nn.Linear, index: int, router: Router, subject: Update | None, style: Update | None):
         super().__init__()
         self.base = base
         self.index = index
         self.router = router
         # Offloaded weights (sequential offload) sit on the meta device until their hook loads them:
-        # the factors wait on the CPU and follow the input to the execution device at the first call.
-        device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
+        # the updates wait on the CPU and follow the input to the execution device at the first call.
+        self.device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
         dtype = compute_dtype(base)
-        for name, lora in (("subject", subject), ("style", style)):
-            down = None if lora is None else lora.down.to(device=device, dtype=dtype)
-            up = None if lora is None else lora.up.to(device=device, dtype=dtype)
-            self.register_buffer(f"{name}_down", down, persistent=False)
-            self.register_buffer(f"{name}_up", up, persistent=False)
+        self.subject = None if subject is None else delta_module(subject, self.device, dtype)
+        self.style = None if style is None else delta_module(style, self.device, dtype)
 
     @property
     def in_features(self) -> int:
@@ -104,32 +100,30 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
-        factors = self.subject_down if self.subject_down is not None else self.style_down
-        if factors is not None and factors.device != x.device:  # offloaded: the weights came to x's device
-            self._apply(lambda t: t.to(x.device), recurse=False)
+        if x.device != self.device:  # offloaded: the weights came to x's device
+            self._follow(x.device)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, result)
         scale_subject, scale_style = self.router.row[self.index]
         if scale_subject:
-            result = result + self._delta(x, self.subject_down, self.subject_up) * scale_subject
+            result = result + self.subject(x) * scale_subject
         if scale_style:
-            result = result + self._delta(x, self.style_down, self.style_up) * scale_style
+            result = result + self.style(x) * scale_style
         return result
+
+    def _follow(self, device: torch.device) -> None:
+        for delta in (self.subject, self.style):
+            if delta is not None:
+                delta.to(device)
+        self.device = device
 
     def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         scales = self.router.scales[self.index]
-        if self.subject_down is not None:
-            result = result + self._delta(x, self.subject_down, self.subject_up) * scales[0]
-        if self.style_down is not None:
-            result = result + self._delta(x, self.style_down, self.style_up) * scales[1]
+        if self.subject is not None:
+            result = result + self.subject(x) * scales[0]
+        if self.style is not None:
+            result = result + self.style(x) * scales[1]
         return result
-
-    @staticmethod
-    def _delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        # Contiguous first: peft's LoRA weights require grad, and for such a weight torch folds a
-        # non-contiguous input (SDXL's proj_in gets a permuted one) into one matrix, a copy, before the
-        # matmul; without it torch takes a batched kernel that sums in another order. A no-op otherwise.
-        return F.linear(F.linear(x.to(down.dtype).contiguous(), down), up)
 
 
 def denoising_step(scheduler, timestep: Callable[[], object]) -> tuple[int | None, int]:
