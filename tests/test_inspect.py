@@ -54,7 +54,8 @@ def test_json(tmp_path, capsys):
     assert report["ranks"] == {"8": 3}
     assert report["other_modules"] == {"UNet conv/resnet/projection": 1, "text encoder 1": 1}
     to_k = report["projections"]["down_blocks.2.attentions.0.transformer_blocks.3.attn2.to_k"]
-    assert to_k == {"rank": 8, "alpha": 4.0, "scale": 0.5, "in": 2048, "out": 1280}
+    assert to_k == {"kind": "lora", "rank": 8, "alpha": 4.0, "scale": 0.5, "in": 2048, "out": 1280}
+    assert report["kinds"] == {"lora": 3} and report["units"] == {}
 
 
 def test_builtin_example(capsys):

@@ -241,14 +241,14 @@ CASES = {
         "transformer model such as Flux or SD3",
         lambda t, s: write(t / "sd3.safetensors", kohya_lora("lora_unet_joint_blocks_0_x_block_attn_qkv", 64, 64)),
     ),
-    "lycoris-loha": (
-        LoraFormatError,
-        "LyCORIS LoHa weights (hada_*), not LoRA factors",
+    "lycoris-loha-incomplete": (
+        LoraShapeError,
+        f"{KOHYA_Q}: hada_w1_b missing",
         lambda t, s: write(t / "loha.safetensors", {f"{KOHYA_Q}.hada_w1_a": torch.ones(64, 2)}),
     ),
-    "lycoris-lokr-beside-lora": (
-        LoraFormatError,
-        f"{KOHYA_Q}.lokr_w1: LyCORIS LoKr weights (lokr_*), not LoRA factors",
+    "lycoris-lokr-incomplete-beside-lora": (
+        LoraShapeError,
+        f"{KOHYA_Q}: lokr_w2 (or lokr_w2_a and lokr_w2_b) missing",
         lambda t, s: write(
             t / "lokr.safetensors", {**kohya_lora(KOHYA_K, 64, 64), f"{KOHYA_Q}.lokr_w1": torch.ones(8, 8)}
         ),
@@ -273,8 +273,8 @@ CASES = {
         ),
     ),
     "comfyui-key-named-as-in-the-file": (
-        LoraFormatError,
-        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.hada_w1_a: LyCORIS LoHa",
+        LoraShapeError,
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q: hada_w1_b missing",
         lambda t, s: write(
             t / "comfy.safetensors",
             {"diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(64, 2)},

@@ -206,12 +206,12 @@ class Lora:
         return Counter(f.kind for f in self.projections.values())
 
     def units(self) -> dict[str, list[str]]:
-        """Fused linears whose update does not split (a FLUX.1 qkv LoKr) -> their member projections."""
+        """Fused linears whose update does not split (a FLUX.1 qkv LoKr) -> their members, in row order."""
         found: dict[str, list[str]] = {}
         for module, update in self.projections.items():
             if update.unit:
                 found.setdefault(update.unit, []).append(module)
-        return found
+        return {unit: sorted(members, key=lambda m: self.projections[m].rows.start) for unit, members in found.items()}
 
     def unrouted(self, routed: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
         """The tensors a fusion routing `routed` leaves to the other-weights policy, under the loader's names."""

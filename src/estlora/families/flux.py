@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..config import SamplingConfig
 from ..errors import BaseModelError, LoraFormatError, LoraShapeError, SettingError, first_line
+from ..files import lycoris
 from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
 from ..lazy import torch
 from .family import Checkpoint, LoraParts, ModelFamily, peft_parts
@@ -105,9 +106,12 @@ BLOCK_LINEARS = {
 }
 # Row shares of a fused update: q, k, v of width h; a single block's MLP of width 4 h (FLUX.1's mlp_ratio).
 ROW_SHARES = {3: (1, 1, 1), 4: (1, 1, 1, 4)}
-KOHYA_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# A module's parts: kohya's LoRA factors and alpha, or LyCORIS' LoKr and LoHa parts (`estlora.files.lycoris`).
+_PART = rf"lora_down\.weight|lora_up\.weight|alpha|{'|'.join(lycoris.PARTS)}"
+KOHYA_BLOCK = re.compile(rf"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.({_PART})$")
 COMFY_KEY = re.compile(
-    r"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha)$"
+    rf"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha"
+    rf"|{'|'.join(lycoris.PARTS)})$"
 )
 BFL_BLOCK_KEY = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?:double|single)_blocks[._]\d+")
 # XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (1: the image stream, 2: the text stream).
@@ -125,9 +129,12 @@ XLABS_PARTS = {
 PEFT_BLOCK_KEY = re.compile(
     r"^(?:base_model\.model\.|transformer\.)?(?:single_)?transformer_blocks\.\d+\..*lora_[AB]\."
 )
-# OneTrainer: diffusers' module paths with underscores under `lora_transformer_`, kohya's parts.
-ONETRAINER_KEY = re.compile(
-    r"^lora_transformer_((?:single_)?transformer_blocks)_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+# OneTrainer (`lora_transformer_`) and the LyCORIS library's own saves (`lycoris_`, SimpleTuner's LoKr):
+# diffusers' module paths with underscores, kohya's or LyCORIS' parts.
+ONETRAINER_KEY = re.compile(rf"^(?:lora_transformer|lycoris)_((?:single_)?transformer_blocks)_(\d+)_(\w+?)\.({_PART})$")
+# LyCORIS parts under diffusers' module paths (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`).
+LYCORIS_PEFT_KEY = re.compile(
+    rf"^(?:transformer\.)?((?:single_)?transformer_blocks\.\d+\.[\w.]+?)\.({'|'.join(lycoris.PARTS)}|alpha)(?:\.weight)?$"
 )
 PEFT_PART = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
 # A single file: FLUX.1's transformer in BFL's names, bare (BFL's own files) or under ComfyUI's prefix.
@@ -216,7 +223,9 @@ class Flux1(ModelFamily):
 
     def claims_lora(self, keys: list[str]) -> bool:
         patterns = (BFL_BLOCK_KEY, PEFT_BLOCK_KEY, XLABS_KEY, ONETRAINER_KEY)
-        return any(pattern.match(k) for k in keys for pattern in patterns)
+        if any(pattern.match(k) for k in keys for pattern in patterns):
+            return True
+        return any(LYCORIS_PEFT_KEY.match(k) and lycoris.part_name(LYCORIS_PEFT_KEY.match(k).group(2)) for k in keys)
 
     def lora_parts(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraParts:
         if any(XLABS_KEY.match(k) for k in tensors):
@@ -226,8 +235,9 @@ class Flux1(ModelFamily):
         if any(k.startswith("lora_unet_") for k in tensors):
             return _from_bfl(path, "kohya", tensors, tensors)
         if any(ONETRAINER_KEY.match(k) for k in tensors):
-            return peft_parts(path, "onetrainer", _onetrainer_to_peft(tensors), "transformer", BLOCKS)
-        return peft_parts(path, "diffusers-peft", tensors, "transformer", BLOCKS)
+            layout = "lycoris" if any(k.startswith("lycoris_") for k in tensors) else "onetrainer"
+            return _with_lycoris_parts(path, layout, _onetrainer_to_peft(tensors))
+        return _with_lycoris_parts(path, "diffusers-peft", tensors)
 
     def adapter_groups(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """BFL layouts leave two kinds: the file's own keys (text encoder, embeddings: kohya's names) and
@@ -377,9 +387,26 @@ def _onetrainer_to_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         linear = match and BLOCK_LINEARS.get(match.group(3))
         if linear:
             blocks, number, _, part = match.groups()
-            key = f"transformer.{blocks}.{number}.{linear}.{PEFT_PART[part]}"
+            key = f"transformer.{blocks}.{number}.{linear}.{PEFT_PART.get(part, part)}"
         renamed[key] = value
     return renamed
+
+
+def _with_lycoris_parts(path: Path, layout: str, tensors: dict[str, torch.Tensor]) -> LoraParts:
+    """diffusers' names: LoRA factors through `peft_parts`, LyCORIS parts (`<module>.lokr_w1`) read
+    here, with the module's `.alpha`."""
+    lycoris_modules = {
+        match.group(1)
+        for match in map(LYCORIS_PEFT_KEY.match, tensors)
+        if match and lycoris.part_name(match.group(2)) and BLOCKS.fullmatch(match.group(1))
+    }
+    mine = {k for k in tensors if (m := LYCORIS_PEFT_KEY.match(k)) and m.group(1) in lycoris_modules}
+    found = peft_parts(path, layout, {k: v for k, v in tensors.items() if k not in mine}, "transformer", BLOCKS)
+    for key in mine:
+        module, part = LYCORIS_PEFT_KEY.match(key).groups()
+        found.parts.setdefault(module, {})[lycoris.part_name(part) or part] = tensors[key]
+        found.keys.setdefault(module, {})[key] = tensors[key]
+    return found
 
 
 def _xlabs_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -421,11 +448,14 @@ def _from_bfl(
     keys: dict[str, dict[str, torch.Tensor]] = {}
     for (kind, number, part), got in fused.items():
         name = file_module.get(id(next(iter(got.values()))), f"lora_unet_{kind}_blocks_{number}_{part}")
+        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{number}"
+        targets = (DOUBLE_PARTS if kind == "double" else SINGLE_PARTS)[part]
+        if lycoris.kind_of(got) != "lora":
+            _split_lycoris(path, name, block, targets, got, parts, keys)
+            continue
         if "lora_down.weight" not in got or "lora_up.weight" not in got:
             missing = "down" if "lora_down.weight" not in got else "up"
             raise LoraShapeError(path, f"{name}: {missing} factor missing")
-        block = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{number}"
-        targets = (DOUBLE_PARTS if kind == "double" else SINGLE_PARTS)[part]
         down, up = got["lora_down.weight"], got["lora_up.weight"]
         alpha = check_alpha(path, name, got["alpha"]) if "alpha" in got else None
         for target, rows in zip(targets, _row_slices(path, name, up.shape[0], len(targets)), strict=True):
@@ -438,6 +468,22 @@ def _from_bfl(
             if alpha is not None:
                 keys[module][f"transformer.{module}.alpha"] = alpha
     return LoraParts(layout, parts, keys, other)
+
+
+def _split_lycoris(path: Path, name: str, block: str, targets: tuple[str, ...], got: dict, parts: dict, keys: dict):
+    """A LoKr or LoHa on a BFL module, as its diffusers linears' parts (`lycoris.rows_of`: LoHa's split
+    exactly; LoKr's where the rows allow, else gated as one unit). Their tensors stay the file's own:
+    diffusers' loader reads no LyCORIS weights, so no other names would serve it."""
+    got = {lycoris.part_name(p) or p: v for p, v in got.items()}
+    file_keys = {f"{name}.{p}": v for p, v in got.items()}
+    try:
+        count = lycoris.rows_count(got)
+    except KeyError as exc:
+        raise LoraShapeError(path, f"{name}: {exc.args[0]} missing") from None
+    for target, rows in zip(targets, _row_slices(path, name, count, len(targets)), strict=True):
+        module = f"{block}.{target}"
+        parts[module] = lycoris.rows_of(got, rows, name) if len(targets) > 1 else got
+        keys[module] = file_keys
 
 
 def _row_slices(path: Path, name: str, rows: int, count: int) -> list[slice]:

@@ -466,6 +466,8 @@ def _from_kohya(
                 for key, tensor in by_module[source].items()
                 if lycoris.part_name(key.partition(".")[2])
             }
+            # diffusers' loader reads no LyCORIS parts: the file's own names, for messages
+            keys[module] = {file_key.get(id(tensor), key): tensor for key, tensor in by_module[source].items()}
         else:
             parts.setdefault(module, {})[part] = value
         if f"{source}.alpha" in routable:

@@ -23,6 +23,9 @@ def module_of(key: str) -> str:
     ):
         if key.endswith(suffix):
             return key.removesuffix(suffix)
+    head, _, part = key.removesuffix(".weight").rpartition(".")
+    if part.startswith(("lokr_", "hada_")):  # LyCORIS' parts: `<module>.lokr_w1`
+        return head
     return key.rsplit(".", 2)[0]
 
 

@@ -107,4 +107,6 @@ def _pair(path: Path, module: str, matrices: dict, stem: str) -> tuple[torch.Ten
 def _full_or_pair(path: Path, module: str, matrices: dict, stem: str) -> tuple[torch.Tensor, ...]:
     if stem in matrices:
         return (matrices[stem],)
+    if f"{stem}_a" not in matrices and f"{stem}_b" not in matrices:
+        raise LoraShapeError(path, f"{module}: {stem} (or {stem}_a and {stem}_b) missing")
     return _pair(path, module, matrices, stem)

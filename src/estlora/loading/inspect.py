@@ -45,6 +45,9 @@ def training_info(metadata: dict[str, str], tags: int = 5) -> dict[str, str]:
     return info
 
 
+KIND_LABELS = {"lora": "LoRA", "lokr": "LyCORIS LoKr", "loha": "LyCORIS LoHa"}
+
+
 def per_route(lora: Lora) -> dict[str, int]:
     """How many of the LoRA's projections each route set of its family routes."""
     family = family_named(lora.family)
@@ -63,6 +66,8 @@ def report(lora: Lora) -> dict:
         "base_model": base_guess(lora),
         "attention_projections": routes.get("attention", 0),
         "routes": routes,
+        "kinds": dict(sorted(lora.kinds.items())),
+        "units": lora.units(),
         "ranks": {str(k): v for k, v in sorted(lora.ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(lora.alphas.items())},
         "training": training_info(lora.metadata),
@@ -70,7 +75,15 @@ def report(lora: Lora) -> dict:
         "other_modules": family.other_modules(lora.other),
         "notes": list(lora.notes),
         "projections": {
-            name: {"rank": f.rank, "alpha": f.alpha, "scale": f.scale, "in": f.in_features, "out": f.out_features}
+            name: {
+                "kind": f.kind,
+                "rank": f.rank,
+                "alpha": f.alpha,
+                "scale": f.scale,
+                "in": f.in_features,
+                "out": f.out_features,
+            }
+            | ({"unit": f.unit} if f.unit else {})
             for name, f in lora.projections.items()
         },
     }
@@ -93,7 +106,9 @@ def summary(lora: Lora) -> str:
         "per route:   "
         + ", ".join(f"{route} {n}" for route, n in routes.items())
         + f" (default {family.default_route})",
-        f"ranks:       {counted(lora.ranks)}",
+        f"kinds:       {counted(Counter({KIND_LABELS[k]: n for k, n in lora.kinds.items()}))}",
+        f"ranks:       {counted(lora.ranks)}"
+        + (" (LoKr, LoHa: the bound on delta W's rank)" if lora.kinds.keys() - {"lora"} else ""),
         f"alphas:      {counted(lora.alphas)}",
         f"scales:      {counted(Counter(round(f.scale, 6) for f in lora.projections.values()))}",
     ]
@@ -101,6 +116,11 @@ def summary(lora: Lora) -> str:
     lines.append(
         "per block:   " + ", ".join(f"{b} ({n})" for b, n in sorted(by_block.items(), key=lambda x: family.order(x[0])))
     )
+    lines += [
+        f"unit:        {unit} does not split into its linears ({', '.join(m.rpartition('.')[2] for m in members)}):"
+        " gated as one unit"
+        for unit, members in lora.units().items()
+    ]
     lines += [f"{TRAINING_LABELS[k] + ':':<12} {v}" for k, v in training_info(lora.metadata).items()]
     others = family.other_modules(lora.other)
     kept = counted(others) if others else "none"

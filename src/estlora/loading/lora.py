@@ -21,9 +21,9 @@ from dataclasses import replace
 import torch
 
 from ..errors import BaseModelMismatchError, LoraFormatError, LoraShapeError, LoraValueError
-from ..families import CLAIM_ORDER, FAMILIES, ModelFamily, family_named, family_of_lora
+from ..families import CLAIM_ORDER, FAMILIES, LoraParts, ModelFamily, family_named, family_of_lora
 from ..files import lycoris
-from ..files.lora_keys import check_alpha, pattern_key
+from ..files.lora_keys import check_alpha, module_of, pattern_key
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
 from ..updates import Lora, LoraFactors, Update
@@ -46,7 +46,7 @@ def load_lora(
     tensors, metadata = read_safetensors(path)
     found = _family(path, tensors, family)
     parts = found.lora_parts(path, tensors, metadata)
-    projections = _factors(path, found, parts.parts, metadata)
+    projections = _factors(path, found, parts, metadata)
     guess = found.guess_base({name: (f.out_features, f.in_features) for name, f in projections.items()})
     if guess in found.foreign_bases:
         served = " and ".join(f.label for f in FAMILIES)
@@ -111,7 +111,7 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
     keys = list(tensors)
     if any(re.search(r"\.(hada_|lokr_)", k) for k in keys):
         return LoraFormatError(
-            path, "LyCORIS LoHa/LoKr weights are not LoRA factors; only LoRA (down/up) files are supported"
+            path, f"holds LyCORIS LoKr / LoHa weights in a layout estlora does not know; first keys: {keys[0]}"
         )
     sample = ", ".join(keys[:2])
     if any("lora" in k.lower() for k in keys):
@@ -122,14 +122,16 @@ def _not_a_lora(path, tensors: dict[str, torch.Tensor]) -> Exception:
     )
 
 
-def _factors(path, family: ModelFamily, parts: dict, metadata: dict[str, str]) -> dict[str, Update]:
+def _factors(path, family: ModelFamily, found: LoraParts, metadata: dict[str, str]) -> dict[str, Update]:
     """The update per module, in the family's order, after checking every part."""
     meta_alpha, alpha_pattern, rslora = metadata_alphas(path, metadata, family.lora_prefix)
     projections = {}
+    parts = found.parts
     for module in family.ordered(parts):
         got = parts[module]
         if lycoris.kind_of(got) != "lora":
-            projections[module] = _lycoris_update(path, module, got)
+            file_module = module_of(next(iter(found.keys[module]), module))  # messages name the file's module
+            projections[module] = _lycoris_update(path, file_module, got)
             continue
         if "A" not in got or "B" not in got:
             missing = "down (A)" if "A" not in got else "up (B)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import LoraFormatError
 from ..families import ModelFamily
+from ..files import lycoris
 from ..files.lora_keys import module_of
 from ..updates import Lora
 
@@ -66,13 +68,7 @@ class StaticAdapters:
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
         self.names: dict[str, list[str]] = {}  # role -> its adapters (one per group of key names)
         for role, lora in loras.items():
-            diffs = [key for key in tensors[role] if key.endswith((".diff", ".diff_b"))]
-            if diffs:
-                raise LoraFormatError(
-                    lora.path,
-                    f"its {len(diffs)} full-weight differences (.diff / .diff_b, e.g. {diffs[0]}) cannot be merged"
-                    " yet (diffusers drops them; ComfyUI adds them to the base weights); use --other-weights ignore",
-                )
+            _check_loadable(lora, tensors[role])
         try:
             for role, lora in loras.items():
                 for i, group in enumerate(family.adapter_groups(tensors[role])):
@@ -108,6 +104,26 @@ class StaticAdapters:
         for parameter, flag in self.requires_grad.items():
             parameter.requires_grad_(flag)
         self.names = {}
+
+
+def _check_loadable(lora: Lora, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse, in one line, weights diffusers' loader would drop or fail on: ComfyUI's full-weight
+    differences and LyCORIS' LoKr / LoHa parts outside the routed linears."""
+    diffs = [key for key in tensors if key.endswith((".diff", ".diff_b"))]
+    if diffs:
+        raise LoraFormatError(
+            lora.path,
+            f"its {len(diffs)} full-weight differences (.diff / .diff_b, e.g. {diffs[0]}) cannot be merged"
+            " yet (diffusers drops them; ComfyUI adds them to the base weights); use --other-weights ignore",
+        )
+    kinds = [key for key in tensors if lycoris.part_name(key.rpartition(".")[2]) or re.search(r"\.(lokr|hada)_", key)]
+    if kinds:
+        raise LoraFormatError(
+            lora.path,
+            f"its {len(kinds)} LyCORIS LoKr / LoHa tensors outside the routed linears (e.g. {kinds[0]}) cannot be"
+            " merged (diffusers' loader reads no LyCORIS weights); route them (--route blocks) or use"
+            " --other-weights ignore",
+        )
 
 
 def _load(pipe, lora: Lora, tensors: dict[str, torch.Tensor], name: str) -> None:
