@@ -404,19 +404,6 @@ def test_same_factors_and_scale_as_diffusers(tmp_path, tiny_pipe, truth, writer)
         tiny_pipe.delete_adapters("ref")
 
 
-def test_dora_is_refused(tmp_path, truth):
-    from estlora.errors import LoraFormatError
-
-    module, (down, up, _) = next(iter(truth.items()))
-    state = {
-        f"unet.{module}.lora_A.weight": down,
-        f"unet.{module}.lora_B.weight": up,
-        f"unet.{module}.lora_magnitude_vector": torch.ones(up.shape[0]),
-    }
-    with pytest.raises(LoraFormatError, match="DoRA"):
-        load_lora(write(tmp_path / "dora.safetensors", state))
-
-
 def test_pattern_keys_match_as_peft_matches_them():
     """estlora's own `alpha_pattern` matching (peft's import costs seconds) equals peft's `get_pattern_key`."""
     from peft.utils.other import get_pattern_key

@@ -209,9 +209,9 @@ def test_kronecker_routing_equals_the_dense_product():
     x = torch.randn(2, 7, 15, generator=generator)
     whole = LokrFactors(alpha=1.0, dim=1, w1=(w1,), w2=(w2,))
     expected = x @ torch.kron(w1, w2).T
-    torch.testing.assert_close(KronDelta(whole, torch.device("cpu"), torch.float32)(x), expected)
+    torch.testing.assert_close(KronDelta(whole, torch.device("cpu"), torch.float32).delta(x), expected)
     member = LokrFactors(alpha=1.0, dim=1, w1=(w1,), w2=(w2,), rows=slice(8, 20), unit="qkv")
-    torch.testing.assert_close(KronDelta(member, torch.device("cpu"), torch.float32)(x), expected[..., 8:20])
+    torch.testing.assert_close(KronDelta(member, torch.device("cpu"), torch.float32).delta(x), expected[..., 8:20])
     assert member.out_features == 12 and member.in_features == 15
 
 

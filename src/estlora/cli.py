@@ -20,7 +20,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from .config import DEFAULT_CLIP, DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of  # noqa: E402
-from .errors import REPORT_BUG, EstloraError, SettingError  # noqa: E402
+from .errors import REPORT_BUG, EstloraError, FusionError, SettingError  # noqa: E402
 from .toy.world import STYLES, SUBJECTS  # noqa: E402
 
 LORA_HELP = "a .safetensors file, a folder holding one, a hub id, example:{0} or toy:{1}"
@@ -145,6 +145,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     subject, style = load_pair(args.subject, args.style, zero_alpha=args.zero_alpha)
     _checked_base(args, [subject, style])
+    for lora in (subject, style):
+        if "dora" in lora.kinds:  # its update depends on the base weights, which `plan` does not load
+            raise FusionError(
+                lora.path, "a DoRA: its energies depend on the base weights, which `plan` does not load; "
+                "`generate` (and the UI) plan it against the loaded base"
+            )
     for role, lora in (("subject", subject), ("style", style)):
         for note in lora.notes:
             print(f"{role} LoRA {note}", file=sys.stderr)

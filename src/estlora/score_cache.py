@@ -49,7 +49,10 @@ def _scores_from_json(value: dict) -> PairScores:
 
 
 def cached_pair_scores(subject: Lora, style: Lora, layers: list[str], config: FusionConfig) -> PairScores:
-    """PairScores over `layers` from the disk cache, computing only what is missing."""
+    """PairScores over `layers` from the disk cache, computing only what is missing. A DoRA's scores
+    depend on the base it is bound to, which the key does not name: those are computed afresh."""
+    if "dora" in subject.kinds or "dora" in style.kinds:
+        return pair_scores(subject, style, layers, config.raw_energy, **needs(config))
     key = {
         "v": SCORES_VERSION,
         "subject": subject.sha256,

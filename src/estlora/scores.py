@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .updates import LokrFactors, LoraFactors, Update
+from .updates import DoraFactors, LokrFactors, LoraFactors, Update
 
 # Dense delta W is built this many elements at a time: 4 MB of fp32, which stays in the CPU's caches
 # between the matmul that writes a block, the abs and the sum that read it (2.2 to 2.5x faster than
@@ -116,8 +116,28 @@ def _loha_chunks(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, 
         yield ((a1[start : start + rows] @ b1) * (a2[start : start + rows] @ b2)).abs_().mul_(abs(scale))
 
 
+def _dora_chunks(update: DoraFactors, scale: float, signed: bool = False):
+    """Row blocks of |W' - W0| for a DoRA at strength 1 (`DoraFactors`), against its bound base W0; the
+    norms are per row, so each block needs its own rows only."""
+    if update.base is None:
+        raise ValueError("a DoRA update's scores need the base weight it runs on (Lora.with_bases)")
+    down, up, base = update.down.float(), update.up.float() * scale, update.base.float()
+    magnitude = update.magnitude.float()
+    eps = torch.finfo(torch.float32).eps if update.convention == "lycoris" else 0.0
+    rows = max(1, CHUNK_ELEMENTS // max(1, down.shape[1]))
+    for start in range(0, up.shape[0], rows):
+        stop = start + rows
+        merged = base[start:stop] + up[start:stop] @ down
+        rescale = magnitude[start:stop] / (torch.linalg.norm(merged, dim=1) + eps)
+        applied = merged * rescale[:, None] - base[start:stop]
+        yield applied if signed else applied.abs_()
+
+
 def energy_of(update: Update, scale: float) -> float:
-    """E of any update kind at this scale (a fused LoKr's member: of its rows)."""
+    """E of any update kind at this scale (a fused LoKr's member: of its rows; a DoRA: of the update it
+    applies to its bound base, which has no closed form)."""
+    if isinstance(update, DoraFactors):
+        return math.fsum(float(chunk.square().sum(dtype=torch.float64)) for chunk in _dora_chunks(update, scale))
     if isinstance(update, LoraFactors):
         return energy(update.down, update.up, scale)
     if isinstance(update, LokrFactors):
@@ -127,6 +147,8 @@ def energy_of(update: Update, scale: float) -> float:
 
 def l1_of(update: Update, scale: float) -> float:
     """The L1 norm of any update kind at this scale."""
+    if isinstance(update, DoraFactors):
+        return math.fsum(float(chunk.sum()) for chunk in _dora_chunks(update, scale))
     if isinstance(update, LoraFactors):
         return l1_norm(update.down, update.up, scale)
     if isinstance(update, LokrFactors):
@@ -135,6 +157,8 @@ def l1_of(update: Update, scale: float) -> float:
 
 
 def _chunks_of(update: Update, scale: float):
+    if isinstance(update, DoraFactors):
+        return _dora_chunks(update, scale)
     if isinstance(update, LoraFactors):
         return _dense_chunks(update.down, update.up, scale)
     if isinstance(update, LokrFactors):
@@ -148,8 +172,10 @@ def topk_of(updates: list[Update], scales: list[float], k: int) -> float:
 
 
 def dense_of(update: Update) -> torch.Tensor:
-    """The update without its scale, dense (fp32; a fused LoKr's member: its rows): what LoHa's routing
-    and static merging apply."""
+    """The update without its scale, dense (fp32; a fused LoKr's member: its rows; a DoRA: W' - W0 at
+    its scale, strength 1): what LoHa's routing and static merging apply."""
+    if isinstance(update, DoraFactors):
+        return torch.cat(list(_dora_chunks(update, update.scale, signed=True))) / update.scale
     if isinstance(update, LoraFactors):
         return update.up.float() @ update.down.float()
     if isinstance(update, LokrFactors):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -169,7 +169,25 @@ class LohaFactors(_LycorisUpdate):
         return min(self.w1[0].shape[1] * self.w2[0].shape[1], *self.whole_shape)
 
 
-Update = LoraFactors | LokrFactors | LohaFactors
+@dataclass(frozen=True)
+class DoraFactors(LoraFactors):
+    """One linear's DoRA (Liu et al. 2024, arXiv 2402.09353): W' = m * (W0 + s B A) / ||W0 + s B A||, the
+    norm per output row, so the update applied, W' - W0, depends on the base weight W0.
+
+    `convention` says how a strength w other than 1 applies, as the trainer's own code does: "peft"
+    renormalises with w in s (peft's DoRA layers, diffusers' `set_adapters`); "lycoris" blends the
+    rescaling, W0 + s B A scaled by w (m / (||W0 + s B A|| + eps) - 1) + 1 (LyCORIS, kohya's
+    `dora_scale`). At w = 1 they agree (apart from LyCORIS' eps). `base` is W0, bound where a
+    model is at hand (`Lora.with_bases`): the scores need it.
+    """
+
+    magnitude: torch.Tensor | None = None  # m: (out,)
+    convention: str = "peft"
+    base: torch.Tensor | None = None
+    kind = "dora"
+
+
+Update = LoraFactors | LokrFactors | LohaFactors | DoraFactors
 
 
 @dataclass
@@ -212,6 +230,14 @@ class Lora:
             if update.unit:
                 found.setdefault(update.unit, []).append(module)
         return {unit: sorted(members, key=lambda m: self.projections[m].rows.start) for unit, members in found.items()}
+
+    def with_bases(self, weight_of) -> Lora:
+        """This LoRA with each DoRA projection's base weight W0 bound (`weight_of(module)`); others as they are."""
+        bound = {
+            name: replace(update, base=weight_of(name)) if update.kind == "dora" else update
+            for name, update in self.projections.items()
+        }
+        return replace(self, projections=bound)
 
     def unrouted(self, routed: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
         """The tensors a fusion routing `routed` leaves to the other-weights policy, under the loader's names."""

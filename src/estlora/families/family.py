@@ -242,7 +242,8 @@ def _freeze(value):
 
 
 def split_module(key: str, prefix: str) -> tuple[str, str]:
-    """'<prefix>.a.b.lora_A.weight' -> ('a.b', 'A'); '.alpha' keys -> (module, 'alpha'); else ('', '')."""
+    """'<prefix>.a.b.lora_A.weight' -> ('a.b', 'A'); '.alpha' keys -> (module, 'alpha'); peft's DoRA
+    '.lora_magnitude_vector' -> (module, 'magnitude'); else ('', '')."""
     head = rf"^(?:base_model\.model\.)?(?:{re.escape(prefix)}\.)?"
     match = re.match(head + r"(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
     if match:
@@ -250,6 +251,9 @@ def split_module(key: str, prefix: str) -> tuple[str, str]:
     match = re.match(head + r"(.+)\.alpha$", key)
     if match:
         return match.group(1), "alpha"
+    match = re.match(head + r"(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$", key)  # peft's DoRA
+    if match:
+        return match.group(1), "magnitude"
     return "", ""
 
 

@@ -107,10 +107,10 @@ BLOCK_LINEARS = {
 # Row shares of a fused update: q, k, v of width h; a single block's MLP of width 4 h (FLUX.1's mlp_ratio).
 ROW_SHARES = {3: (1, 1, 1), 4: (1, 1, 1, 4)}
 # A module's parts: kohya's LoRA factors and alpha, or LyCORIS' LoKr and LoHa parts (`estlora.files.lycoris`).
-_PART = rf"lora_down\.weight|lora_up\.weight|alpha|{'|'.join(lycoris.PARTS)}"
+_PART = rf"lora_down\.weight|lora_up\.weight|alpha|dora_scale|{'|'.join(lycoris.PARTS)}"
 KOHYA_BLOCK = re.compile(rf"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.({_PART})$")
 COMFY_KEY = re.compile(
-    rf"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha"
+    rf"^diffusion_model\.((?:double|single)_blocks\.\d+\.[\w.]+?)\.(lora_(?:up|down|A|B)\.weight|alpha|dora_scale"
     rf"|{'|'.join(lycoris.PARTS)})$"
 )
 BFL_BLOCK_KEY = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?:double|single)_blocks[._]\d+")
@@ -458,6 +458,7 @@ def _from_bfl(
             raise LoraShapeError(path, f"{name}: {missing} factor missing")
         down, up = got["lora_down.weight"], got["lora_up.weight"]
         alpha = check_alpha(path, name, got["alpha"]) if "alpha" in got else None
+        dora = got.get("dora_scale")  # per output row: DoRA's norms split with the rows
         for target, rows in zip(targets, _row_slices(path, name, up.shape[0], len(targets)), strict=True):
             module = f"{block}.{target}"
             parts[module] = {"A": down, "B": up[rows]} | ({"alpha": alpha} if alpha is not None else {})
@@ -467,6 +468,9 @@ def _from_bfl(
             }
             if alpha is not None:
                 keys[module][f"transformer.{module}.alpha"] = alpha
+            if dora is not None:
+                parts[module]["dora_scale"] = dora if dora.shape[0] != up.shape[0] else dora[rows]
+                keys[module][f"transformer.{module}.dora_scale"] = parts[module]["dora_scale"]
     return LoraParts(layout, parts, keys, other)
 
 

@@ -81,6 +81,7 @@ KOHYA_ROUTABLE = re.compile(
 # The parts of a kohya LoRA module (LyCORIS LoKr and LoHa parts: `estlora.files.lycoris`); anything else on
 # a routable linear (`lora_mid`, `on_input`, ...) is an adapter kind estlora does not apply.
 KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+DORA_PART = "dora_scale"  # LyCORIS' DoRA magnitude beside kohya's factors (`estlora.updates.DoraFactors`)
 # Full-weight differences: ComfyUI's LoRA extraction and trainer add them beside the factors (on norms
 # and biases); LyCORIS' `full` algorithm writes nothing else.
 DIFF_PARTS = ("diff", "diff_b")
@@ -428,7 +429,7 @@ def _from_kohya(
         module, _, part = key.partition(".")
         if not KOHYA_ROUTABLE.match(module) or part in DIFF_PARTS:
             other[key] = value
-        elif part in KOHYA_LORA_PARTS or lycoris.part_name(part):
+        elif part in KOHYA_LORA_PARTS or part == DORA_PART or lycoris.part_name(part):
             if part == "alpha":
                 check_alpha(path, file_key.get(id(value), key).removesuffix(".alpha"), value)
             routable[key] = value
@@ -470,8 +471,9 @@ def _from_kohya(
             keys[module] = {file_key.get(id(tensor), key): tensor for key, tensor in by_module[source].items()}
         else:
             parts.setdefault(module, {})[part] = value
-        if f"{source}.alpha" in routable:
-            parts[module]["alpha"] = routable[f"{source}.alpha"]
+        for extra in ("alpha", DORA_PART):  # the converter reads neither (it drops kohya's dora_scale)
+            if f"{source}.{extra}" in routable:
+                parts[module][extra] = routable[f"{source}.{extra}"]
     return LoraParts(layout, parts, keys, other)
 
 

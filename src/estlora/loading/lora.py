@@ -26,7 +26,7 @@ from ..files import lycoris
 from ..files.lora_keys import check_alpha, module_of, pattern_key
 from ..files.safetensors import file_sha256, read_safetensors
 from ..files.sources import resolve_lora_path
-from ..updates import Lora, LoraFactors, Update
+from ..updates import DoraFactors, Lora, LoraFactors, Update
 
 
 def load_lora(
@@ -93,9 +93,6 @@ def load_pair(
 
 def _family(path, tensors: dict[str, torch.Tensor], family: ModelFamily | None) -> ModelFamily:
     """The family the file's keys follow; refused in one line when it is no LoRA, or not the given family's."""
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in tensors):
-        # DoRA rescales W + BA by a magnitude vector: its update is not s * B @ A, so energies would lie.
-        raise LoraFormatError(path, "DoRA weights (dora_scale / lora_magnitude_vector) are not supported")
     keys = list(tensors)
     found = family_of_lora(keys)
     if found is None:
@@ -129,8 +126,10 @@ def _factors(path, family: ModelFamily, found: LoraParts, metadata: dict[str, st
     parts = found.parts
     for module in family.ordered(parts):
         got = parts[module]
+        file_module = module_of(next(iter(found.keys.get(module, ())), module))  # messages name the file's module
         if lycoris.kind_of(got) != "lora":
-            file_module = module_of(next(iter(found.keys[module]), module))  # messages name the file's module
+            if "dora_scale" in got:
+                raise LoraFormatError(path, f"{file_module}: DoRA on a LyCORIS {lycoris.kind_of(got)} is not supported")
             projections[module] = _lycoris_update(path, file_module, got)
             continue
         if "A" not in got or "B" not in got:
@@ -157,7 +156,29 @@ def _factors(path, family: ModelFamily, found: LoraParts, metadata: dict[str, st
         if not math.isfinite(alpha):
             raise LoraValueError(path, f"{module}: alpha is {alpha}")
         projections[module] = LoraFactors(down=down, up=up, alpha=alpha, rslora=rslora)
+        if "magnitude" in got or "dora_scale" in got:
+            projections[module] = _dora(path, file_module, projections[module], got)
     return projections
+
+
+def _dora(path, module: str, factors: LoraFactors, got: dict) -> DoraFactors:
+    """A LoRA with DoRA's magnitude: peft's `lora_magnitude_vector` (out,) or LyCORIS' `dora_scale`
+    (out, 1), each applied as its own library applies it; LyCORIS' input-axis form (1, in) is refused."""
+    peft = "magnitude" in got
+    magnitude = got["magnitude" if peft else "dora_scale"]
+    if not peft and magnitude.ndim == 2 and magnitude.shape[0] == 1 and factors.out_features != 1:
+        raise LoraFormatError(
+            path, f"{module}: DoRA with its magnitude on the input axis (LyCORIS wd_on_out=False) is not supported"
+        )
+    if magnitude.numel() != factors.out_features:
+        raise LoraShapeError(
+            path, f"{module}: DoRA magnitude has shape {tuple(magnitude.shape)}, expected {factors.out_features} rows"
+        )
+    magnitude = _arithmetic(magnitude).flatten()
+    if not torch.isfinite(magnitude).all():
+        raise LoraValueError(path, f"{module}: DoRA magnitude holds NaN or infinite values")
+    fields = {name: getattr(factors, name) for name in ("down", "up", "alpha", "rslora")}
+    return DoraFactors(**fields, magnitude=magnitude, convention="peft" if peft else "lycoris")
 
 
 def _lycoris_update(path, module: str, got: dict) -> Update:

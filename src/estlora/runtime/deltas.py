@@ -1,10 +1,11 @@
-"""Each update kind's delta W x, as a routed linear computes it for one LoRA (its scale applied outside).
+"""Each update kind's delta W x at a scale, as a routed linear adds it for one LoRA.
 
 A LoRA is two thin matmuls in peft's order, so that a plan mirroring a diffusers adapter setting gives
-the same bits. A LoKr is applied as the Kronecker product it is, never formed: with x read as a
-(b, d) matrix X, kron(W1, W2) x = vec(W1 X W2^T), a (b d c + a b c)-multiply product instead of the
-(a c)(b d) of the dense matrix (98% fewer on a 3072-wide linear factored 48 x 64). A LoHa's Hadamard
-product has no such shortcut: it is formed once, as LyCORIS forms it, and applied as one matrix.
+the same bits; so is a DoRA, whose rescaling of W0 + s B A needs the base output and weight too. A
+LoKr is applied as the Kronecker product it is, never formed: with x read as a (b, d) matrix X,
+kron(W1, W2) x = vec(W1 X W2^T), a (b d c + a b c)-multiply product instead of the (a c)(b d) of the
+dense matrix (96% fewer on a 3072-wide linear with W1 and W2 48 x 48 and 64 x 64). A LoHa's Hadamard product has no
+such shortcut: it is formed once, as LyCORIS forms it, and applied as one matrix.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scores import dense_of
-from ..updates import LokrFactors, LoraFactors, Update
+from ..updates import DoraFactors, LokrFactors, LoraFactors, Update
 
 
-class LoraDelta(nn.Module):
+class Delta(nn.Module):
+    """What a routed linear adds for one LoRA: delta W x times the LoRA's scale for this step."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, scale) -> torch.Tensor:
+        return self.delta(x) * scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoraDelta(Delta):
     """B (A x), computed in the base's dtype."""
 
     def __init__(self, factors: LoraFactors, device: torch.device, dtype: torch.dtype):
@@ -25,14 +36,14 @@ class LoraDelta(nn.Module):
         self.register_buffer("down", factors.down.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("up", factors.up.to(device=device, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
         # Contiguous first: peft's LoRA weights require grad, and for such a weight torch folds a
         # non-contiguous input (SDXL's proj_in gets a permuted one) into one matrix, a copy, before the
         # matmul; without it torch takes a batched kernel that sums in another order. A no-op otherwise.
         return F.linear(F.linear(x.to(self.down.dtype).contiguous(), self.down), self.up)
 
 
-class KronDelta(nn.Module):
+class KronDelta(Delta):
     """kron(W1, W2) x as W1 X W2^T; a fused member whose rows are not whole rows of W1 computes the
     whole product and keeps its rows."""
 
@@ -43,7 +54,7 @@ class KronDelta(nn.Module):
         self.register_buffer("w2", w2, persistent=False)
         self.rows = update.rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
         (a, b), (c, d) = self.w1.shape, self.w2.shape
         lead = x.shape[:-1]
         product = torch.matmul(self.w1, x.to(self.w1.dtype).reshape(*lead, b, d) @ self.w2.T)
@@ -51,18 +62,58 @@ class KronDelta(nn.Module):
         return y if self.rows is None else y[..., self.rows]
 
 
-class DenseDelta(nn.Module):
+class DenseDelta(Delta):
     """delta W x with delta W formed once (LoHa)."""
 
     def __init__(self, update: Update, device: torch.device, dtype: torch.dtype):
         super().__init__()
         self.register_buffer("weight", dense_of(update).to(device=device, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight)
 
 
-def delta_module(update: Update, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The module that computes `update`'s delta W x (without its scale) on `device` in `dtype`."""
+class DoraDelta(LoraDelta):
+    """DoRA: (f - 1) W0 x + f (s B A x), f = m / ||W0 + s B A|| per output row, in peft's DoraLinearLayer
+    order of operations (its norm from B (A I), cached per scale: the plan has a few); LyCORIS'
+    convention blends f with the strength instead (`DoraFactors`)."""
+
+    def __init__(self, factors: DoraFactors, device: torch.device, dtype: torch.dtype, base: nn.Module):
+        super().__init__(factors, device, dtype)
+        self.register_buffer("magnitude", factors.magnitude.to(device=device, dtype=dtype), persistent=False)
+        self.lycoris = factors.convention == "lycoris"
+        self.unit_scale = factors.scale  # LyCORIS rescales at strength 1 and blends: s without the strength
+        self._base = (base,)  # not a submodule: the routed linear owns it
+        self._norms: dict[float, torch.Tensor] = {}
+
+    def _apply(self, fn, recurse=True):  # a move invalidates the cached norms
+        self._norms = {}
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, scale) -> torch.Tensor:
+        base = self._base[0]
+        s = self.unit_scale if self.lycoris else scale
+        key = float(scale) if not torch.is_tensor(scale) else None
+        factor = self._norms.get(key) if key is not None else None
+        if factor is None:
+            eye = torch.eye(self.down.shape[1], device=self.down.device, dtype=self.down.dtype)
+            lora_weight = F.linear(F.linear(eye, self.down), self.up).T.to(x.dtype)
+            weight = base.weight.to(x.dtype)
+            norm = torch.linalg.norm(weight + s * lora_weight, dim=1).to(weight.dtype)
+            if self.lycoris:
+                norm = norm + torch.finfo(norm.dtype).eps
+            factor = (self.magnitude / norm).view(1, -1)
+            if self.lycoris:
+                factor = (scale / self.unit_scale) * (factor - 1) + 1
+            if key is not None:
+                self._norms[key] = factor
+        base_result = base_out if base.bias is None else base_out - base.bias
+        return (factor - 1) * base_result + factor * self.delta(x) * s
+
+
+def delta_module(update: Update, device: torch.device, dtype: torch.dtype, base: nn.Module) -> Delta:
+    """The module that adds `update` to the output of the linear `base`, on `device` in `dtype`."""
+    if isinstance(update, DoraFactors):
+        return DoraDelta(update, device, dtype, base)
     kind = {"lora": LoraDelta, "lokr": KronDelta}.get(update.kind, DenseDelta)
     return kind(update, device, dtype)

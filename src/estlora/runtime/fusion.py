@@ -59,6 +59,22 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _with_bases(lora: Lora, model: torch.nn.Module) -> Lora:
+    """A LoRA's DoRA projections bound to the weights they rescale (their scores depend on them)."""
+    if "dora" not in lora.kinds:
+        return lora
+
+    def weight_of(module: str) -> torch.Tensor:
+        weight = model.get_submodule(module).weight
+        if not weight.is_floating_point() or weight.is_meta:
+            raise FusionError(
+                lora.path, f"{module}: DoRA rescales the base weight, and this base's is quantized or offloaded"
+            )
+        return weight.detach()
+
+    return lora.with_bases(weight_of)
+
+
 class Fusion:
     """Two LoRAs routed into one pipeline's denoiser by a fusion plan."""
 
@@ -86,6 +102,7 @@ class Fusion:
                 raise BaseModelMismatchError(lora.path, f"a {label} LoRA, but the pipeline is {self.family.label}")
             check_against_base(lora, shapes, base_name)
         check_pair(subject, style)
+        subject, style = (_with_bases(lora, model) for lora in (subject, style))
         self.pipe, self.subject, self.style = pipe, subject, style
         self.config, self.beta_source = self._resolved(config), beta_source
         # Taken before routing renames the model's modules (a session takes it once, for every pair).

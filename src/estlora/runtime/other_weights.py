@@ -108,13 +108,21 @@ class StaticAdapters:
 
 def _check_loadable(lora: Lora, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse, in one line, weights diffusers' loader would drop or fail on: ComfyUI's full-weight
-    differences and LyCORIS' LoKr / LoHa parts outside the routed linears."""
+    differences, LyCORIS' DoRA magnitudes and LoKr / LoHa parts outside the routed linears."""
     diffs = [key for key in tensors if key.endswith((".diff", ".diff_b"))]
     if diffs:
         raise LoraFormatError(
             lora.path,
             f"its {len(diffs)} full-weight differences (.diff / .diff_b, e.g. {diffs[0]}) cannot be merged"
             " yet (diffusers drops them; ComfyUI adds them to the base weights); use --other-weights ignore",
+        )
+    dora = [key for key in tensors if key.endswith(".dora_scale")]
+    if dora:
+        raise LoraFormatError(
+            lora.path,
+            f"its {len(dora)} DoRA magnitudes outside the routed linears (e.g. {dora[0]}) cannot be merged"
+            " (diffusers' loader drops dora_scale and would apply a plain LoRA); route them (--route blocks) or use"
+            " --other-weights ignore",
         )
     kinds = [key for key in tensors if lycoris.part_name(key.rpartition(".")[2]) or re.search(r"\.(lokr|hada)_", key)]
     if kinds:

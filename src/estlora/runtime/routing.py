@@ -83,8 +83,8 @@ class RoutedLinear(nn.Module):
         # the updates wait on the CPU and follow the input to the execution device at the first call.
         self.device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
         dtype = compute_dtype(base)
-        self.subject = None if subject is None else delta_module(subject, self.device, dtype)
-        self.style = None if style is None else delta_module(style, self.device, dtype)
+        self.subject = None if subject is None else delta_module(subject, self.device, dtype, base)
+        self.style = None if style is None else delta_module(style, self.device, dtype, base)
 
     @property
     def in_features(self) -> int:
@@ -105,10 +105,11 @@ class RoutedLinear(nn.Module):
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, result)
         scale_subject, scale_style = self.router.row[self.index]
+        base_out = result
         if scale_subject:
-            result = result + self.subject(x) * scale_subject
+            result = result + self.subject(x, base_out, scale_subject)
         if scale_style:
-            result = result + self.style(x) * scale_style
+            result = result + self.style(x, base_out, scale_style)
         return result
 
     def _follow(self, device: torch.device) -> None:
@@ -119,10 +120,11 @@ class RoutedLinear(nn.Module):
 
     def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         scales = self.router.scales[self.index]
+        base_out = result
         if self.subject is not None:
-            result = result + self.subject(x) * scales[0]
+            result = result + self.subject(x, base_out, scales[0])
         if self.style is not None:
-            result = result + self.style(x) * scales[1]
+            result = result + self.style(x, base_out, scales[1])
         return result
 
 
