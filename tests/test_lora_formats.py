@@ -444,24 +444,53 @@ def test_advanced_script_layout_equals_its_kohya_twin(tmp_path, truth):
 def test_comfyui_extracted_lora_with_diffs_routes_its_factors(tmp_path, truth, tiny_pipe):
     """ComfyUI's "Extract and Save Lora" and trainer nodes: LoRA factors plus `.diff` on 1-D weights and
     `.diff_b` on biases (every `to_out.0` too). The factors are routed, the diffs are other weights:
-    ignored by default, and `--other-weights merge`, which cannot apply them yet, says so in one line."""
+    ignored by default; `--other-weights merge` adds them to the weights they name, W + strength * diff,
+    as ComfyUI does, and `remove()` puts the weights back."""
     from safetensors.torch import load_file
 
     import estlora
-    from estlora.errors import LoraFormatError
 
     state = load_file(str(comfy_file(tmp_path / "comfy.safetensors", truth)))
     block = "diffusion_model.input_blocks.4.1.transformer_blocks.0"
-    state[f"{block}.attn1.to_out.0.diff_b"] = torch.ones(64)
-    state[f"{block}.norm1.diff"] = torch.ones(64)
+    generator = torch.Generator().manual_seed(8)
+    diffs = {
+        f"{block}.attn1.to_out.0.diff_b": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.bias", 64),
+        f"{block}.norm1.diff": ("down_blocks.1.attentions.0.transformer_blocks.0.norm1.weight", 64),
+        "diffusion_model.input_blocks.1.0.in_layers.0.diff": ("down_blocks.0.resnets.0.norm1.weight", 32),
+        "diffusion_model.output_blocks.2.2.conv.diff_b": ("up_blocks.0.upsamplers.0.conv.bias", 64),
+    }
+    for key, (_, rows) in diffs.items():
+        state[key] = torch.randn(rows, generator=generator)
     lora = load_lora(write(tmp_path / "extracted.safetensors", state))
     assert lora.layout == "comfyui"
     assert_loaded(lora, truth)
-    assert sorted(lora.other) == [
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0.diff_b",
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_norm1.diff",
-    ]
-    with pytest.raises(LoraFormatError, match=r"its 2 full-weight differences \(.diff / .diff_b, e.g. "):
-        estlora.fuse(tiny_pipe, lora, lora, method="est", beta=0.5, other_weights="merge")
+    assert sorted(lora.other) == sorted(diffs)  # the file's own names
+    unet = tiny_pipe.unet
+    before = {name: unet.get_parameter(name).detach().clone() for name, _ in diffs.values()}
     with estlora.fuse(tiny_pipe, lora, lora, method="est", beta=0.5) as fusion:
         assert len(fusion.layers) == len(attention(lora))
+        assert all(torch.equal(unet.get_parameter(name), before[name]) for name in before)  # ignored
+    with estlora.fuse(tiny_pipe, lora, lora, method="subject", subject_scale=0.5, other_weights="merge"):
+        for key, (name, _) in diffs.items():
+            module, _, parameter = name.rpartition(".")
+            linear = unet.get_submodule(module)
+            got = getattr(getattr(linear, "base", linear), parameter)
+            assert torch.equal(got, before[name] + 0.5 * state[key]), name
+    assert all(torch.equal(unet.get_parameter(name), before[name]) for name in before)
+
+
+def test_sgm_paths_of_every_unet_parameter_map_to_diffusers(tiny_dir):
+    """`sgm_unet_module` inverts the SGM single-file layout (tests/sgm_checkpoint.py, which diffusers'
+    `from_single_file` reads back exactly) for every parameter of the UNet, resnets and samplers too."""
+    from diffusers import UNet2DConditionModel
+
+    from estlora.families.sdxl import sgm_unet_module
+    from sgm_checkpoint import unet_to_sgm
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    names = {parameter.data_ptr(): name for name, parameter in unet.named_parameters()}
+    sgm = unet_to_sgm(unet)
+    assert len(sgm) == len(names)
+    for key, value in sgm.items():
+        module, _, parameter = key.removeprefix("model.diffusion_model.").rpartition(".")
+        assert f"{sgm_unet_module(module)}.{parameter}" == names[value.data_ptr()], key

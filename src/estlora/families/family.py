@@ -155,6 +155,11 @@ class ModelFamily:
         """What a module outside the routed linears is, for `inspect` ("text encoder 1", ...)."""
         return "other"
 
+    def diff_target(self, key: str) -> tuple[str, str] | None:
+        """Where a full-weight difference (ComfyUI's `.diff` / `.diff_b`) goes: (pipeline component,
+        parameter path), or None where this family does not know its key."""
+        return None
+
     def other_modules(self, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         """Modules outside the routed linears by kind, each counted once (keys in any layout's spelling)."""
         kinds = Counter(self.other_kind(module) for module in {module_of(key) for key in tensors})

@@ -253,6 +253,19 @@ class SDXL(ModelFamily):
             return "UNet conv/resnet/projection"
         return "other"
 
+    def diff_target(self, key: str) -> tuple[str, str] | None:
+        """ComfyUI's `diffusion_model.<SGM path>.diff` / `.diff_b` -> ("unet", diffusers parameter path);
+        its text encoders' `text_encoders.clip_l|clip_g.transformer.<path>` -> that text encoder's."""
+        stem, _, part = key.rpartition(".")
+        if part not in DIFF_PARTS:
+            return None
+        parameter = "weight" if part == "diff" else "bias"
+        for prefix, component in COMFY_TEXT_ENCODERS.items():
+            if stem.startswith(prefix):
+                return component, f"{stem.removeprefix(prefix)}.{parameter}"
+        module = sgm_unet_module(stem.removeprefix("diffusion_model.")) if stem.startswith("diffusion_model.") else None
+        return None if module is None else ("unet", f"{module}.{parameter}")
+
     def not_a_lora(self, keys: list[str]) -> str | None:
         """Why a file with no LoRA layout is one of this family's model files, or None."""
         if any(k.startswith(SINGLE_FILE_CHECKPOINT_PREFIXES) for k in keys):
@@ -427,7 +440,9 @@ def _from_kohya(
     routable, other = {}, {}
     for key, value in tensors.items():
         module, _, part = key.partition(".")
-        if not KOHYA_ROUTABLE.match(module) or part in DIFF_PARTS:
+        if part in DIFF_PARTS:  # under the file's own name: `diff_target` reads it, diffusers' loader never does
+            other[file_key.get(id(value), key)] = value
+        elif not KOHYA_ROUTABLE.match(module):
             other[key] = value
         elif part in KOHYA_LORA_PARTS or part == DORA_PART or lycoris.part_name(part):
             if part == "alpha":
@@ -580,6 +595,64 @@ def sgm_module(key: str) -> str:
         return f"down_blocks.{level}.attentions.{layer}.{inner}"
     level, layer = divmod(int(number), 3)
     return f"up_blocks.{level}.attentions.{layer}.{inner}"
+
+
+# SGM's UNet module paths outside the blocks, and a resnet's inner layers, as diffusers names them.
+SGM_TOP_MODULES = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
+SGM_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+COMFY_TEXT_ENCODERS = {
+    "text_encoders.clip_l.transformer.": "text_encoder",
+    "text_encoders.clip_g.transformer.": "text_encoder_2",
+}
+
+
+def sgm_unet_module(path: str) -> str | None:
+    """Any module of SDXL's UNet from its SGM path (`input_blocks.1.0.in_layers.0` ->
+    `down_blocks.0.resnets.0.norm1`), or None. A level's SGM list holds its two layers and then its
+    sampler (3 per level); a layer is a resnet (part 0) and, on levels with attention, its attention
+    block (part 1, whose inner names diffusers keeps); an up level's sampler follows its last layer."""
+    if path in SGM_TOP_MODULES:
+        return SGM_TOP_MODULES[path]
+    match = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?(\d+)(?:\.(.+))?", path)
+    if match is None:
+        return None
+    kind, number, part, inner = match.groups()
+    part = int(part)
+    if kind == "middle_block":
+        head = ("mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1")[part] if part < 3 else None
+        resnet = part != 1
+    elif kind == "input_blocks":
+        level, slot = divmod(int(number) - 1, 3)
+        if slot == 2:
+            return f"down_blocks.{level}.downsamplers.0.conv" if (part, inner) == (0, "op") else None
+        head = f"down_blocks.{level}.{'resnets' if part == 0 else 'attentions'}.{slot}"
+        resnet = part == 0
+    else:
+        level, slot = divmod(int(number), 3)
+        if inner == "conv" and part > 0:  # the level's upsampler
+            return f"up_blocks.{level}.upsamplers.0.conv"
+        head = f"up_blocks.{level}.{'resnets' if part == 0 else 'attentions'}.{slot}"
+        resnet = part == 0
+    if head is None or inner is None:
+        return None
+    if resnet:
+        return f"{head}.{SGM_RESNET[inner]}" if inner in SGM_RESNET else None
+    return f"{head}.{inner}"
 
 
 def _first_difference(found: dict, expected: dict) -> str:

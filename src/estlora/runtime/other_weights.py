@@ -6,7 +6,8 @@ other layers, convolutions and the text encoders. The reference ignores those pa
 `ignore`). Under policy `merge` each LoRA's other part is loaded by diffusers' own loader, as a peft
 adapter, exactly as `load_lora_weights` would load it from the whole file, and applied for the whole
 run at that LoRA's strength, as `set_adapters` does. So `method="subject"` with `merge` gives what a
-plain diffusers run with the subject LoRA gives.
+plain diffusers run with the subject LoRA gives. ComfyUI's full-weight differences, which diffusers'
+loader drops, are added to the weights they name as ComfyUI adds them (`WeightDiffs`).
 
 The user's own adapters stay active at their own scales; ours are added to each layer's active set.
 """
@@ -26,6 +27,8 @@ from ..families import ModelFamily
 from ..files import lycoris
 from ..files.lora_keys import module_of
 from ..updates import Lora
+
+DIFF_SUFFIXES = (".diff", ".diff_b")
 
 
 def describe(
@@ -67,8 +70,11 @@ class StaticAdapters:
         self.user_adapters = list(pipe.get_active_adapters()) if had_adapters else []
         self.restore_modules = not had_adapters  # nothing of peft's was here: unload it all on remove()
         self.names: dict[str, list[str]] = {}  # role -> its adapters (one per group of key names)
+        diffs = {role: {k: v for k, v in part.items() if k.endswith(DIFF_SUFFIXES)} for role, part in tensors.items()}
+        tensors = {role: {k: v for k, v in part.items() if k not in diffs[role]} for role, part in tensors.items()}
         for role, lora in loras.items():
             _check_loadable(lora, tensors[role])
+        self.diffs = WeightDiffs(pipe, family, loras, diffs)  # checked before anything is loaded
         try:
             for role, lora in loras.items():
                 for i, group in enumerate(family.adapter_groups(tensors[role])):
@@ -82,6 +88,7 @@ class StaticAdapters:
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Strength per role; a LoRA at zero is left out of the active set, so nothing is computed for it."""
+        self.diffs.set_weights(weights)
         strengths = {role: float(weights.get(role, 0.0)) for role in self.names}
         active = self.user_adapters + [name for role, names in self.names.items() if strengths[role] for name in names]
         for layer in tuner_layers(self.pipe, self.family):
@@ -92,6 +99,7 @@ class StaticAdapters:
 
     def remove(self) -> None:
         """Delete our adapters; the user's adapters are active again as before, or peft is gone if it was."""
+        self.diffs.remove()
         if self.names:
             if self.restore_modules:
                 self.pipe.unload_lora_weights()
@@ -106,16 +114,59 @@ class StaticAdapters:
         self.names = {}
 
 
+class WeightDiffs:
+    """Full-weight differences (ComfyUI's `.diff` on weights and norms, `.diff_b` on biases), which
+    diffusers' loader drops, added to the pipeline's parameters as ComfyUI adds them: W + strength *
+    diff, per LoRA. The parameters they touch are copied first and put back by `remove()`."""
+
+    def __init__(self, pipe, family: ModelFamily, loras: dict[str, Lora], diffs: dict[str, dict[str, torch.Tensor]]):
+        self.parameters: dict[str, torch.nn.Parameter] = {}
+        self.diffs: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for role, part in diffs.items():
+            for key, diff in part.items():
+                target = family.diff_target(key)
+                parameter = _parameter(pipe, target)
+                if parameter is None or parameter.shape != diff.shape:
+                    why = "names no parameter of the pipeline" if parameter is None else (
+                        f"has shape {tuple(diff.shape)}, the parameter {tuple(parameter.shape)}"
+                    )
+                    raise LoraFormatError(loras[role].path, f"{key}: a full-weight difference that {why}")
+                self.parameters[".".join(target)] = parameter
+                self.diffs.setdefault(role, []).append((".".join(target), diff))
+        self.originals = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.parameters[name].copy_(original)
+            for role, entries in self.diffs.items():
+                strength = float(weights.get(role, 0.0))
+                for name, diff in entries if strength else ():
+                    parameter = self.parameters[name]
+                    parameter.add_(diff.to(device=parameter.device, dtype=parameter.dtype), alpha=strength)
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.parameters[name].copy_(original)
+        self.originals = {}
+
+
+def _parameter(pipe, target: tuple[str, str] | None) -> torch.nn.Parameter | None:
+    if target is None or getattr(pipe, target[0], None) is None:
+        return None
+    module_path, _, name = target[1].rpartition(".")
+    try:
+        module = getattr(pipe, target[0]).get_submodule(module_path)
+    except AttributeError:
+        return None
+    parameter = getattr(module, name, None)
+    return parameter if isinstance(parameter, torch.Tensor) else None
+
+
 def _check_loadable(lora: Lora, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse, in one line, weights diffusers' loader would drop or fail on: ComfyUI's full-weight
-    differences, LyCORIS' DoRA magnitudes and LoKr / LoHa parts outside the routed linears."""
-    diffs = [key for key in tensors if key.endswith((".diff", ".diff_b"))]
-    if diffs:
-        raise LoraFormatError(
-            lora.path,
-            f"its {len(diffs)} full-weight differences (.diff / .diff_b, e.g. {diffs[0]}) cannot be merged"
-            " yet (diffusers drops them; ComfyUI adds them to the base weights); use --other-weights ignore",
-        )
+    """Refuse, in one line, weights diffusers' loader would drop or fail on: LyCORIS' DoRA magnitudes
+    and LoKr / LoHa parts outside the routed linears."""
     dora = [key for key in tensors if key.endswith(".dora_scale")]
     if dora:
         raise LoraFormatError(

@@ -98,6 +98,10 @@ class RoutedLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # code that inspects attn.to_q.weight (dtype, device) still works
         return self.base.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base(x, *args, **kwargs)
         if x.device != self.device:  # offloaded: the weights came to x's device
