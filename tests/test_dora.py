@@ -207,3 +207,42 @@ def test_a_quantized_base_is_refused_for_dora(peft_dora, sdxl_pipe):
     unet.get_submodule(name).weight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(FusionError, match="DoRA rescales the base weight"):
         _with_bases(lora, unet)
+
+
+def test_flux_peft_dora_equals_peft_bit_for_bit(tmp_path):
+    """FLUX.1's diffusers DoRA files (`transformer.` + `lora_magnitude_vector`): peft's DoRA path exactly."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from estlora.testing.tiny_flux import write_tiny_flux
+
+    folder = write_tiny_flux(tmp_path / "tiny-flux")
+
+    def flux():
+        pipe = FluxPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe, reference = flux(), flux()
+    model = copy.deepcopy(pipe.transformer)
+    targets = ["to_q", "to_v", "proj_mlp", "ff.net.2"]
+    model.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_dora=True, target_modules=targets))
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
+    metadata = {"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": targets}
+    FluxPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(model), transformer_lora_adapter_metadata=metadata
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    assert "dora" in load_lora(path).kinds
+    reference.load_lora_weights(str(path), adapter_name="dora")
+    expected = render(reference, max_sequence_length=16)
+    with estlora.fuse(pipe, path, path, method="subject"):
+        got = render(pipe, max_sequence_length=16)
+    assert (expected - render(pipe, max_sequence_length=16)).abs().max() > 1e-3
+    assert torch.equal(got, expected)

@@ -566,3 +566,23 @@ def test_inpaint_and_kontext_pipelines_equal_diffusers(pipe, ref_pipe, loras, na
     with estlora.fuse(ours, *loras, method="switch", switch_every=every):
         got = render(ours)
     assert torch.equal(got, expected)
+
+
+def test_comfyui_diffs_on_flux_are_ignored_or_refused_in_one_line(pipe, tmp_path):
+    """ComfyUI's `.diff_b` beside FLUX.1 factors: kept as other weights (ignored by default); merging
+    them is refused by name, as estlora cannot place them on BFL's fused modules yet."""
+    from safetensors.torch import load_file
+
+    from estlora.errors import LoraFormatError
+
+    shapes = FLUX.linear_shapes(pipe.transformer)
+    path = kohya_flux_file(tmp_path / "comfy.safetensors", bfl_truth(shapes), comfy=True)
+    state = load_file(str(path)) | {"diffusion_model.double_blocks.0.img_attn.qkv.diff_b": torch.zeros(48)}
+    save_file(state, str(path))
+    lora = load_lora(path)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.diff_b" in lora.other
+    with estlora.fuse(pipe, lora, lora, method="subject"):
+        pass
+    with pytest.raises(LoraFormatError, match=r"qkv.diff_b: a full-weight difference estlora does not place on FLUX.1"):
+        estlora.fuse(pipe, lora, lora, method="subject", other_weights="merge")
+    assert not any(isinstance(m, RoutedLinear) for m in pipe.transformer.modules())

@@ -425,3 +425,21 @@ def test_a_unit_is_gated_as_one(flux_pipe, tmp_path):
         fused = subject.projections[layers[members[0]]]
         assert sum(whole) == pytest.approx(S.lokr_energy(*fused.matrices(), fused.scale), rel=1e-9)
     assert plan.weights[:, :, 0].any() and plan.weights[:, :, 1].any()  # the gate does choose
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", "lycoris_"])
+def test_flux_lycoris_under_diffusers_paths(flux_pipe, tmp_path, prefix):
+    """LyCORIS parts under diffusers' module paths (`transformer.<path>.lokr_w1`, or LyCORIS' own save,
+    `lycoris_<path with underscores>`) read as the same update as their kohya (BFL) twin."""
+    state = flux_lycoris_state(flux_pipe, "kohya", 11)
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(state, str(kohya))
+    source = "lora_unet_double_blocks_1_img_attn_proj"
+    module = "transformer_blocks.1.attn.to_out.0"
+    name = f"transformer.{module}" if prefix == "transformer." else "lycoris_" + module.replace(".", "_")
+    path = tmp_path / "peft.safetensors"
+    save_file({k.replace(source, name): v for k, v in state.items() if k.startswith(source)}, str(path))
+    ours, twin = load_lora(path), load_lora(kohya)
+    assert ours.family == "flux1" and list(ours.projections) == [module]
+    torch.testing.assert_close(S.dense_of(ours.projections[module]), S.dense_of(twin.projections[module]))
+    assert ours.projections[module].scale == twin.projections[module].scale

@@ -125,6 +125,12 @@ class WeightDiffs:
         for role, part in diffs.items():
             for key, diff in part.items():
                 target = family.diff_target(key)
+                if target is None:
+                    raise LoraFormatError(
+                        loras[role].path,
+                        f"{key}: a full-weight difference estlora does not place on {family.label} (diffusers drops"
+                        " them); use --other-weights ignore",
+                    )
                 parameter = _parameter(pipe, target)
                 if parameter is None or parameter.shape != diff.shape:
                     why = "names no parameter of the pipeline" if parameter is None else (
@@ -152,8 +158,8 @@ class WeightDiffs:
         self.originals = {}
 
 
-def _parameter(pipe, target: tuple[str, str] | None) -> torch.nn.Parameter | None:
-    if target is None or getattr(pipe, target[0], None) is None:
+def _parameter(pipe, target: tuple[str, str]) -> torch.nn.Parameter | None:
+    if getattr(pipe, target[0], None) is None:
         return None
     module_path, _, name = target[1].rpartition(".")
     try:

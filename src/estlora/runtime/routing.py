@@ -110,10 +110,12 @@ class RoutedLinear(nn.Module):
             return self._compiled_forward(x, result)
         scale_subject, scale_style = self.router.row[self.index]
         base_out = result
+        # `forward`, not the module call: the deltas carry no hooks, and the call's dispatch would cost
+        # microseconds on each of hundreds of linears per step.
         if scale_subject:
-            result = result + self.subject(x, base_out, scale_subject)
+            result = result + self.subject.forward(x, base_out, scale_subject)
         if scale_style:
-            result = result + self.style(x, base_out, scale_style)
+            result = result + self.style.forward(x, base_out, scale_style)
         return result
 
     def _follow(self, device: torch.device) -> None:
@@ -126,9 +128,9 @@ class RoutedLinear(nn.Module):
         scales = self.router.scales[self.index]
         base_out = result
         if self.subject is not None:
-            result = result + self.subject(x, base_out, scales[0])
+            result = result + self.subject.forward(x, base_out, scales[0])
         if self.style is not None:
-            result = result + self.style(x, base_out, scales[1])
+            result = result + self.style.forward(x, base_out, scales[1])
         return result
 
 
