@@ -66,3 +66,27 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, see
     return Lora(
         source=name, path=name, layout="diffusers-peft", projections=projections, sha256=f"{name}-{seed}", family="sdxl"
     )
+
+
+def load_pipeline(folder):
+    """A diffusers pipeline from a (tiny) folder, its class from model_index.json, progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(pipe, prompt: str = "a photo of sks dog", steps: int = 2, seed: int = 0, **kwargs):
+    """A short 32 x 32 run's latents, seeded (FLUX.1 pipelines: a 16-token T5 prompt)."""
+    if type(pipe).__name__.startswith("Flux"):
+        kwargs.setdefault("max_sequence_length", 16)
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images

@@ -14,68 +14,52 @@ from lycoris.wrapper import create_lycoris_from_weights
 from safetensors.torch import save_file
 
 import estlora
+from conftest import latents as render
+from conftest import load_pipeline
 from estlora import cli
 from estlora import scores as S
 from estlora.errors import FusionError, LoraFormatError, LoraShapeError
 from estlora.loading.lora import load_lora
 from estlora.updates import DoraFactors
 
-PROMPT = "a photo of sks dog"
-
-
-def render(pipe, **kwargs):
-    return pipe(
-        PROMPT,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    ).images
-
-
-def load_pipe(folder):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tiny_dir):
-    return load_pipe(tiny_dir)
+    return load_pipeline(tiny_dir)
 
 
 @pytest.fixture
 def reference(tiny_dir):
     """A second copy of the same model, loaded as the first (a deep copy's weights sit at other
     addresses, and CPU kernels round by alignment: the last bits would differ before any LoRA)."""
-    return load_pipe(tiny_dir)
+    return load_pipeline(tiny_dir)
+
+
+def dora_adapter(model, targets: list[str], rank: int, alpha: float, seed: int):
+    """A trained-looking peft DoRA on a copy of `model`: its state dict and the adapter metadata."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = copy.deepcopy(model)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, use_dora=True, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+            elif "lora_magnitude_vector" in name:  # away from ||W0 + sBA||, as training moves it
+                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
+    metadata = {"r": rank, "lora_alpha": alpha, "use_dora": True, "target_modules": targets}
+    return get_peft_model_state_dict(model), metadata
 
 
 @pytest.fixture(scope="module")
 def peft_dora(sdxl_pipe, tmp_path_factory):
     """A DoRA as diffusers' trainers save it: peft names under `unet.`, magnitudes (out,), adapter metadata."""
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = copy.deepcopy(sdxl_pipe.unet)
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, use_dora=True, target_modules=targets))
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-            elif "lora_magnitude_vector" in name:  # away from ||W0 + sBA||, as training moves it
-                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
+    state, metadata = dora_adapter(sdxl_pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 2, 4)
     folder = tmp_path_factory.mktemp("dora")
-    metadata = {"r": 4, "lora_alpha": 2, "use_dora": True, "target_modules": targets}
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=metadata
-    )
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     return folder / "pytorch_lora_weights.safetensors"
 
 
@@ -212,37 +196,18 @@ def test_a_quantized_base_is_refused_for_dora(peft_dora, sdxl_pipe):
 def test_flux_peft_dora_equals_peft_bit_for_bit(tmp_path):
     """FLUX.1's diffusers DoRA files (`transformer.` + `lora_magnitude_vector`): peft's DoRA path exactly."""
     from diffusers import FluxPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
 
     from estlora.testing.tiny_flux import write_tiny_flux
 
     folder = write_tiny_flux(tmp_path / "tiny-flux")
-
-    def flux():
-        pipe = FluxPipeline.from_pretrained(folder)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    pipe, reference = flux(), flux()
-    model = copy.deepcopy(pipe.transformer)
-    targets = ["to_q", "to_v", "proj_mlp", "ff.net.2"]
-    model.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_dora=True, target_modules=targets))
-    generator = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-            elif "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
-    metadata = {"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": targets}
-    FluxPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(model), transformer_lora_adapter_metadata=metadata
-    )
+    pipe, reference = load_pipeline(folder), load_pipeline(folder)
+    state, metadata = dora_adapter(pipe.transformer, ["to_q", "to_v", "proj_mlp", "ff.net.2"], 2, 4, 6)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
     path = tmp_path / "pytorch_lora_weights.safetensors"
     assert "dora" in load_lora(path).kinds
     reference.load_lora_weights(str(path), adapter_name="dora")
-    expected = render(reference, max_sequence_length=16)
+    expected = render(reference)
     with estlora.fuse(pipe, path, path, method="subject"):
-        got = render(pipe, max_sequence_length=16)
-    assert (expected - render(pipe, max_sequence_length=16)).abs().max() > 1e-3
+        got = render(pipe)
+    assert (expected - render(pipe)).abs().max() > 1e-3
     assert torch.equal(got, expected)

@@ -21,6 +21,8 @@ from lycoris.wrapper import create_lycoris_from_weights
 from safetensors.torch import load_file, save_file
 
 import estlora
+from conftest import latents as render
+from conftest import load_pipeline
 from estlora import scores as S
 from estlora.config import FusionConfig
 from estlora.errors import LoraFormatError, LoraShapeError
@@ -98,11 +100,7 @@ def reference_diffs(state: dict, model: torch.nn.Module, prefix: str = "lycoris"
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tiny_dir):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +133,6 @@ def test_subject_method_equals_lycoris_applied_to_the_unet(sdxl_pipe, sdxl_files
     """A whole run with the LoKr (or LoHa) as the subject equals LyCORIS' network applied to a copy of the
     UNet (LyCORIS merges delta W into the weight each call; estlora adds delta W x: fp32 rounding apart)."""
     from diffusers import StableDiffusionXLPipeline
-
-    def render(pipe):
-        return pipe(
-            "a photo of sks dog",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-        ).images
 
     reference = StableDiffusionXLPipeline(**{**sdxl_pipe.components, "unet": copy.deepcopy(sdxl_pipe.unet)})
     reference.set_progress_bar_config(disable=True)
@@ -311,13 +299,9 @@ def flux_lycoris_state(pipe, prefix: str, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def flux_pipe(tmp_path_factory):
-    from diffusers import FluxPipeline
-
     from estlora.testing.tiny_flux import write_tiny_flux
 
-    pipe = FluxPipeline.from_pretrained(write_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(write_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux"))
 
 
 FLUX_TARGETS = {
@@ -375,17 +359,6 @@ def test_flux_subject_run_applies_lycoris_updates(flux_pipe, tmp_path):
     path = tmp_path / "flux-lokr.safetensors"
     save_file(state, str(path))
     reference = flux_reference(state, flux_pipe)
-
-    def render(pipe):
-        return pipe(
-            "a photo of sks dog",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            max_sequence_length=16,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-        ).images
 
     with estlora.fuse(flux_pipe, path, path, method="subject", route="blocks"):
         got = render(flux_pipe)
