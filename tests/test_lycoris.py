@@ -212,24 +212,35 @@ def test_inspect_names_the_kinds(sdxl_files):
     assert {p["kind"] for p in data["projections"].values()} == {"lokr"}
 
 
-def test_merging_lycoris_weights_outside_the_route_is_refused_clearly(sdxl_pipe, tiny_shapes, tmp_path):
-    """diffusers' loader reads no LyCORIS weights: --other-weights merge names them, in one line, and
-    leaves the pipeline as it was."""
+def test_lycoris_updates_outside_the_route_are_merged_as_lycoris_merges_them(sdxl_pipe, tiny_shapes, tmp_path):
+    """Under --other-weights merge, a LoKr on a linear the route leaves out (proj_in, under route
+    attention) is added to its weight, W + strength * delta W, as LyCORIS merges it, and taken out by
+    remove(); one on a convolution, which estlora does not merge, is refused in one line before anything
+    changes."""
     generator = torch.Generator().manual_seed(3)
     state = sdxl_lycoris_state(tiny_shapes, "lokr", 4)
-    state |= {
-        f"lycoris_down_blocks_1_attentions_0_proj_in.{k}": v for k, v in lokr_parts(64, 64, "full-full", generator).items()
-    }
+    name = "lycoris_down_blocks_1_attentions_0_proj_in"
+    state |= {f"{name}.{k}": v for k, v in lokr_parts(64, 64, "w2-decomposed", generator).items()}
+    state[f"{name}.alpha"] = torch.tensor(1.0)
     path = tmp_path / "lokr-blocks.safetensors"
     save_file(state, str(path))
     lora = load_lora(path)
-    assert "down_blocks.1.attentions.0.proj_in" in lora.projections  # routable by route `blocks`
+    module = "down_blocks.1.attentions.0.proj_in"
+    kind, params = get_module(state, name)
+    delta = lycoris_delta(kind, params, name, sdxl_pipe.unet.get_submodule(module))
+    weight = sdxl_pipe.unet.get_submodule(module).weight
+    before = weight.detach().clone()
+    with estlora.fuse(sdxl_pipe, lora, lora, method="subject", subject_scale=0.5, other_weights="merge") as fusion:
+        assert module not in fusion.layers
+        torch.testing.assert_close(weight, before + 0.5 * delta, rtol=1e-6, atol=1e-7)
+    assert torch.equal(weight, before)
+    conv = "lycoris_down_blocks_0_resnets_0_conv1"
+    state |= {f"{conv}.lokr_w1": torch.ones(4, 4), f"{conv}.lokr_w2": torch.ones(8, 8, 3, 3)}
+    save_file(state, str(path))
     before = {name: type(m) for name, m in sdxl_pipe.unet.named_modules()}
-    with pytest.raises(LoraFormatError, match=r"LyCORIS LoKr / LoHa tensors outside the routed linears .*--route blocks"):
-        estlora.fuse(sdxl_pipe, lora, lora, method="subject", other_weights="merge")
+    with pytest.raises(LoraFormatError, match=r"LyCORIS LoKr / LoHa tensors outside the denoiser's linears"):
+        estlora.fuse(sdxl_pipe, path, path, method="subject", other_weights="merge")
     assert {name: type(m) for name, m in sdxl_pipe.unet.named_modules()} == before
-    with estlora.fuse(sdxl_pipe, lora, lora, method="subject", route="blocks", other_weights="merge") as fusion:
-        assert "down_blocks.1.attentions.0.proj_in" in fusion.layers
 
 
 @pytest.mark.parametrize(
@@ -352,15 +363,18 @@ def test_flux_fused_lycoris_updates_are_lycoris_own(flux_pipe, tmp_path, prefix)
     assert f"unit:        {txt} does not split into its linears (add_q_proj, add_k_proj, add_v_proj)" in summary(lora)
 
 
-def test_flux_subject_run_applies_lycoris_updates(flux_pipe, tmp_path):
+@pytest.mark.parametrize("route", ["blocks", "attention"])
+def test_flux_subject_run_applies_lycoris_updates(flux_pipe, tmp_path, route):
     """A run with the LyCORIS file as the subject equals the base with LyCORIS' delta W added to each
-    linear's weight by hand (fp32 rounding apart), units included."""
+    linear's weight by hand (fp32 rounding apart), units included; under route attention with
+    --other-weights merge, the linears outside it (proj_mlp, a unit's member) are merged instead."""
     state = flux_lycoris_state(flux_pipe, "kohya", 8)
     path = tmp_path / "flux-lokr.safetensors"
     save_file(state, str(path))
     reference = flux_reference(state, flux_pipe)
 
-    with estlora.fuse(flux_pipe, path, path, method="subject", route="blocks"):
+    with estlora.fuse(flux_pipe, path, path, method="subject", route=route, other_weights="merge") as fusion:
+        assert ("single_transformer_blocks.1.proj_mlp" in fusion.layers) == (route == "blocks")
         got = render(flux_pipe)
     base = render(flux_pipe)
     merged = copy.deepcopy(flux_pipe.transformer)

@@ -188,6 +188,7 @@ class DoraFactors(LoraFactors):
 
 
 Update = LoraFactors | LokrFactors | LohaFactors | DoraFactors
+MERGED_BY_ESTLORA = ("lokr", "loha")  # kinds diffusers' loader cannot merge outside the route
 
 
 @dataclass
@@ -240,9 +241,18 @@ class Lora:
         return replace(self, projections=bound)
 
     def unrouted(self, routed: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
-        """The tensors a fusion routing `routed` leaves to the other-weights policy, under the loader's names."""
+        """The tensors a fusion routing `routed` leaves to the other-weights policy, under the loader's
+        names; LoKr and LoHa projections are not among them (`unrouted_updates`: no loader reads them)."""
         left = dict(self.other)
         for module, tensors in self.projection_keys.items():
-            if module not in routed:
+            if module not in routed and self.projections[module].kind not in MERGED_BY_ESTLORA:
                 left.update(tensors)
         return left
+
+    def unrouted_updates(self, routed: set[str] | frozenset[str]) -> dict[str, Update]:
+        """The LoKr and LoHa projections a routing `routed` leaves out: merged by estlora itself."""
+        return {
+            module: update
+            for module, update in self.projections.items()
+            if module not in routed and update.kind in MERGED_BY_ESTLORA
+        }

@@ -167,12 +167,11 @@ class Fusion:
     def _apply_other_weights(self, config: FusionConfig) -> None:
         """Weights outside the routed linears at the config's static strengths (loaded on first use)."""
         subject, style = config.static_weights
-        unrouted = {
-            role: lora.unrouted(self.routed) for role, lora in (("subject", self.subject), ("style", self.style))
-        }
-        if self.static is None and (subject or style) and any(unrouted.values()):
-            loras = {"subject": self.subject, "style": self.style}
-            self.static = StaticAdapters(self.pipe, self.family, loras, unrouted)
+        loras = {"subject": self.subject, "style": self.style}
+        unrouted = {role: lora.unrouted(self.routed) for role, lora in loras.items()}
+        updates = {role: lora.unrouted_updates(self.routed) for role, lora in loras.items()}
+        if self.static is None and (subject or style) and any((*unrouted.values(), *updates.values())):
+            self.static = StaticAdapters(self.pipe, self.family, loras, unrouted, updates)
         if self.static is not None:
             self.static.set_weights({"subject": subject, "style": style})
 

@@ -26,7 +26,8 @@ from ..errors import LoraFormatError
 from ..families import ModelFamily
 from ..files import lycoris
 from ..files.lora_keys import module_of
-from ..updates import Lora
+from ..scores import dense_of
+from ..updates import Lora, Update
 
 DIFF_SUFFIXES = (".diff", ".diff_b")
 
@@ -60,9 +61,18 @@ def tuner_layers(pipe, family: ModelFamily) -> list:
 class StaticAdapters:
     """Each LoRA's non-attention part as a peft adapter of the pipeline, at a strength set per run."""
 
-    def __init__(self, pipe, family: ModelFamily, loras: dict[str, Lora], tensors: dict[str, dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        pipe,
+        family: ModelFamily,
+        loras: dict[str, Lora],
+        tensors: dict[str, dict[str, torch.Tensor]],
+        updates: dict[str, dict[str, Update]] | None = None,
+    ):
         """`loras`: role ("subject", "style") -> LoRA; `tensors`: role -> its tensors to load (those
-        outside the route, under the loader's names); a role with none is skipped."""
+        outside the route, under the loader's names); `updates`: role -> its LoKr / LoHa projections
+        outside the route (`Lora.unrouted_updates`), which estlora merges itself; a role with none is
+        skipped."""
         self.pipe, self.family = pipe, family
         # peft freezes what it loads adapters into; remove() gives every parameter its flag back.
         self.requires_grad = {p: p.requires_grad for c in components(pipe, family) for p in c.parameters()}
@@ -74,7 +84,7 @@ class StaticAdapters:
         tensors = {role: {k: v for k, v in part.items() if k not in diffs[role]} for role, part in tensors.items()}
         for role, lora in loras.items():
             _check_loadable(lora, tensors[role])
-        self.diffs = WeightDiffs(pipe, family, loras, diffs)  # checked before anything is loaded
+        self.diffs = WeightDiffs(pipe, family, loras, diffs, updates or {})  # checked before anything is loaded
         try:
             for role, lora in loras.items():
                 for i, group in enumerate(family.adapter_groups(tensors[role])):
@@ -115,11 +125,20 @@ class StaticAdapters:
 
 
 class WeightDiffs:
-    """Full-weight differences (ComfyUI's `.diff` on weights and norms, `.diff_b` on biases), which
-    diffusers' loader drops, added to the pipeline's parameters as ComfyUI adds them: W + strength *
-    diff, per LoRA. The parameters they touch are copied first and put back by `remove()`."""
+    """Weights diffusers' loader drops or cannot read, added to the pipeline's parameters as their own
+    tools add them, W + strength * delta per LoRA: ComfyUI's full-weight differences (`.diff` on
+    weights and norms, `.diff_b` on biases) and LyCORIS' LoKr / LoHa updates of linears outside the
+    route (delta = scale * delta W, as LyCORIS merges them). The parameters they touch are copied
+    first and put back by `remove()`."""
 
-    def __init__(self, pipe, family: ModelFamily, loras: dict[str, Lora], diffs: dict[str, dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        pipe,
+        family: ModelFamily,
+        loras: dict[str, Lora],
+        diffs: dict[str, dict[str, torch.Tensor]],
+        updates: dict[str, dict[str, Update]],
+    ):
         self.parameters: dict[str, torch.nn.Parameter] = {}
         self.diffs: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for role, part in diffs.items():
@@ -131,15 +150,22 @@ class WeightDiffs:
                         f"{key}: a full-weight difference estlora does not place on {family.label} (diffusers drops"
                         " them); use --other-weights ignore",
                     )
-                parameter = _parameter(pipe, target)
-                if parameter is None or parameter.shape != diff.shape:
-                    why = "names no parameter of the pipeline" if parameter is None else (
-                        f"has shape {tuple(diff.shape)}, the parameter {tuple(parameter.shape)}"
-                    )
-                    raise LoraFormatError(loras[role].path, f"{key}: a full-weight difference that {why}")
-                self.parameters[".".join(target)] = parameter
-                self.diffs.setdefault(role, []).append((".".join(target), diff))
+                self._add(pipe, loras[role], role, key, target, diff)
+        for role, part in updates.items():
+            for module, update in part.items():
+                delta = dense_of(update) * update.scale
+                self._add(pipe, loras[role], role, module, (family.denoiser, f"{module}.weight"), delta)
         self.originals = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    def _add(self, pipe, lora: Lora, role: str, key: str, target: tuple[str, str], delta: torch.Tensor) -> None:
+        parameter = _parameter(pipe, target)
+        if parameter is None or parameter.shape != delta.shape:
+            why = "names no parameter of the pipeline" if parameter is None else (
+                f"has shape {tuple(delta.shape)}, the parameter {tuple(parameter.shape)}"
+            )
+            raise LoraFormatError(lora.path, f"{key}: a weight to merge that {why}")
+        self.parameters[".".join(target)] = parameter
+        self.diffs.setdefault(role, []).append((".".join(target), delta))
 
     def set_weights(self, weights: dict[str, float]) -> None:
         with torch.no_grad():
@@ -185,9 +211,9 @@ def _check_loadable(lora: Lora, tensors: dict[str, torch.Tensor]) -> None:
     if kinds:
         raise LoraFormatError(
             lora.path,
-            f"its {len(kinds)} LyCORIS LoKr / LoHa tensors outside the routed linears (e.g. {kinds[0]}) cannot be"
-            " merged (diffusers' loader reads no LyCORIS weights); route them (--route blocks) or use"
-            " --other-weights ignore",
+            f"its {len(kinds)} LyCORIS LoKr / LoHa tensors outside the denoiser's linears (e.g. {kinds[0]}) cannot"
+            " be merged (diffusers' loader reads no LyCORIS weights; estlora merges them on the transformer"
+            " blocks' linears only); use --other-weights ignore",
         )
 
 
