@@ -211,3 +211,8 @@ def test_flux_peft_dora_equals_peft_bit_for_bit(tmp_path):
         got = render(pipe)
     assert (expected - render(pipe)).abs().max() > 1e-3
     assert torch.equal(got, expected)
+
+
+def test_inspect_names_dora(peft_dora, capsys):
+    assert cli.main(["inspect", str(peft_dora)]) == 0
+    assert "kinds:       DoRA (560)" in capsys.readouterr().out

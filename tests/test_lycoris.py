@@ -412,6 +412,12 @@ def test_a_unit_is_gated_as_one(flux_pipe, tmp_path):
         fused = subject.projections[layers[members[0]]]
         assert sum(whole) == pytest.approx(S.lokr_energy(*fused.matrices(), fused.scale), rel=1e-9)
     assert plan.weights[:, :, 0].any() and plan.weights[:, :, 1].any()  # the gate does choose
+    assert plan.units == [[layers[m] for m in members] for members in scores.units]
+    assert plan.to_dict()["units"] == plan.units
+    from estlora.commands.plan_view import summary as plan_summary
+
+    text = plan_summary(plan, FLUX)
+    assert all(f"gated as one unit (a fused update that does not split): {', '.join(m)}" in text for m in plan.units)
 
 
 @pytest.mark.parametrize("prefix", ["transformer.", "lycoris_"])

@@ -237,6 +237,7 @@ class Plan:
     beta: float | None
     beta_source: str  # "given", "measured", "default" (not measured), or "unused"
     hashes: tuple[str, str] = ("", "")
+    units: list[list[str]] = field(default_factory=list)  # projections gated as one (`PairScores.units`)
 
     def flip_steps(self) -> list[int | None]:
         """Per projection, the first step whose choice differs from step 0 (None if it never changes)."""
@@ -262,6 +263,7 @@ class Plan:
             "subject_sha256": self.hashes[0],
             "style_sha256": self.hashes[1],
             "plan_hash": self.hash(),
+            "units": self.units,
             "layers": [
                 {
                     "name": name,
@@ -312,6 +314,7 @@ def build_plan(
         beta=beta,
         beta_source=source,
         hashes=hashes,
+        units=[[scores.layers[i] for i in members] for members in scores.units],
     )
 
 

@@ -75,6 +75,9 @@ def summary(plan: Plan, family: ModelFamily) -> str:
         f"{len(plan.layers)} projections: "
         + ", ".join(f"{n} {k}" for k, n in sorted(overall.items(), key=lambda kv: -kv[1])),
     ]
+    lines += [
+        f"gated as one unit (a fused update that does not split): {', '.join(members)}" for members in plan.units
+    ]
     header = f"{'block':28} {'proj':>4} {'subject@0':>9} {'style@end':>9} {'flip':>5}  first/median/last flip step"
     lines += ["", header]
     for block, indices in blocks(plan, family):

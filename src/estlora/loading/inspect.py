@@ -45,7 +45,7 @@ def training_info(metadata: dict[str, str], tags: int = 5) -> dict[str, str]:
     return info
 
 
-KIND_LABELS = {"lora": "LoRA", "lokr": "LyCORIS LoKr", "loha": "LyCORIS LoHa"}
+KIND_LABELS = {"lora": "LoRA", "lokr": "LyCORIS LoKr", "loha": "LyCORIS LoHa", "dora": "DoRA"}
 
 
 def per_route(lora: Lora) -> dict[str, int]:
