@@ -436,3 +436,19 @@ def test_flux_lycoris_under_diffusers_paths(flux_pipe, tmp_path, prefix):
     assert ours.family == "flux1" and list(ours.projections) == [module]
     torch.testing.assert_close(S.dense_of(ours.projections[module]), S.dense_of(twin.projections[module]))
     assert ours.projections[module].scale == twin.projections[module].scale
+
+
+def test_loha_routes_as_the_lora_of_its_khatri_rao_factors():
+    """(W1a W1b) * (W2a W2b) x through the rank r1 r2 factors U (V x) where they are smaller than the
+    dense matrix, else through the dense matrix: the same update either way."""
+    from estlora.runtime.deltas import DenseDelta, LoraDelta, delta_module
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 24, generator=generator, dtype=torch.float64)
+    for rank, kind in ((2, LoraDelta), (6, DenseDelta)):  # 4 x 48 < 24 x 24; 36 x 48 > 576
+        parts = {name: t.double() for name, t in loha_parts(24, 24, rank, generator).items()}
+        update = LohaFactors(alpha=1.0, dim=rank, w1=(parts["hada_w1_a"], parts["hada_w1_b"]), w2=(parts["hada_w2_a"], parts["hada_w2_b"]))
+        delta = delta_module(update, torch.device("cpu"), torch.float64, torch.nn.Linear(24, 24))
+        assert type(delta) is kind
+        expected = x @ ((parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])).T
+        torch.testing.assert_close(delta.delta(x), expected, rtol=1e-10, atol=1e-12)

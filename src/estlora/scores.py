@@ -98,13 +98,24 @@ def _kron_chunks(w1: torch.Tensor, w2: torch.Tensor, scale: float, rows: slice |
         yield block[max(first - offset, 0) : stop - offset]
 
 
+def loha_factors(
+    w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with (W1a W1b) * (W2a W2b) = U @ V: the row-wise and column-wise Khatri-Rao products
+    U[i,(a,b)] = W1a[i,a] W2a[i,b], V[(a,b),j] = W1b[a,j] W2b[b,j]. A LoHa is a LoRA of rank r1 r2."""
+    (a1, b1), (a2, b2) = (_wide(t) for t in w1), (_wide(t) for t in w2)
+    return (a1[:, :, None] * a2[:, None, :]).flatten(1), (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 at least: half-precision factors multiplied in fp32, fp64 ones kept."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def loha_energy(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor], scale: float) -> float:
-    """||s (W1a W1b) * (W2a W2b)||_F^2 = s^2 tr((U^T U)(V V^T)), U and V the row-wise and column-wise
-    Khatri-Rao products U[i,(a,b)] = W1a[i,a] W2a[i,b], V[(a,b),j] = W1b[a,j] W2b[b,j]: the Hadamard
-    product of two rank-r matrices is U @ V, of rank r1 r2, whose Grams are (r1 r2)^2."""
-    (a1, b1), (a2, b2) = (t.float() for t in w1), (t.float() for t in w2)
-    u = (a1[:, :, None] * a2[:, None, :]).flatten(1)
-    v = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+    """||s (W1a W1b) * (W2a W2b)||_F^2 = s^2 tr((U^T U)(V V^T)) with U, V the Khatri-Rao factors
+    (`loha_factors`), from their (r1 r2)^2 Grams."""
+    u, v = loha_factors(w1, w2)
     return scale**2 * float(((u.T @ u) * (v @ v.T)).sum(dtype=torch.float64))
 
 
@@ -180,8 +191,8 @@ def dense_of(update: Update) -> torch.Tensor:
         return update.up.float() @ update.down.float()
     if isinstance(update, LokrFactors):
         return torch.kron(*update.matrices())[update.rows or slice(None)]
-    (a1, b1), (a2, b2) = update.w1, update.w2
-    return (a1.float() @ b1.float()) * (a2.float() @ b2.float())
+    (a1, b1), (a2, b2) = (_wide(t) for t in update.w1), (_wide(t) for t in update.w2)
+    return (a1 @ b1) * (a2 @ b2)
 
 
 def gamma_reference(ratios: list[float]) -> float:

@@ -4,8 +4,10 @@ A LoRA is two thin matmuls in peft's order, so that a plan mirroring a diffusers
 the same bits; so is a DoRA, whose rescaling of W0 + s B A needs the base output and weight too. A
 LoKr is applied as the Kronecker product it is, never formed: with x read as a (b, d) matrix X,
 kron(W1, W2) x = vec(W1 X W2^T), a (b d c + a b c)-multiply product instead of the (a c)(b d) of the
-dense matrix (96% fewer on a 3072-wide linear with W1 and W2 48 x 48 and 64 x 64). A LoHa's Hadamard product has no
-such shortcut: it is formed once, as LyCORIS forms it, and applied as one matrix.
+dense matrix (96% fewer on a 3072-wide linear with W1 and W2 48 x 48 and 64 x 64). A LoHa is the LoRA
+of rank r1 r2 its Khatri-Rao factors make (`scores.loha_factors`), applied as such where that is
+smaller than the dense matrix (r1 r2 (out + in) < out in: up to dim 39 on a 3072-wide linear), else
+formed once, as LyCORIS forms it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..scores import dense_of
-from ..updates import DoraFactors, LokrFactors, LoraFactors, Update
+from ..scores import dense_of, loha_factors
+from ..updates import DoraFactors, LohaFactors, LokrFactors, LoraFactors, Update
 
 
 class Delta(nn.Module):
@@ -63,7 +65,7 @@ class KronDelta(Delta):
 
 
 class DenseDelta(Delta):
-    """delta W x with delta W formed once (LoHa)."""
+    """delta W x with delta W formed once (a LoHa of high dims)."""
 
     def __init__(self, update: Update, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -115,5 +117,10 @@ def delta_module(update: Update, device: torch.device, dtype: torch.dtype, base:
     """The module that adds `update` to the output of the linear `base`, on `device` in `dtype`."""
     if isinstance(update, DoraFactors):
         return DoraDelta(update, device, dtype, base)
-    kind = {"lora": LoraDelta, "lokr": KronDelta}.get(update.kind, DenseDelta)
+    if isinstance(update, LohaFactors):
+        up, down = loha_factors(update.w1, update.w2)
+        if down.shape[0] * (up.shape[0] + down.shape[1]) < up.shape[0] * down.shape[1]:
+            return LoraDelta(LoraFactors(down=down, up=up, alpha=update.alpha), device, dtype)
+        return DenseDelta(update, device, dtype)
+    kind = {"lora": LoraDelta, "lokr": KronDelta}[update.kind]
     return kind(update, device, dtype)
