@@ -73,6 +73,52 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_auth_is_read_from_the_flag_or_a_file(tmp_path):
+    from estlora.errors import SettingError
+    from estlora.ui import read_auth
+
+    assert read_auth(None) is None and read_auth("ann:s3:cret") == [("ann", "s3:cret")]
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# who may render\nann:secret\n\nbob:hunter2\n")
+    assert read_auth(str(logins)) == [("ann", "secret"), ("bob", "hunter2")]
+    for bad in ("password-only", ":secret", "ann:"):
+        with pytest.raises(SettingError, match="expects user:password") as info:
+            read_auth(bad)
+        assert bad.strip(":") not in str(info.value)  # a mistyped password is never echoed
+
+
+def test_open_to_the_network_warns_and_auth_asks_for_a_login(tmp_path, monkeypatch, capsys):
+    """--host 0.0.0.0 says so on the console; with --auth the page and its API answer only after a login."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from estlora import ui
+
+    assert ui.network_warning("127.0.0.1", 7860, None) is None and ui.network_warning("localhost", 1, None) is None
+    assert "open to the network on 0.0.0.0:7860" in ui.network_warning("0.0.0.0", 7860, None)
+    assert "--auth user:password" in ui.network_warning("0.0.0.0", 7860, None)
+    assert "asks for one of 1 logins" in ui.network_warning("0.0.0.0", 7860, [("a", "b")])
+    monkeypatch.setenv(ui.OUT_ENV, str(tmp_path / "out"))
+    app = ui.launch(None, "127.0.0.1", free_port(), block=False, auth=[("ann", "secret")])
+    try:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(app.local_url + "config")
+        assert refused.value.code == 401
+        for password, status in (("wrong", 400), ("secret", 200)):
+            data = urllib.parse.urlencode({"username": "ann", "password": password}).encode()
+            try:
+                code = opener.open(app.local_url + "login", data=data).status
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+            assert code == status
+        assert opener.open(app.local_url + "config").status == 200
+    finally:
+        app.close()
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     from estlora import ui
@@ -240,7 +286,7 @@ def test_second_request_waits_in_the_queue(browser, page, app_url):
     other.close()
 
 
-def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch):
+def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
     """The same settings with a non-default sampler: the page and `estlora generate` measure the same
     beta (both probe under that sampler) and render the same pixels. Each measures afresh (own cache)."""
     from PIL import Image
@@ -259,12 +305,15 @@ def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch):
     page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling), **chosen}
     page |= {"subject_choice": "toy:heart", "subject_file": None, "style_choice": "toy:outline", "style_file": None}
     page |= {"prompt": prompt, "beta_mode": "auto", "beta": 0.5}
+    capfd.readouterr()
     images, notes, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None)
+    assert "it/s" not in capfd.readouterr().err  # no tqdm bar per render in the server's console
     ((ui_png, _),) = images
 
     cli_meta, ui_meta = (json.loads(Path(p).with_suffix(".json").read_text()) for p in (cli_png, ui_png))
     assert cli_meta["beta_source"] == ui_meta["beta_source"] == "measured"
     assert cli_meta["beta"] == ui_meta["beta"] and f"beta = {ui_meta['beta']:.4g}" in notes
+    assert "1 - the toy scorer's cosine" in notes and "DINO" not in notes  # the toy base measures with its scorer
     assert cli_meta["scheduler"] == ui_meta["scheduler"] == "EulerAncestralDiscreteScheduler"
     assert np.array_equal(np.asarray(Image.open(cli_png)), np.asarray(Image.open(ui_png)))
     assert cli_meta["command"] == ui_meta["command"]

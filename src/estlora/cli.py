@@ -247,9 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    from .ui import launch
+    from .ui import launch, read_auth
 
-    launch(base=args.base, base_config=args.base_config, vae=args.vae, host=args.host, port=args.port)
+    auth = read_auth(args.auth)
+    launch(base=args.base, base_config=args.base_config, vae=args.vae, host=args.host, port=args.port, auth=auth)
 
 
 # ---------------------------------------------------------------- the parser
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument(vae.flag, help=vae.help)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument(
+        "--auth", help="ask for a login: user:password, or a file of user:password lines (with --host 0.0.0.0)"
+    )
     ui.set_defaults(func=cmd_ui)
     return parser
 

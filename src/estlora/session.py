@@ -89,6 +89,18 @@ class Session:
         self.label = source.label if source else (self.model.base or f"the pipeline's {self.family.denoiser}")
         self.loras: dict[tuple, Lora] = {}  # by file_key
         self.fusion: Fusion | None = None
+        self._console_progress = True
+
+    @property
+    def console_progress(self) -> bool:
+        """Whether the pipeline draws its tqdm bar on the console (renders and beta probes); a page
+        that shows its own progress turns it off."""
+        return self._console_progress
+
+    @console_progress.setter
+    def console_progress(self, shown: bool) -> None:
+        self._console_progress = shown
+        self.pipe.set_progress_bar_config(disable=not shown)
 
     @classmethod
     def open(cls, model: ModelConfig, check: Request | None = None, report=print) -> Session:
@@ -192,7 +204,7 @@ class Session:
         pipeline as `callback_on_step_end` (a progress display)."""
         if self.fusion is not prepared.fusion:
             raise RuntimeError("render a prepared request on the session that prepared it, before the next configure")
-        self.pipe.set_progress_bar_config(desc=label or None, leave=False)
+        self.pipe.set_progress_bar_config(desc=label or None, leave=False, disable=not self.console_progress)
         kwargs = self.family.call_arguments(prepared.request.sampling, prepared.steps)
         if callback is not None:
             kwargs["callback_on_step_end"] = callback

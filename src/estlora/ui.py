@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +35,7 @@ OTHER_PROMPT = "a photo of sks dog in szn style"
 MAX_UPLOAD_ENV = "ESTLORA_UI_MAX_UPLOAD_MB"  # uploads above this many MiB are refused (default 1024)
 OUT_ENV = "ESTLORA_UI_OUT"  # where images are saved (default ./estlora-ui-outputs)
 BETA_NOTES = {
-    "measured": "measured: 1 - DINO cosine of the subject-only and style-only renders",
+    "measured": "measured: 1 - {embedder} cosine of the subject-only and style-only renders",
     "given": "given",
     "default": "K-LoRA's default, not measured",
 }
@@ -86,7 +87,7 @@ class Studio:
         self.session = Session.open(
             ModelConfig(base=self.base, base_config=base_config, vae=vae), report=lambda _: None
         )
-        self.session.pipe.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's console
+        self.session.console_progress = False  # progress goes to the page, not the server's console
         self.preset = self.session.source.preset
         self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
         self.base_name = self.session.label
@@ -242,7 +243,10 @@ def beta_note(prepared) -> str:
     if not prepared.fusion.config.gated:
         return "beta not used"
     cached = ", cached" if prepared.probe is not None and prepared.probe.cached else ""
-    return f"beta = {plan.beta:.4g} ({BETA_NOTES[plan.beta_source]}{cached})"
+    model = prepared.request.sampling.dino_model or ""
+    embedder = "DINO" if "/" in model or "dino" in model.lower() or not model else f"the {model} scorer's"
+    note = BETA_NOTES[plan.beta_source].format(embedder=embedder)
+    return f"beta = {plan.beta:.4g} ({note}{cached})"
 
 
 def lora_message(role: str, exc: LoraError) -> str:
@@ -388,6 +392,39 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
     return app
 
 
+def read_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`--auth user:password`, or a file of such lines (blank lines and `#` comments skipped)."""
+    if not value:
+        return None
+    path = Path(value)
+    lines = path.read_text().splitlines() if path.is_file() else [value]
+    pairs = []
+    for line in (line.strip() for line in lines):
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not (user and colon and password):
+            where = f"{path}: " if path.is_file() else ""
+            raise SettingError("auth", f"{where}expects user:password, or a file of such lines; a line lacks its colon")
+        pairs.append((user, password))
+    if not pairs:
+        raise SettingError("auth", f"{path} holds no user:password line")
+    return pairs
+
+
+def network_warning(host: str, port: int, auth: list | None) -> str | None:
+    """What to say when the page listens beyond this machine (None on a loopback address)."""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    guard = (
+        f"it asks for one of {len(auth)} logins (--auth)"
+        if auth
+        else "anyone who can reach this machine can render on it and read its outputs; "
+        "--auth user:password asks for a login"
+    )
+    return f"warning: the page is open to the network on {host}:{port}: {guard}"
+
+
 def launch(
     base: str | None = None,
     host: str = "127.0.0.1",
@@ -395,8 +432,13 @@ def launch(
     block: bool = True,
     base_config: str | None = None,
     vae: str | None = None,
+    auth: list[tuple[str, str]] | None = None,
 ):
-    """Serve the page (this machine only unless `host` says otherwise); returns the app when not blocking."""
+    """Serve the page (this machine only unless `host` says otherwise; `auth`: the logins it asks for);
+    returns the app when not blocking."""
+    warning = network_warning(host, port, auth)
+    if warning:
+        print(warning, file=sys.stderr)
     app = build_app(base, base_config, vae)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -408,5 +450,6 @@ def launch(
         show_error=True,
         prevent_thread_lock=not block,
         quiet=not block,
+        auth=auth,
     )
     return app
