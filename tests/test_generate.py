@@ -57,6 +57,11 @@ def test_generate_writes_images_with_settings(tiny_dir, tmp_path, capsys):
         sidecar = json.loads(png.with_suffix(".json").read_text())
         assert json.loads(Image.open(png).text["estlora"]) == sidecar
         settings = sidecar["settings"]
+        prompt, details = Image.open(png).text["parameters"].split("\n")  # A1111's chunk, for other tools
+        assert prompt == settings["prompt"]
+        assert details.startswith(f"Steps: 3, Sampler: {settings['scheduler']}, CFG scale: {settings['guidance']}")
+        assert f"Seed: {seed}, Size: 64x64" in details and 'EST-LoRA: "method: est, beta: 0.7"' in details
+        assert f"{sidecar['subject_sha256'][:10]}" in details and f"{sidecar['style_sha256'][:10]}" in details
         assert (settings["seed"], settings["steps"], settings["method"], sidecar["beta"]) == (seed, 3, "est", 0.7)
         assert sidecar["beta_source"] == "given"
         assert len(sidecar["plan_hash"]) == 16 and sidecar["gamma"] > 0

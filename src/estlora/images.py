@@ -29,14 +29,45 @@ def regenerate_command(settings: dict) -> str:
     return shlex.join(words)
 
 
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text A1111 writes and other tools read (its PNG Info, Forge, Civitai, ComfyUI
+    readers): the prompt, `Negative prompt: ...`, then one line of `Key: value` pairs, values with a
+    comma quoted. Hashes are A1111's short form, the file's sha256 cut to 10 digits."""
+    settings = meta.get("settings", {})
+    lines = [settings.get("prompt", "")]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    loras = {
+        Path(str(settings.get(role) or role)).stem.replace(":", "-"): meta.get(f"{role}_sha256", "")[:10]
+        for role in ("subject", "style")
+    }
+    beta = meta.get("beta")
+    pairs = {
+        "Steps": settings.get("steps"),
+        "Sampler": settings.get("scheduler") or meta.get("scheduler"),
+        "CFG scale": settings.get("guidance"),
+        "Seed": settings.get("seed"),
+        "Size": f"{settings.get('width')}x{settings.get('height')}" if settings.get("width") else None,
+        "Model": settings.get("base"),
+        "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in loras.items() if digest),
+        "EST-LoRA": f"method: {settings.get('method')}" + (f", beta: {beta:.4g}" if beta is not None else ""),
+        "Version": f"estlora {meta.get('estlora', '')}".strip(),
+    }
+    quoted = {k: (f'"{v}"' if "," in str(v) or ":" in str(v) else v) for k, v in pairs.items() if v not in (None, "")}
+    lines.append(", ".join(f"{key}: {value}" for key, value in quoted.items()))
+    return "\n".join(lines)
+
+
 def save_image(image, path: Path, meta: dict) -> Path:
-    """PNG with an `estlora` text chunk, plus a JSON sidecar; both written atomically."""
+    """PNG with an `estlora` text chunk (every setting, as JSON) and A1111's `parameters` chunk, plus a
+    JSON sidecar; all written atomically."""
     from PIL.PngImagePlugin import PngInfo
 
     text = json.dumps(meta, indent=2)
     write_text(path.with_suffix(".json"), text + "\n")
     info = PngInfo()
     info.add_text("estlora", text)
+    info.add_text("parameters", a1111_parameters(meta))
     with atomic_path(path) as staging:
         image.save(staging, format="PNG", pnginfo=info)
     return path
