@@ -245,7 +245,7 @@ class Lora:
         names; LoKr and LoHa projections are not among them (`unrouted_updates`: no loader reads them)."""
         left = dict(self.other)
         for module, tensors in self.projection_keys.items():
-            if module not in routed and self.projections[module].kind not in MERGED_BY_ESTLORA:
+            if module not in routed and getattr(self.projections.get(module), "kind", "lora") not in MERGED_BY_ESTLORA:
                 left.update(tensors)
         return left
 
