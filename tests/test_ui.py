@@ -212,6 +212,27 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     assert "--subject toy:heart" in meta["command"] and "--route attention" in meta["command"]  # resolved
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("#steps", "0", "steps: must be at least 1, not 0"),
+        ("#steps", "2.5", "steps: must be a whole number, not 2.5"),
+        # the browser's number box holds 2**64 as a double, and sends it as 18446744073709552000
+        ("#seed", str(2**64), "seed: must be at most 9223372036854775807, not 18446744073709552000"),
+    ],
+    ids=["steps-0", "steps-fraction", "seed-overflow"],
+)
+def test_a_value_out_of_range_is_named_never_changed(page, field, value, words):
+    """What is typed stays as typed (no slider clamps it, no rounding), and Generate answers with the
+    field and its range, from the settings' own declaration."""
+    set_number(page, field, value)
+    if field == "#steps":
+        expect(page.locator(f"{field} input[type=number]")).to_have_value(value)
+    page.locator("#generate").click()
+    expect_error(page, words)
+    expect(page.locator(".toast-body", has_text="&#x27;")).to_have_count(0)
+
+
 def test_compare_two_methods_side_by_side(page):
     page.locator("#compare-methods label", has_text="klora").uncheck()
     page.locator("#compare-methods label", has_text="merge").check()

@@ -41,6 +41,13 @@ DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # `estlora eval`'s text-image scorer
 
 
+def number(value: float) -> str:
+    """A limit or a value as a person reads it: whole numbers in full (a seed's 9223372036854775807,
+    not 9.22337e+18), others short (0.05)."""
+    whole = isinstance(value, int) or (float(value).is_integer() and abs(value) < 1e21)
+    return str(int(value)) if whole else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting as every front end shows it."""
@@ -83,9 +90,9 @@ class Setting:
             if not math.isfinite(value):
                 raise self._error(f"must be a finite number, not {value}")
             if self.minimum is not None and value < self.minimum:
-                raise self._error(f"must be at least {self.minimum:g}, not {value:g}")
+                raise self._error(f"must be at least {number(self.minimum)}, not {number(value)}")
             if self.maximum is not None and value > self.maximum:
-                raise self._error(f"must be at most {self.maximum:g}, not {value:g}")
+                raise self._error(f"must be at most {number(self.maximum)}, not {number(value)}")
             return value
         if not isinstance(value, str):
             raise self._error(f"must be text, not {value!r}")
@@ -235,7 +242,13 @@ class SamplingConfig(Settings):
 
     negative_prompt: str | None = setting(None, "what the image should not show")
     steps: int | None = setting(
-        None, "denoising steps", minimum=1, unset="the model family's", ui=(1, 100, 1), family_default="default_steps"
+        None,
+        "denoising steps",
+        minimum=1,
+        maximum=1000,  # the schedulers' training timesteps: more steps than these fail inside diffusers
+        unset="the model family's",
+        ui=(1, 100, 1),
+        family_default="default_steps",
     )
     scheduler: str = setting(
         "default",
@@ -263,8 +276,10 @@ class SamplingConfig(Settings):
         maximum=1,
         ui=(0, 1, 0.05),
     )
-    width: int | None = setting(None, "image width", minimum=8, unset="the base's own", ui=(32, 2048, 8))
-    height: int | None = setting(None, "image height", minimum=8, unset="the base's own", ui=(32, 2048, 8))
+    width: int | None = setting(None, "image width", minimum=8, maximum=8192, unset="the base's own", ui=(32, 2048, 8))
+    height: int | None = setting(
+        None, "image height", minimum=8, maximum=8192, unset="the base's own", ui=(32, 2048, 8)
+    )
     true_cfg: float | None = setting(
         None,
         "true classifier-free guidance with the negative prompt, for models whose guidance is embedded "
@@ -275,8 +290,9 @@ class SamplingConfig(Settings):
     max_sequence_length: int | None = setting(
         None, "prompt tokens the T5 text encoder reads (FLUX.1)", minimum=1, unset="the pipeline's (FLUX.1: 512)"
     )
-    seed: int = setting(0, "seed of the first image; image k uses seed + k", minimum=0)
-    num_images: int = setting(1, "images to render", minimum=1, ui=(1, 8, 1))
+    # torch's generators take seeds up to 2**64 - 1; an image k beyond the first adds k
+    seed: int = setting(0, "seed of the first image; image k uses seed + k", minimum=0, maximum=2**63 - 1)
+    num_images: int = setting(1, "images to render", minimum=1, maximum=1000, ui=(1, 8, 1))
     beta_probe_steps: int | None = setting(None, "steps of the beta probe renders", minimum=1, unset="--steps")
     dino_model: str | None = setting(
         None, "image model beta is measured with (hub id or folder)", unset=f"{DEFAULT_DINO} (toy base: its scorer)"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .commands.plan_view import heatmap, summary
-from .config import FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of
+from .config import FusionConfig, ModelConfig, SamplingConfig, Setting, number, settings_of
 from .errors import EstloraError, LoraError, SettingError
 from .loading.inspect import training_info
 from .loading.lora import check_pair
@@ -256,8 +256,9 @@ def lora_message(role: str, exc: LoraError) -> str:
 
 
 def user_error(message: str):
-    """A one-line message in the page (escaped: it may quote a file name), without a server traceback."""
-    return _gradio().Error(html.escape(message), print_exception=False)
+    """A one-line message in the page, without a server traceback. Markup is escaped (it may quote a file
+    name) but quotes are not: the API's clients read the message as text, and `&#x27;` is noise there."""
+    return _gradio().Error(html.escape(message, quote=False), print_exception=False)
 
 
 def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, step: float | None = None):
@@ -270,13 +271,25 @@ def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, ste
         return kind(options, value=DEFAULT if value is None else value, label=label, info=info, elem_id=elem_id)
     if item.kind is bool:
         return gr.Checkbox(value, label=label, info=info, elem_id=elem_id)
-    if item.kind in (int, float) and item.ui:
-        low, high, default_step = item.ui
-        return gr.Slider(low, high, value, step=step or default_step, label=label, info=info, elem_id=elem_id)
-    if item.kind in (int, float) and value is not None:  # out-of-range values get our message, not Gradio's
-        return gr.Number(value, precision=0 if item.kind is int else None, label=label, info=info, elem_id=elem_id)
+    if item.kind in (int, float) and value is not None:
+        # A number box, not a slider, and no limits or rounding of Gradio's: a slider clamps what is typed
+        # (1000 steps became 100) and rounding turned 2.5 steps into 2. The declaration checks the value
+        # and says which field and range (`Setting.check`).
+        default_step = item.ui[2] if item.ui else None
+        return gr.Number(value, step=step or default_step or 1, label=label, info=_with_range(item), elem_id=elem_id)
     # text, or a number left unset by default: blank is the default, which the placeholder names
     return gr.Textbox(value or "", placeholder=item.unset or None, label=label, info=info, elem_id=elem_id)
+
+
+def _with_range(item: Setting) -> str:
+    """A setting's help with its declared range, where it has one."""
+    low, high = item.minimum, item.maximum
+    if low is None and high is None:
+        return item.help
+    span = f"{number(low)} to {number(high)}" if low is not None and high is not None else (
+        f"at least {number(low)}" if low is not None else f"at most {number(high)}"
+    )
+    return f"{item.help} ({span})"
 
 
 def build_app(base: str | None = None, base_config: str | None = None, vae: str | None = None) -> gr.Blocks:
