@@ -233,6 +233,35 @@ def test_a_value_out_of_range_is_named_never_changed(page, field, value, words):
     expect(page.locator(".toast-body", has_text="&#x27;")).to_have_count(0)
 
 
+def test_dice_draws_a_seed_and_ctrl_enter_generates(page):
+    """The dice puts a random seed in the seed box (so it is seen, and saved with the image), and
+    Ctrl+Enter in the prompt generates, as in A1111 and ComfyUI."""
+    seed = page.locator("#seed input[type=number]")
+    page.locator("#random-seed").click()
+    expect(seed).not_to_have_value("0")
+    drawn = seed.input_value()
+    page.locator("#prompt textarea").press("Control+Enter")
+    image = page.locator("#gallery img")
+    expect(image).to_have_count(1)
+    expect(image).to_have_attribute("alt", f"est · seed {drawn}")
+    assert png_settings(page, image.get_attribute("src"))["settings"]["seed"] == int(drawn)
+
+
+def test_a_png_made_here_loads_every_setting(page, tmp_path):
+    """Dropping a PNG estlora wrote sets the page to its settings (its beta as a manual one)."""
+    from estlora.cli import main
+
+    words = ["generate", "--base", "toy", "--subject", "toy:heart", "--style", "toy:outline", "--prompt", "a sks shape"]
+    assert main([*words, "--steps", "4", "--seed", "7", "--method", "klora", "--out", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    page.locator("#settings-png input[type=file]").set_input_files(png)
+    expect(page.locator("#lora-info")).to_contain_text(f"Loaded the settings of {png.name}.")
+    expect(page.locator("#steps input[type=number]")).to_have_value("4")
+    expect(page.locator("#seed input[type=number]")).to_have_value("7")
+    expect(page.locator("#prompt textarea")).to_have_value("a sks shape")
+    expect(page.locator("#method input[value=klora]")).to_be_checked()
+
+
 def test_compare_two_methods_side_by_side(page):
     page.locator("#compare-methods label", has_text="klora").uncheck()
     page.locator("#compare-methods label", has_text="merge").check()
@@ -338,3 +367,8 @@ def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
     assert cli_meta["scheduler"] == ui_meta["scheduler"] == "EulerAncestralDiscreteScheduler"
     assert np.array_equal(np.asarray(Image.open(cli_png)), np.asarray(Image.open(ui_png)))
     assert cli_meta["command"] == ui_meta["command"]
+    values, note = studio.settings_from_png(cli_png, set(page))  # the CLI's image, its settings back in the page
+    assert (values["steps"], values["scheduler"], values["seed"], values["prompt"]) == (4, "euler-a", 2, prompt)
+    assert (values["beta_mode"], values["beta"]) == ("manual", cli_meta["beta"])  # the image's own beta
+    assert (values["subject_choice"], values["style_choice"]) == ("toy:heart", "toy:outline")
+    assert note == f"Loaded the settings of {cli_png.name}."

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
+import secrets
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +41,15 @@ BETA_NOTES = {
     "given": "given",
     "default": "K-LoRA's default, not measured",
 }
+# Ctrl+Enter (Cmd+Enter) generates from anywhere on the page, as in A1111 and ComfyUI.
+SHORTCUTS = """<script>
+document.addEventListener("keydown", (event) => {
+  if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+    const button = document.querySelector("#generate");
+    if (button) { event.preventDefault(); button.click(); }
+  }
+});
+</script>"""
 # Settings shown above the option panels; the rest follow in declaration order.
 UP_FRONT = ("negative_prompt", "method", "beta")
 
@@ -96,6 +107,9 @@ class Studio:
         resolved = self.session.resolve(Request("", "", ""))
         self.defaults = dataclasses.replace(resolved, fusion=FusionConfig())
         self.max_upload = max_upload_bytes()
+        # settings the page shows as a choice, where None is the `default` entry
+        self.choice_fields = {item.name for group in (FusionConfig, SamplingConfig) for item in settings_of(group)
+                              if item.optional and item.choices}
 
     @property
     def pipe(self):
@@ -161,6 +175,34 @@ class Studio:
             )
         return "\n".join(lines)
 
+    def settings_from_png(self, path: str, names: set[str]) -> tuple[dict, str]:
+        """The page's values from a PNG estlora wrote (its `estlora` text chunk), for the fields in
+        `names`, and a line saying what was loaded: its beta as a manual one (the image's own), a LoRA
+        that is not one of this base's built-in choices named for upload."""
+        from PIL import Image
+
+        try:
+            meta = json.loads(Image.open(path).text["estlora"])
+            settings = dict(meta["settings"])
+        except (OSError, KeyError, ValueError, TypeError):
+            raise user_error(f"{Path(path).name}: not a PNG written by estlora (no settings in it)") from None
+        values = {}
+        for name, value in settings.items():
+            if name in names and name not in ("subject", "style", "beta"):
+                values[name] = value if value is not None else DEFAULT if name in self.choice_fields else ""
+        if meta.get("beta") is not None:
+            values |= {"beta_mode": "manual", "beta": meta["beta"]}
+        missing = []
+        for role in ("subject", "style"):
+            source = str(settings.get(role) or "")
+            if source in self.builtin[role]:
+                values[f"{role}_choice"] = source
+            else:
+                missing.append(f"{role} {Path(source).name or '?'}")
+        note = f"Loaded the settings of {Path(path).name}"
+        note += f"; upload its LoRAs: {', '.join(missing)}." if missing else "."
+        return {name: value for name, value in values.items() if name in names}, note
+
     # ------------------------------------------------------------ rendering
 
     def request(self, settings: dict) -> Request:
@@ -180,14 +222,16 @@ class Studio:
         except SettingError as exc:
             raise user_error(str(exc)) from None
 
-    def run(self, settings: dict, methods: list[str], num_images: int, progress) -> tuple:
-        """Render `num_images` seeds with every method into a new run folder; what the result panel shows."""
+    def run(self, settings: dict, methods: list[str], num_images: int | None, progress) -> tuple:
+        """Render `num_images` seeds (None: the page's images setting, checked) with every method into a
+        new run folder; what the result panel shows."""
         if not settings["prompt"].strip():
             raise user_error("write a prompt")
         if not methods:
             raise user_error("tick at least one method to compare")
         base_request = self.request(settings)
-        seeds = [base_request.sampling.seed + k for k in range(num_images)]
+        count = base_request.sampling.num_images if num_images is None else num_images
+        seeds = [base_request.sampling.seed + k for k in range(count)]
         run_dir = self.out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         steps = StepProgress(progress)
         images, heatmaps, files, notes, summaries = [], [], [], [], []
@@ -330,6 +374,10 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                                 elem_id=f"{role}-file",
                             )
                 load = gr.Button("Load LoRAs", elem_id="load")
+                settings_png = gr.File(
+                    label="or load every setting from a PNG made here", file_types=[".png"], height=90,
+                    elem_id="settings-png",
+                )
                 lora_info = gr.Markdown(elem_id="lora-info")
                 prompt = preset.prompt if preset and preset.prompt else OTHER_PROMPT
                 fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
@@ -349,6 +397,8 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                     for item in sampling:
                         if item.name not in UP_FRONT:
                             add(item.name)
+                        if item.name == "seed":  # the seed drawn is shown in its box and saved with the image
+                            dice = gr.Button("🎲 random seed", size="sm", elem_id="random-seed")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Row():
                     compare_methods = gr.CheckboxGroup(
@@ -383,7 +433,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
 
         def on_generate(values: dict, progress=gr.Progress()):  # noqa: B008 (Gradio injects it by default)
             settings = named(values)
-            return studio.run(settings, [settings["method"]], int(settings["num_images"]), progress)
+            return studio.run(settings, [settings["method"]], None, progress)
 
         def on_compare(values: dict, progress=gr.Progress()):  # noqa: B008
             return studio.run(named(values), values[compare_methods], 1, progress)
@@ -394,8 +444,17 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
         # One queue slot for everything that uses the studio: a second request waits for the first.
         serial = {"concurrency_id": "studio", "concurrency_limit": 1}
         generate.click(on_generate, inputs, outputs, show_progress_on=gallery, **serial)
+        dice.click(lambda: secrets.randbelow(2**32), None, fields["seed"], queue=False)
         compare.click(on_compare, inputs | {compare_methods}, outputs, show_progress_on=gallery, **serial)
         load.click(on_load, inputs, lora_info, **serial)
+
+        def on_settings_png(path: str | None) -> dict:
+            if not path:
+                return {lora_info: gr.skip()}
+            values, note = studio.settings_from_png(path, set(fields))
+            return {fields[name]: value for name, value in values.items()} | {lora_info: note}
+
+        settings_png.upload(on_settings_png, settings_png, [*fields.values(), lora_info], queue=False)
         for role in ("subject", "style"):
             choice, upload = fields[f"{role}_choice"], fields[f"{role}_file"]
             default = choice.value
@@ -456,6 +515,7 @@ def launch(
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
     app.launch(
+        head=SHORTCUTS,
         server_name=host,
         server_port=port,
         max_file_size=max_upload_bytes(),
