@@ -204,6 +204,10 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     expect(page.locator("#plan-summary")).to_contain_text("method est, 3 steps")
     expect(page.locator("#files a[href$='/est-seed0.json']")).to_have_count(1)
     shot(page, "generate")
+    # the result whole and enlarged without blur (toy images are 32 px), not stretched into a clipped pane
+    assert image.evaluate("e => getComputedStyle(e).objectFit") == "contain"
+    assert image.evaluate("e => getComputedStyle(e).imageRendering") == "pixelated"
+    assert image.bounding_box()["width"] >= 128
 
     meta = png_settings(page, image.get_attribute("src"))
     assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
@@ -260,6 +264,16 @@ def test_a_png_made_here_loads_every_setting(page, tmp_path):
     expect(page.locator("#seed input[type=number]")).to_have_value("7")
     expect(page.locator("#prompt textarea")).to_have_value("a sks shape")
     expect(page.locator("#method input[value=klora]")).to_be_checked()
+
+
+def test_generate_and_its_progress_are_in_view_together(page):
+    """At 1920 x 1080 the Generate button and the images pane (where progress and the result show) are
+    both on screen without scrolling, beside the prompt."""
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    page.evaluate("window.scrollTo(0, 0)")  # the fixture typed the steps further down
+    for element in ("#prompt", "#generate", "#gallery"):
+        box = page.locator(element).bounding_box()
+        assert box["y"] >= 0 and box["y"] + min(box["height"], 60) <= 1080, element
 
 
 def test_compare_two_methods_side_by_side(page):

@@ -50,6 +50,8 @@ document.addEventListener("keydown", (event) => {
   }
 });
 </script>"""
+# Small images (toy: 32 px) enlarged for display without blur.
+CSS = "#gallery img { image-rendering: pixelated; }"
 # Settings shown above the option panels; the rest follow in declaration order.
 UP_FRONT = ("negative_prompt", "method", "beta")
 
@@ -381,6 +383,16 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                 lora_info = gr.Markdown(elem_id="lora-info")
                 prompt = preset.prompt if preset and preset.prompt else OTHER_PROMPT
                 fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
+                # The action beside the prompt, its progress and result in the column next to it, in view.
+                generate = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
+                with gr.Row():
+                    compare_methods = gr.CheckboxGroup(
+                        list(by_name["method"].choices),
+                        value=["est", "klora"],
+                        label="Compare: the same seed with these methods",
+                        elem_id="compare-methods",
+                    )
+                    compare = gr.Button("Compare", elem_id="compare")
                 add("negative_prompt")
                 add("method")
                 beta = by_name["beta"]
@@ -399,17 +411,13 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                             add(item.name)
                         if item.name == "seed":  # the seed drawn is shown in its box and saved with the image
                             dice = gr.Button("🎲 random seed", size="sm", elem_id="random-seed")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Row():
-                    compare_methods = gr.CheckboxGroup(
-                        list(by_name["method"].choices),
-                        value=["est", "klora"],
-                        label="Compare: the same seed with these methods",
-                        elem_id="compare-methods",
-                    )
-                    compare = gr.Button("Compare", elem_id="compare")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", columns=4, object_fit="contain", height=360, elem_id="gallery")
+                # Each image whole (contain, no preview pane stretching one image over the width); a click
+                # opens it full size; small (toy) images are enlarged without blur (CSS below).
+                gallery = gr.Gallery(
+                    label="Images", columns=2, object_fit="contain", height="auto", preview=False,
+                    allow_preview=True, elem_id="gallery",
+                )
                 result = gr.Markdown(elem_id="result")
                 heatmaps = gr.Gallery(
                     label="Plan: projections (rows) x denoising steps; orange subject, blue style, purple both",
@@ -516,6 +524,7 @@ def launch(
     out.mkdir(parents=True, exist_ok=True)
     app.launch(
         head=SHORTCUTS,
+        css=CSS,
         server_name=host,
         server_port=port,
         max_file_size=max_upload_bytes(),
