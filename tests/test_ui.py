@@ -350,6 +350,42 @@ def test_second_request_waits_in_the_queue(browser, page, app_url):
     other.close()
 
 
+def test_stop_ends_the_run_between_steps(page):
+    """Stop ends this page's run at the next step, says so, and the app carries on."""
+    set_number(page, "#steps", "40")
+    for side in ("#width", "#height"):
+        set_number(page, side, "256")
+    page.locator("#generate").click()
+    expect(page.locator("#gallery")).to_contain_text(re.compile(r"[1-9]\d*/40 steps"))
+    page.locator("#stop").click()
+    expect_error(page, "stopped: the image in progress was not saved")
+    for field, value in (("#steps", STEPS), ("#width", "32"), ("#height", "32")):
+        set_number(page, field, value)
+    page.locator("#generate").click()
+    expect(page.locator("#gallery img")).to_have_attribute("alt", "est · seed 0")
+
+
+def test_a_stopped_run_saves_no_partial_image(tmp_path):
+    """The image being rendered when Stop comes is not written; the pipeline is free for the next run."""
+    from estlora.ui import Studio
+
+    studio = Studio(None, tmp_path / "ui")
+    page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
+    page |= {"subject_choice": "toy:heart", "subject_file": None, "style_choice": "toy:outline", "style_file": None}
+    page |= {"prompt": "a sks shape", "beta_mode": "manual", "beta": 0.5, "steps": 6}
+
+    def progress(done, **_):  # the page's progress bar: Stop arrives after the second step
+        if done[0] == 2:
+            studio.stop("tab")
+
+    studio.stop("tab")  # no run in progress: nothing to stop
+    with pytest.raises(Exception, match="stopped: the image in progress was not saved"):
+        studio.run(page, ["est"], 1, progress, owner="tab")
+    assert not list((tmp_path / "ui").rglob("*.png"))
+    images, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None, owner="tab")
+    assert len(images) == 1
+
+
 def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
     """The same settings with a non-default sampler: the page and `estlora generate` measure the same
     beta (both probe under that sampler) and render the same pixels. Each measures afresh (own cache)."""

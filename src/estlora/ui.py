@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,11 +75,17 @@ def output_dir() -> Path:
     return Path(os.environ.get(OUT_ENV, "estlora-ui-outputs")).resolve()
 
 
-class StepProgress:
-    """The page's progress bar, advanced by the pipeline's `callback_on_step_end` at every denoising step."""
+class Stopped(Exception):
+    """The page's Stop button, raised between two denoising steps."""
 
-    def __init__(self, progress):
+
+class StepProgress:
+    """The page's progress bar, advanced by the pipeline's `callback_on_step_end` at every denoising
+    step; where Stop was asked, the run ends there, between two steps."""
+
+    def __init__(self, progress, stop: threading.Event | None = None):
         self.progress = progress
+        self.stop = stop or threading.Event()
         self.start("", 1)
 
     def start(self, desc: str, total: int) -> None:
@@ -86,6 +93,8 @@ class StepProgress:
         self.progress((0, total), desc=desc, unit="steps")
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if self.stop.is_set():
+            raise Stopped
         self.done += 1
         self.progress((self.done, self.total), desc=self.desc, unit="steps")
         return callback_kwargs
@@ -109,6 +118,8 @@ class Studio:
         resolved = self.session.resolve(Request("", "", ""))
         self.defaults = dataclasses.replace(resolved, fusion=FusionConfig())
         self.max_upload = max_upload_bytes()
+        self.stopping = threading.Event()  # set by Stop from the page whose run is in progress
+        self.running: str | None = None  # that page's session
         # settings the page shows as a choice, where None is the `default` entry
         self.choice_fields = {item.name for group in (FusionConfig, SamplingConfig) for item in settings_of(group)
                               if item.optional and item.choices}
@@ -224,9 +235,27 @@ class Studio:
         except SettingError as exc:
             raise user_error(str(exc)) from None
 
-    def run(self, settings: dict, methods: list[str], num_images: int | None, progress) -> tuple:
+    def stop(self, owner: str | None) -> None:
+        """Stop the run in progress if it is this page's (`owner`: its session), between two steps."""
+        if owner is not None and owner == self.running:
+            self.stopping.set()
+
+    def run(
+        self, settings: dict, methods: list[str], num_images: int | None, progress, owner: str | None = None
+    ) -> tuple:
         """Render `num_images` seeds (None: the page's images setting, checked) with every method into a
-        new run folder; what the result panel shows."""
+        new run folder; what the result panel shows. Stop ends it between two steps: the image being
+        rendered is not saved (nothing partial is written), those saved before stay."""
+        self.stopping.clear()
+        self.running = owner
+        try:
+            return self._run(settings, methods, num_images, progress)
+        except Stopped:
+            raise user_error("stopped: the image in progress was not saved") from None
+        finally:
+            self.running = None
+
+    def _run(self, settings: dict, methods: list[str], num_images: int | None, progress) -> tuple:
         if not settings["prompt"].strip():
             raise user_error("write a prompt")
         if not methods:
@@ -235,7 +264,7 @@ class Studio:
         count = base_request.sampling.num_images if num_images is None else num_images
         seeds = [base_request.sampling.seed + k for k in range(count)]
         run_dir = self.out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        steps = StepProgress(progress)
+        steps = StepProgress(progress, self.stopping)
         images, heatmaps, files, notes, summaries = [], [], [], [], []
         for method in methods:
             request = dataclasses.replace(base_request, fusion=dataclasses.replace(base_request.fusion, method=method))
@@ -384,7 +413,9 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                 prompt = preset.prompt if preset and preset.prompt else OTHER_PROMPT
                 fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
                 # The action beside the prompt, its progress and result in the column next to it, in view.
-                generate = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
+                with gr.Row():
+                    generate = gr.Button("Generate (Ctrl+Enter)", variant="primary", scale=4, elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 with gr.Row():
                     compare_methods = gr.CheckboxGroup(
                         list(by_name["method"].choices),
@@ -439,12 +470,18 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
         def named(values: dict) -> dict:
             return {names[component]: value for component, value in values.items() if component in names}
 
-        def on_generate(values: dict, progress=gr.Progress()):  # noqa: B008 (Gradio injects it by default)
+        def on_generate(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects)
             settings = named(values)
-            return studio.run(settings, [settings["method"]], None, progress)
+            return studio.run(settings, [settings["method"]], None, progress, request.session_hash)
 
-        def on_compare(values: dict, progress=gr.Progress()):  # noqa: B008
-            return studio.run(named(values), values[compare_methods], 1, progress)
+        def on_compare(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            return studio.run(named(values), values[compare_methods], 1, progress, request.session_hash)
+
+        def on_stop(request: gr.Request) -> None:
+            studio.stop(request.session_hash)
+
+        for handler in (on_generate, on_compare, on_stop):  # Gradio injects the request by its annotation,
+            handler.__annotations__["request"] = gr.Request  # which `from __future__` left a string
 
         def on_load(values: dict) -> str:
             return studio.describe(named(values))
@@ -452,8 +489,11 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
         # One queue slot for everything that uses the studio: a second request waits for the first.
         serial = {"concurrency_id": "studio", "concurrency_limit": 1}
         generate.click(on_generate, inputs, outputs, show_progress_on=gallery, **serial)
-        dice.click(lambda: secrets.randbelow(2**32), None, fields["seed"], queue=False)
         compare.click(on_compare, inputs | {compare_methods}, outputs, show_progress_on=gallery, **serial)
+        # Not queued: it must reach the run in progress. (Gradio's `cancels` would free the queue slot
+        # while the render's thread still runs, and let the next request race it on the pipeline.)
+        stop.click(on_stop, None, None, queue=False)
+        dice.click(lambda: secrets.randbelow(2**32), None, fields["seed"], queue=False)
         load.click(on_load, inputs, lora_info, **serial)
 
         def on_settings_png(path: str | None) -> dict:
