@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -384,6 +385,30 @@ def test_a_stopped_run_saves_no_partial_image(tmp_path):
     assert not list((tmp_path / "ui").rglob("*.png"))
     images, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None, owner="tab")
     assert len(images) == 1
+
+
+def test_an_upload_is_kept_with_the_outputs_once(tmp_path):
+    """An uploaded LoRA is copied once per content beside the outputs; the images' settings and command
+    name that copy, so they still work when Gradio's upload cache is gone."""
+    from estlora.cli import main
+    from estlora.ui import UPLOAD, Studio
+
+    studio = Studio(None, tmp_path / "ui")
+    upload = tmp_path / "gradio-cache" / "my-subject.safetensors"
+    upload.parent.mkdir()
+    shutil.copy(toy_lora_path("heart"), upload)
+    page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
+    page |= {"subject_choice": UPLOAD, "subject_file": str(upload), "style_choice": "toy:outline", "style_file": None}
+    page |= {"prompt": "a sks shape", "beta_mode": "manual", "beta": 0.5, "steps": 2}
+    for _ in range(2):
+        images, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None)
+    (kept,) = (tmp_path / "ui" / "loras").iterdir()
+    assert kept.name.endswith("-my-subject.safetensors") and kept.read_bytes() == upload.read_bytes()
+    meta = json.loads(Path(images[0][0]).with_suffix(".json").read_text())
+    assert meta["settings"]["subject"] == str(kept) and str(kept) in meta["command"]
+    shutil.rmtree(upload.parent)  # Gradio's cache cleared: the saved command still regenerates the image
+    words = shlex.split(meta["command"])[1:] + ["--out", str(tmp_path / "again")]
+    assert main(words) == 0
 
 
 def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):

@@ -16,6 +16,7 @@ import html
 import json
 import os
 import secrets
+import shutil
 import sys
 import threading
 from datetime import datetime
@@ -27,6 +28,7 @@ from .config import FusionConfig, ModelConfig, SamplingConfig, Setting, number, 
 from .errors import EstloraError, LoraError, SettingError
 from .loading.inspect import training_info
 from .loading.lora import check_pair
+from .outputs import atomic_path
 from .session import Request, Session
 
 if TYPE_CHECKING:
@@ -151,9 +153,22 @@ class Studio:
         else:
             raise user_error(f"{role} LoRA: unknown choice {choice!r}")
         try:
-            return source, self.session.lora(source)
+            lora = self.session.lora(source)
         except LoraError as exc:
             raise user_error(lora_message(role, exc)) from None
+        if choice == UPLOAD:  # Gradio's upload cache is cleared: saved images' commands must not point there
+            source = str(self.keep_upload(Path(source), lora.sha256))
+            lora = self.session.lora(source)
+        return source, lora
+
+    def keep_upload(self, path: Path, sha256: str) -> Path:
+        """An uploaded LoRA kept with the outputs once per content (`<out>/loras/<sha256 prefix>-<name>`),
+        after it loaded: the runs that use it, and their images' commands, refer to this copy."""
+        kept = self.out / "loras" / f"{sha256[:16]}-{path.name}"
+        if not kept.exists():
+            with atomic_path(kept) as staging:
+                shutil.copyfile(path, staging)
+        return kept
 
     def pair(self, settings: dict):
         """((subject source, subject), (style source, style)), both loaded and checked against each other."""
@@ -172,7 +187,7 @@ class Studio:
         for role, lora in (("subject", subject), ("style", style)):
             ranks = ", ".join(str(r) for r in sorted(lora.ranks))
             choice = settings[f"{role}_choice"]
-            name = lora.path.name if choice == UPLOAD else choice
+            name = Path(settings[f"{role}_file"]).name if choice == UPLOAD else choice
             other = f", {len(lora.other)} tensors outside them" if lora.other else ""
             training = training_info(lora.metadata)
             words = training.get("trigger") or training.get("top_tags")
