@@ -121,7 +121,7 @@ def loha_energy(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, t
 
 def _loha_chunks(w1: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor], scale: float):
     """Row blocks of |s (W1a W1b) * (W2a W2b)|, CHUNK_ELEMENTS at a time."""
-    (a1, b1), (a2, b2) = (t.float() for t in w1), (t.float() for t in w2)
+    (a1, b1), (a2, b2) = (_wide(t) for t in w1), (_wide(t) for t in w2)
     rows = max(1, CHUNK_ELEMENTS // max(1, b1.shape[1]))
     for start in range(0, a1.shape[0], rows):
         yield ((a1[start : start + rows] @ b1) * (a2[start : start + rows] @ b2)).abs_().mul_(abs(scale))

@@ -463,6 +463,7 @@ def _from_kohya(
             for part in KOHYA_LORA_PARTS[:2]:
                 stand_ins[f"{source}.{part}"] = torch.zeros(1, 1)
     kohya_module = {id(value): key.partition(".")[0] for key, value in {**factors, **stand_ins}.items()}
+    stand_in_ids = {id(value) for value in stand_ins.values()}
     # SGM block numbers depend only on layers_per_block, which is 2 for SDXL (and SD 1.x / 2.x).
     try:
         converted, _ = StableDiffusionXLPipeline.lora_state_dict(
@@ -476,7 +477,7 @@ def _from_kohya(
         module, part = split_module(name, "unet")
         source = kohya_module[id(value)]  # diffusers moves the very tensors: the file's name for each
         keys[module] = by_module[source]
-        if id(value) in {id(v) for v in stand_ins.values()}:
+        if id(value) in stand_in_ids:
             parts[module] = {
                 lycoris.part_name(key.partition(".")[2]): tensor
                 for key, tensor in by_module[source].items()

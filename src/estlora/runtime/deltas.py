@@ -47,14 +47,20 @@ class LoraDelta(Delta):
 
 class KronDelta(Delta):
     """kron(W1, W2) x as W1 X W2^T; a fused member whose rows are not whole rows of W1 computes the
-    whole product and keeps its rows."""
+    product for the W1 rows its rows touch (found once, here) and keeps its rows of that."""
 
     def __init__(self, update: LokrFactors, device: torch.device, dtype: torch.dtype):
         super().__init__()
         w1, w2 = (w.to(device=device, dtype=dtype) for w in update.matrices())
+        self.rows = update.rows
+        if self.rows is not None:
+            height = w2.shape[0]
+            start, stop, _ = self.rows.indices(w1.shape[0] * height)
+            first = start // height
+            w1 = w1[first : -(-stop // height)]
+            self.rows = slice(start - first * height, stop - first * height)
         self.register_buffer("w1", w1, persistent=False)
         self.register_buffer("w2", w2, persistent=False)
-        self.rows = update.rows
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         (a, b), (c, d) = self.w1.shape, self.w2.shape

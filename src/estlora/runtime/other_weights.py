@@ -18,13 +18,13 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import LoraFormatError
 from ..families import ModelFamily
-from ..files import lycoris
 from ..files.lora_keys import module_of
 from ..scores import dense_of
 from ..updates import Lora, Update
@@ -140,7 +140,9 @@ class WeightDiffs:
         updates: dict[str, dict[str, Update]],
     ):
         self.parameters: dict[str, torch.nn.Parameter] = {}
-        self.diffs: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        # per role, (parameter, its delta): a diff as the file holds it, or an update formed when applied
+        # (a dense copy of every merged linear would cost what those weights cost)
+        self.diffs: dict[str, list[tuple[str, Callable[[], torch.Tensor]]]] = {}
         for role, part in diffs.items():
             for key, diff in part.items():
                 target = family.diff_target(key)
@@ -150,18 +152,19 @@ class WeightDiffs:
                         f"{key}: a full-weight difference estlora does not place on {family.label} (diffusers drops"
                         " them); use --other-weights ignore",
                     )
-                self._add(pipe, loras[role], role, key, target, diff)
+                self._add(pipe, loras[role], role, key, target, diff.shape, lambda diff=diff: diff)
         for role, part in updates.items():
             for module, update in part.items():
-                delta = dense_of(update) * update.scale
-                self._add(pipe, loras[role], role, module, (family.denoiser, f"{module}.weight"), delta)
+                shape = torch.Size((update.out_features, update.in_features))
+                target = (family.denoiser, f"{module}.weight")
+                self._add(pipe, loras[role], role, module, target, shape, lambda u=update: dense_of(u) * u.scale)
         self.originals = {name: p.detach().clone() for name, p in self.parameters.items()}
 
-    def _add(self, pipe, lora: Lora, role: str, key: str, target: tuple[str, str], delta: torch.Tensor) -> None:
+    def _add(self, pipe, lora: Lora, role: str, key: str, target: tuple[str, str], shape, delta) -> None:
         parameter = _parameter(pipe, target)
-        if parameter is None or parameter.shape != delta.shape:
+        if parameter is None or parameter.shape != shape:
             why = "names no parameter of the pipeline" if parameter is None else (
-                f"has shape {tuple(delta.shape)}, the parameter {tuple(parameter.shape)}"
+                f"has shape {tuple(shape)}, the parameter {tuple(parameter.shape)}"
             )
             raise LoraFormatError(lora.path, f"{key}: a weight to merge that {why}")
         self.parameters[".".join(target)] = parameter
@@ -173,9 +176,9 @@ class WeightDiffs:
                 self.parameters[name].copy_(original)
             for role, entries in self.diffs.items():
                 strength = float(weights.get(role, 0.0))
-                for name, diff in entries if strength else ():
+                for name, delta in entries if strength else ():
                     parameter = self.parameters[name]
-                    parameter.add_(diff.to(device=parameter.device, dtype=parameter.dtype), alpha=strength)
+                    parameter.add_(delta().to(device=parameter.device, dtype=parameter.dtype), alpha=strength)
 
     def remove(self) -> None:
         with torch.no_grad():
@@ -207,7 +210,7 @@ def _check_loadable(lora: Lora, tensors: dict[str, torch.Tensor]) -> None:
             " (diffusers' loader drops dora_scale and would apply a plain LoRA); route them (--route blocks) or use"
             " --other-weights ignore",
         )
-    kinds = [key for key in tensors if lycoris.part_name(key.rpartition(".")[2]) or re.search(r"\.(lokr|hada)_", key)]
+    kinds = [key for key in tensors if re.search(r"\.(lokr|hada)_", key)]
     if kinds:
         raise LoraFormatError(
             lora.path,
