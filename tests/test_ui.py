@@ -203,7 +203,7 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     expect(page.locator("#result")).to_contain_text("beta = ")
     expect(page.locator("#result")).to_contain_text("measured")
     expect(page.locator("#plan-summary")).to_contain_text("method est, 3 steps")
-    expect(page.locator("#files a[href$='/est-seed0.json']")).to_have_count(1)
+    expect(page.locator("#files a[href$='-est-seed0.json']")).to_have_count(1)
     shot(page, "generate")
     # the result whole and enlarged without blur (toy images are 32 px), not stretched into a clipped pane
     assert image.evaluate("e => getComputedStyle(e).objectFit") == "contain"
@@ -300,19 +300,30 @@ def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
     not_safetensors = tmp_path / "weights.bin"
     not_safetensors.write_bytes(os.urandom(100))
 
+    panel = page.locator("#lora-info")
     upload(page, "subject", garbage)
     expect(page.locator(".toast-body", has_text="garbage.safetensors: not a safetensors file")).to_be_visible()
     page.screenshot(path=ARTIFACTS / "bad-upload.png")  # the viewport: where the message is pinned
     expect_error(page, "subject LoRA garbage.safetensors: not a safetensors file")
+    # the LoRA panel says what is chosen now (never "Both LoRAs fit" under an error)
+    expect(panel).to_contain_text("Not loaded: subject LoRA garbage.safetensors: not a safetensors file")
+    expect(panel).not_to_contain_text("Both LoRAs fit")
     clear_upload(page, "subject")
+    expect(panel).to_contain_text("Both LoRAs fit")  # the cleared upload: back to the built-in choice
+    expect(panel).to_contain_text("toy:heart")
 
     upload(page, "style", pickled)
     expect_error(page, "style LoRA renamed-pickle.safetensors: this is a pickle checkpoint")
+    expect(panel).to_contain_text("Not loaded: style LoRA renamed-pickle.safetensors")
     clear_upload(page, "style")
+    page.locator("#style-choice input").click()  # a dropdown change re-checks the pair too
+    page.locator("li[role=option]", has_text="toy:checker").click()
+    expect(panel).to_contain_text("toy:checker")
+    expect(panel).not_to_contain_text("toy:outline")
 
-    upload(page, "subject", too_large)
+    upload(page, "subject", too_large)  # refused by the browser: nothing is uploaded, nothing changes
     expect_error(page, "exceed the maximum allowed size")
-    clear_upload(page, "subject")
+    expect(page.locator("#subject-choice input")).to_have_value("toy:heart")
 
     upload(page, "subject", not_safetensors)
     expect_error(page, "Only .safetensors allowed")

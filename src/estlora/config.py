@@ -167,16 +167,26 @@ class Settings:
 class FusionConfig(Settings):
     """What to fuse how. Frozen: a plan is a function of (LoRA pair, config, steps)."""
 
-    method: str = setting("est", "fusion method", choices=METHODS)
+    method: str = setting(
+        "est",
+        "fusion method: est picks a LoRA per projection and step from energy, style discrepancy (beta) and time; "
+        "klora is K-LoRA (beta set by hand); merge adds both, as a static merge; switch alternates them every "
+        "few steps (LoRA Switch); subject and style apply one LoRA alone",
+        choices=METHODS,
+    )
     route: str | None = setting(
         None,
-        "which linears are routed: attention (the attention projections, the reference) or blocks "
-        "(every linear of the transformer blocks)",
+        "which linears are routed: attention (the attention projections, as the paper) or blocks "
+        "(every linear of the transformer blocks; FLUX.1's default)",
         choices=ROUTES,
         unset="the model family's",
         family_default="default_route",
     )
-    alpha: float = setting(1.5, "time-scale slope alpha")
+    alpha: float = setting(
+        1.5,
+        "time-scale slope alpha (scale = alpha * progress + beta): the larger, the sooner projections pass "
+        "from the subject LoRA to the style LoRA as denoising goes on",
+    )
     beta: float | None = setting(
         None,
         "time-scale offset beta, or auto: measured by style discrepancy for est, K-LoRA's default for klora",
@@ -185,13 +195,17 @@ class FusionConfig(Settings):
     )
     pattern: str | None = setting(
         None,
-        "time pattern: s (rising) or s* (wrapping)",
+        "time pattern: s, the scale rises with the step (each projection passes from subject to style once); "
+        "s* wraps it at alpha, so projections return to the subject (K-LoRA's FLUX.1 code)",
         choices=PATTERNS,
         unset="s; for klora the model family's, as K-LoRA's code for it has it",
         family_default="klora_pattern",
     )
     gamma_rule: str = setting(
-        "reference", "gamma: reference (L1 ratio, outliers dropped) or energy (sum E_c / sum E_s)", choices=GAMMA_RULES
+        "reference",
+        "gamma, the balance of the two LoRAs' sizes: reference (ratio of L1 norms, outliers dropped, as the "
+        "paper) or energy (sum E_subject / sum E_style)",
+        choices=GAMMA_RULES,
     )
     subject_scale: float = setting(1.0, "strength of the subject LoRA", ui=(0, 2, 0.05))
     style_scale: float = setting(1.0, "strength of the style LoRA", ui=(0, 2, 0.05))

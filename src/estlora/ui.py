@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING
 from .commands.plan_view import heatmap, summary
 from .config import FusionConfig, ModelConfig, SamplingConfig, Setting, number, settings_of
 from .errors import EstloraError, LoraError, SettingError
+from .families import FAMILIES, ModelFamily
 from .loading.inspect import training_info
 from .loading.lora import check_pair
 from .outputs import atomic_path
+from .registry import BASES
 from .session import Request, Session
 
 if TYPE_CHECKING:
@@ -54,7 +56,14 @@ document.addEventListener("keydown", (event) => {
 });
 </script>"""
 # Small images (toy: 32 px) enlarged for display without blur.
-CSS = "#gallery img { image-rendering: pixelated; }"
+CSS = """#gallery img { image-rendering: pixelated; }
+#heatmaps img { max-width: 100%; height: auto; }
+#heatmaps figure { margin: 0 0 12px 0; }
+.filename .stem { white-space: normal !important; overflow-wrap: anywhere; }
+#files .filename, #subject-file .filename, #style-file .filename { overflow: visible !important; }"""
+# The system's fonts: none is fetched (the page works offline, and calls no font server).
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "DejaVu Sans", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Consolas", "DejaVu Sans Mono", "monospace"]
 # Settings shown above the option panels; the rest follow in declaration order.
 UP_FRONT = ("negative_prompt", "method", "beta")
 
@@ -62,6 +71,8 @@ UP_FRONT = ("negative_prompt", "method", "beta")
 def _gradio():
     """Gradio is an optional dependency: import it only when the UI is asked for."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # A closed tab is noticed at the next heartbeat (Gradio's default: 15 s); its run then stops.
+    os.environ.setdefault("GRADIO_HEARTBEAT_INTERVAL", "2")
     try:
         import gradio
     except ImportError:
@@ -106,25 +117,53 @@ class Studio:
     """What the page works on: one session (the pipeline, the LoRAs loaded so far, the current pair's fusion)."""
 
     def __init__(self, base: str | None, out: Path, base_config: str | None = None, vae: str | None = None):
-        self.base, self.out = base or "toy", out  # default: the shipped toy SDXL, offline, out of the box
-        self.base_config, self.vae = base_config, vae
-        self.session = Session.open(
-            ModelConfig(base=self.base, base_config=base_config, vae=vae), report=lambda _: None
-        )
-        self.session.console_progress = False  # progress goes to the page, not the server's console
-        self.preset = self.session.source.preset
-        self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
-        self.base_name = self.session.label
-        # Widget defaults: sampling as this base runs it when left unset; fusion settings left unset
-        # (`default` in the page), since what they resolve to can depend on the method (klora's pattern).
-        resolved = self.session.resolve(Request("", "", ""))
-        self.defaults = dataclasses.replace(resolved, fusion=FusionConfig())
+        self.out = out
+        # default: the shipped toy SDXL, offline, out of the box; its config and VAE go with the launched base
+        self.launched = ModelConfig(base=base or "toy", base_config=base_config, vae=vae)
         self.max_upload = max_upload_bytes()
         self.stopping = threading.Event()  # set by Stop from the page whose run is in progress
         self.running: str | None = None  # that page's session
         # settings the page shows as a choice, where None is the `default` entry
-        self.choice_fields = {item.name for group in (FusionConfig, SamplingConfig) for item in settings_of(group)
-                              if item.optional and item.choices}
+        self.choice_fields = {
+            item.name
+            for group in (FusionConfig, SamplingConfig)
+            for item in settings_of(group)
+            if item.optional and item.choices
+        }
+        self.open(self.launched.base)
+
+    def open(self, base: str) -> None:
+        """Load `base` in place of the current one (the page's base choice); where it cannot load, the
+        current one stays and the message says why."""
+        model = self.launched if base == self.launched.base else ModelConfig(base=base)
+        try:
+            session = Session.open(model, report=lambda _: None)
+        except EstloraError as exc:
+            raise user_error(str(exc)) from None
+        session.console_progress = False  # progress goes to the page, not the server's console
+        self.session, self.base = session, base
+        self.preset = session.source.preset
+        self.builtin = self.preset.loras if self.preset else {"subject": (), "style": ()}
+        self.base_name = session.label
+        # Widget defaults: sampling as this base runs it when left unset; fusion settings left unset
+        # (`default` in the page), since what they resolve to can depend on the method (klora's pattern).
+        resolved = session.resolve(Request("", "", ""))
+        self.defaults = dataclasses.replace(resolved, fusion=FusionConfig())
+
+    def bases(self) -> list[str]:
+        """The page's base choices: the one launched, the built-in ones, each family's standard base
+        (any other folder, hub id or file can be typed in)."""
+        return list(dict.fromkeys([self.launched.base, *BASES, *(family.default_base for family in FAMILIES)]))
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.session.family
+
+    def heading(self) -> str:
+        family, preset = self.family, self.preset
+        about = f", {preset.description}." if preset and preset.description else "."
+        hint = f" For {family.label} itself, choose `{family.default_base}`." if preset else ""
+        return f"Base: `{self.base_name}` ({family.label}){about}{hint}"
 
     @property
     def pipe(self):
@@ -264,6 +303,8 @@ class Studio:
         self.stopping.clear()
         self.running = owner
         try:
+            if settings.get("base", self.base) != self.base:  # another page chose another base since
+                self.open(settings["base"])
             return self._run(settings, methods, num_images, progress)
         except Stopped:
             raise user_error("stopped: the image in progress was not saved") from None
@@ -279,6 +320,7 @@ class Studio:
         count = base_request.sampling.num_images if num_images is None else num_images
         seeds = [base_request.sampling.seed + k for k in range(count)]
         run_dir = self.out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        stem = run_dir.name  # in every file name too: downloads from two runs never share a name
         steps = StepProgress(progress, self.stopping)
         images, heatmaps, files, notes, summaries = [], [], [], [], []
         for method in methods:
@@ -295,11 +337,11 @@ class Studio:
             steps.start(f"{method}: rendering {len(seeds)} image(s)", prepared.steps * len(seeds))
             for seed in seeds:
                 image = self.session.render(prepared, seed, callback=steps)
-                path = self.session.save(prepared, image, run_dir / f"{method}-seed{seed}.png", seed)
+                path = self.session.save(prepared, image, run_dir / f"{stem}-{method}-seed{seed}.png", seed)
                 images.append((str(path), f"{method} · seed {seed}"))
                 files += [str(path), str(path.with_suffix(".json"))]
             plan = prepared.plan
-            plan_png = run_dir / f"plan-{method}.png"
+            plan_png = run_dir / f"{stem}-plan-{method}.png"
             heatmap(plan, self.session.family, plan_png)
             heatmaps.append((str(plan_png), f"plan: {method}"))
             files.append(str(plan_png))
@@ -351,9 +393,12 @@ def user_error(message: str):
     return _gradio().Error(html.escape(message, quote=False), print_exception=False)
 
 
-def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, step: float | None = None):
+def widget(
+    gr, item: Setting, value, choices: tuple[str, ...] | None = None, step: float | None = None, help: str | None = None
+):
     """The widget a setting's declaration calls for, labelled and explained by it."""
-    label, info, elem_id = item.name.replace("_", " "), item.help, item.name.replace("_", "-")
+    label, elem_id = item.name.replace("_", " "), item.name.replace("_", "-")
+    info = _with_range(item, help)
     choices = choices or item.choices
     if choices:
         options = [DEFAULT, *choices] if item.optional else list(choices)
@@ -366,29 +411,131 @@ def widget(gr, item: Setting, value, choices: tuple[str, ...] | None = None, ste
         # (1000 steps became 100) and rounding turned 2.5 steps into 2. The declaration checks the value
         # and says which field and range (`Setting.check`).
         default_step = item.ui[2] if item.ui else None
-        return gr.Number(value, step=step or default_step or 1, label=label, info=_with_range(item), elem_id=elem_id)
+        return gr.Number(value, step=step or default_step or 1, label=label, info=info, elem_id=elem_id)
     # text, or a number left unset by default: blank is the default, which the placeholder names
     return gr.Textbox(value or "", placeholder=item.unset or None, label=label, info=info, elem_id=elem_id)
 
 
-def _with_range(item: Setting) -> str:
-    """A setting's help with its declared range, where it has one."""
-    low, high = item.minimum, item.maximum
+def _with_range(item: Setting, help: str | None = None) -> str:
+    """A setting's help (or the family's word for it) with its declared range, where it has one."""
+    low, high, help = item.minimum, item.maximum, help or item.help
     if low is None and high is None:
-        return item.help
-    span = f"{number(low)} to {number(high)}" if low is not None and high is not None else (
-        f"at least {number(low)}" if low is not None else f"at most {number(high)}"
+        return help
+    span = (
+        f"{number(low)} to {number(high)}"
+        if low is not None and high is not None
+        else (f"at least {number(low)}" if low is not None else f"at most {number(high)}")
     )
-    return f"{item.help} ({span})"
+    return f"{help} ({span})"
+
+
+class Panels:
+    """The result panels' labels: as they are after a run, or marked stale when the latest request
+    failed or was stopped (they still show the run before it)."""
+
+    LABELS = {
+        "gallery": "Images",
+        "heatmaps": "Plan: projections (rows) x denoising steps; orange subject, blue style, purple both",
+        "plan_summary": "Plan summary",
+        "downloads": "Files (PNG with settings, JSON sidecars, heatmaps)",
+    }
+    STALE = " (stale: from the run before; the latest one failed)"
+
+    @classmethod
+    def fresh(cls, gr, components: dict, values: tuple) -> dict:
+        images, notes, heatmaps, summaries, files = values
+        shown = {"gallery": images, "heatmaps": maps_html(heatmaps), "plan_summary": summaries, "downloads": files}
+        updates = {components[name]: gr.update(value=shown[name], label=label) for name, label in cls.LABELS.items()}
+        return updates | {components["result"]: notes}
+
+    @classmethod
+    def stale(cls, gr, components: dict, message: str) -> dict:
+        updates = {components[name]: gr.update(label=label + cls.STALE) for name, label in cls.LABELS.items()}
+        note = f"**Not rendered: {html.escape(message, quote=False)}.** The panels show the run before, if any."
+        return updates | {components["result"]: note}
+
+
+def maps_html(heatmaps: list[tuple[str, str]]) -> str:
+    """The plan heatmaps one under the other at their own size (never shrunk into a square cell: a
+    FLUX.1 plan has 494 rows), each a link to the file."""
+    figures = []
+    for path, caption in heatmaps:
+        url = html.escape(f"gradio_api/file={path}")
+        figures.append(
+            f'<figure><a href="{url}" target="_blank"><img src="{url}" alt="{html.escape(caption)}"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return "".join(figures)
+
+
+def base_view(gr, studio: Studio, fields: dict) -> dict:
+    """What the page shows for the loaded base: its built-in LoRAs, samplers, size step and defaults,
+    the family's word for guidance, and only the sampling settings its family takes."""
+    family, defaults = studio.family, studio.defaults.sampling
+    refused = {name for other in FAMILIES for name in other.refused_settings}
+    guidance = SAMPLING["guidance"]
+    updates = {
+        fields["base"]: gr.update(value=studio.base, choices=studio.bases()),
+        fields["scheduler"]: gr.update(value=DEFAULT, choices=[*family.schedulers]),
+        fields["guidance"]: gr.update(value=defaults.guidance, info=_with_range(guidance, family.guidance_help)),
+        fields["steps"]: gr.update(value=defaults.steps),
+        fields["dino_model"]: gr.update(value=defaults.dino_model or ""),
+    }
+    for side in ("width", "height"):
+        updates[fields[side]] = gr.update(value=getattr(defaults, side), step=family.size_multiple)
+    for name in refused:
+        updates[fields[name]] = gr.update(visible=name not in family.refused_settings)
+    for role in ("subject", "style"):
+        builtin = studio.builtin[role]
+        updates[fields[f"{role}_choice"]] = gr.update(
+            choices=[*builtin, UPLOAD], value=builtin[0] if builtin else UPLOAD
+        )
+    return updates
+
+
+SAMPLING = {item.name: item for item in settings_of(SamplingConfig)}
+# What the page keeps in the browser across a reload (its localStorage): every setting but the base
+# (one base serves every page) and uploads (the server's temporary files). Not secret: settings only.
+KEPT_KEY = "estlora-ui-settings"
+NOT_KEPT = ("base", "subject_file", "style_file")
+
+
+def restorable(studio: Studio, components: dict, kept: dict | None) -> dict:
+    """The kept settings that still fit the page: known fields, of their type, and for a choice one of
+    the choices the loaded base offers (a reload after a base change keeps what still applies)."""
+    restored = {}
+    for name, value in (kept or {}).items():
+        component = components.get(name)
+        if component is None or name in NOT_KEPT:
+            continue
+        choices = [
+            choice[1] if isinstance(choice, tuple) else choice for choice in getattr(component, "choices", None) or []
+        ]
+        if name.endswith("_choice"):
+            choices = [*studio.builtin[name.removesuffix("_choice")]]  # an upload does not survive a reload
+        elif name == "scheduler":
+            choices = [*studio.family.schedulers]  # the loaded base's, which may have changed since the page was built
+        if choices and not all(v in choices for v in (value if isinstance(value, list) else [value])):
+            continue
+        if isinstance(component.value, bool) != isinstance(value, bool):
+            continue
+        if isinstance(component.value, int | float) and not isinstance(value, int | float):
+            continue
+        restored[component] = value
+    return restored
 
 
 def build_app(base: str | None = None, base_config: str | None = None, vae: str | None = None) -> gr.Blocks:
     """The page: LoRAs and settings on the left, images, beta and plan on the right."""
     gr = _gradio()
     studio = Studio(base, output_dir(), base_config, vae)
-    family, preset = studio.session.family, studio.preset
+    family = studio.family
     defaults = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
-    special = {"scheduler": {"choices": tuple(family.schedulers)}, "width": {"step": family.size_multiple}}
+    special = {
+        "scheduler": {"choices": tuple(family.schedulers)},
+        "width": {"step": family.size_multiple},
+        "guidance": {"help": family.guidance_help},
+    }
     special["height"] = special["width"]
     fusion, sampling = settings_of(FusionConfig), settings_of(SamplingConfig)
     by_name = {item.name: item for item in (*fusion, *sampling)}
@@ -396,13 +543,22 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
 
     def add(name: str) -> None:
         fields[name] = widget(gr, by_name[name], defaults[name], **special.get(name, {}))
+        fields[name].visible = name not in family.refused_settings
 
     with gr.Blocks(title="estlora") as app:
-        about = f", {preset.description}." if preset and preset.description else "."
-        hint = f" For {family.label} itself: `estlora ui --base {family.default_base}`." if preset else ""
-        gr.Markdown(f"# estlora: a subject LoRA in a style LoRA (EST-LoRA)\nBase: `{studio.base_name}`{about}{hint}")
+        gr.Markdown("# estlora: a subject LoRA in a style LoRA (EST-LoRA)", elem_id="title")
         with gr.Row():
             with gr.Column(scale=2):
+                fields["base"] = gr.Dropdown(
+                    studio.bases(),
+                    value=studio.base,
+                    allow_custom_value=True,
+                    label="Base model",
+                    info="a built-in one, a family's standard base, or type a diffusers folder, hub id or "
+                    ".safetensors file; loading takes a while",
+                    elem_id="base",
+                )
+                heading = gr.Markdown(studio.heading(), elem_id="heading")
                 with gr.Row():
                     for role in ("subject", "style"):
                         builtin = studio.builtin[role]
@@ -421,18 +577,20 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                             )
                 load = gr.Button("Load LoRAs", elem_id="load")
                 settings_png = gr.File(
-                    label="or load every setting from a PNG made here", file_types=[".png"], height=90,
+                    label="or load every setting from a PNG made here",
+                    file_types=[".png"],
+                    height=90,
                     elem_id="settings-png",
                 )
                 lora_info = gr.Markdown(elem_id="lora-info")
-                prompt = preset.prompt if preset and preset.prompt else OTHER_PROMPT
+                prompt = studio.preset.prompt if studio.preset and studio.preset.prompt else OTHER_PROMPT
                 fields["prompt"] = gr.Textbox(prompt, label="Prompt", lines=2, elem_id="prompt")
                 # The action beside the prompt, its progress and result in the column next to it, in view.
                 with gr.Row():
                     generate = gr.Button("Generate (Ctrl+Enter)", variant="primary", scale=4, elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 with gr.Row():
-                    compare_methods = gr.CheckboxGroup(
+                    fields["compare_methods"] = gr.CheckboxGroup(
                         list(by_name["method"].choices),
                         value=["est", "klora"],
                         label="Compare: the same seed with these methods",
@@ -456,41 +614,57 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                         if item.name not in UP_FRONT:
                             add(item.name)
                         if item.name == "seed":  # the seed drawn is shown in its box and saved with the image
-                            dice = gr.Button("🎲 random seed", size="sm", elem_id="random-seed")
+                            dice = gr.Button("Random seed", size="sm", elem_id="random-seed")
             with gr.Column(scale=3):
                 # Each image whole (contain, no preview pane stretching one image over the width); a click
                 # opens it full size; small (toy) images are enlarged without blur (CSS below).
-                gallery = gr.Gallery(
-                    label="Images", columns=2, object_fit="contain", height="auto", preview=False,
-                    allow_preview=True, elem_id="gallery",
-                )
-                result = gr.Markdown(elem_id="result")
-                heatmaps = gr.Gallery(
-                    label="Plan: projections (rows) x denoising steps; orange subject, blue style, purple both",
-                    columns=2,
-                    fit_columns=False,  # a lone heatmap stays whole instead of being cropped to the width
-                    object_fit="contain",
-                    height=420,
-                    elem_id="heatmaps",
-                )
-                plan_summary = gr.Code(label="Plan summary", language=None, interactive=False, elem_id="plan-summary")
-                downloads = gr.File(
-                    label="Files (PNG with settings, JSON sidecars, heatmaps)", file_count="multiple", elem_id="files"
-                )
+                panels = {
+                    "gallery": gr.Gallery(
+                        label=Panels.LABELS["gallery"],
+                        columns=2,
+                        object_fit="contain",
+                        height="auto",
+                        preview=False,
+                        allow_preview=True,
+                        elem_id="gallery",
+                    ),
+                    "result": gr.Markdown(elem_id="result"),
+                    "heatmaps": gr.HTML(
+                        label=Panels.LABELS["heatmaps"], show_label=True, container=True, elem_id="heatmaps"
+                    ),
+                    "plan_summary": gr.Code(
+                        label=Panels.LABELS["plan_summary"], language=None, interactive=False, elem_id="plan-summary"
+                    ),
+                    "downloads": gr.File(label=Panels.LABELS["downloads"], file_count="multiple", elem_id="files"),
+                }
+        kept = gr.BrowserState({}, storage_key=KEPT_KEY, secret=KEPT_KEY)
 
         names = {component: name for name, component in fields.items()}
         inputs = set(fields.values())  # handlers get {component: value}
-        outputs = [gallery, result, heatmaps, plan_summary, downloads]
+        outputs = list(panels.values())
 
         def named(values: dict) -> dict:
             return {names[component]: value for component, value in values.items() if component in names}
 
+        def results(render):
+            """The panels after a render, or marked stale (with why) where it failed or was stopped; the
+            message shows as well. A generator: the stale marks reach the page before the error."""
+            try:
+                values = render()
+            except gr.Error as exc:
+                yield Panels.stale(gr, panels, exc.message)
+                raise
+            yield Panels.fresh(gr, panels, values)
+
         def on_generate(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects)
             settings = named(values)
-            return studio.run(settings, [settings["method"]], None, progress, request.session_hash)
+            yield from results(lambda: studio.run(settings, [settings["method"]], None, progress, request.session_hash))
 
         def on_compare(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-            return studio.run(named(values), values[compare_methods], 1, progress, request.session_hash)
+            settings = named(values)
+            yield from results(
+                lambda: studio.run(settings, settings["compare_methods"], 1, progress, request.session_hash)
+            )
 
         def on_stop(request: gr.Request) -> None:
             studio.stop(request.session_hash)
@@ -498,18 +672,56 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
         for handler in (on_generate, on_compare, on_stop):  # Gradio injects the request by its annotation,
             handler.__annotations__["request"] = gr.Request  # which `from __future__` left a string
 
-        def on_load(values: dict) -> str:
-            return studio.describe(named(values))
+        def on_load(values: dict):
+            """The LoRA panel: what is chosen now, or why it does not load (never the pair before)."""
+            settings = named(values)
+            try:
+                if settings["base"] != studio.base:
+                    studio.open(settings["base"])
+                yield studio.describe(settings)
+            except gr.Error as exc:
+                yield f"**Not loaded: {html.escape(exc.message, quote=False)}.**"
+                raise
+
+        def on_base(base: str):
+            """Load the chosen base and show its family's settings; where it does not load, the page
+            says why and goes back to the base still loaded."""
+            if base == studio.base:  # the dropdown may fire twice (pick, then blur)
+                yield {lora_info: gr.skip()}
+                return
+            yield {lora_info: "Loading the base..."}
+            try:
+                studio.open(base)
+            except gr.Error as exc:
+                yield {
+                    fields["base"]: studio.base,
+                    lora_info: f"**Not loaded: {html.escape(exc.message, quote=False)}.**",
+                }
+                raise
+            yield base_view(gr, studio, fields) | {heading: studio.heading()}
 
         # One queue slot for everything that uses the studio: a second request waits for the first.
         serial = {"concurrency_id": "studio", "concurrency_limit": 1}
-        generate.click(on_generate, inputs, outputs, show_progress_on=gallery, **serial)
-        compare.click(on_compare, inputs | {compare_methods}, outputs, show_progress_on=gallery, **serial)
+        for button, handler in ((generate, on_generate), (compare, on_compare)):
+            button.click(handler, inputs, outputs, show_progress_on=panels["gallery"], **serial)
         # Not queued: it must reach the run in progress. (Gradio's `cancels` would free the queue slot
         # while the render's thread still runs, and let the next request race it on the pipeline.)
         stop.click(on_stop, None, None, queue=False)
+        app.unload(on_stop)  # a closed tab's run ends at its next step; Gradio drops its queued ones
         dice.click(lambda: secrets.randbelow(2**32), None, fields["seed"], queue=False)
         load.click(on_load, inputs, lora_info, **serial)
+        base_outputs = [*fields.values(), heading, lora_info]
+        fields["base"].input(on_base, fields["base"], base_outputs, **serial).success(
+            on_load, inputs, lora_info, **serial
+        )
+        for role in ("subject", "style"):
+            choice, upload = fields[f"{role}_choice"], fields[f"{role}_file"]
+            # Any change of a LoRA re-checks the pair, so the panel always describes what is chosen now.
+            choice.input(on_load, inputs, lora_info, **serial)
+            upload.upload(lambda: UPLOAD, None, choice).then(on_load, inputs, lora_info, **serial)
+            upload.clear(
+                lambda role=role: studio.builtin[role][0] if studio.builtin[role] else UPLOAD, None, choice
+            ).then(on_load, inputs, lora_info, **serial)
 
         def on_settings_png(path: str | None) -> dict:
             if not path:
@@ -518,11 +730,24 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
             return {fields[name]: value for name, value in values.items()} | {lora_info: note}
 
         settings_png.upload(on_settings_png, settings_png, [*fields.values(), lora_info], queue=False)
-        for role in ("subject", "style"):
-            choice, upload = fields[f"{role}_choice"], fields[f"{role}_file"]
-            default = choice.value
-            upload.upload(lambda: UPLOAD, None, choice).then(on_load, inputs, lora_info, **serial)
-            upload.clear(lambda default=default: default, None, choice)
+
+        # Settings kept across a reload: saved on every change, restored when the page opens.
+        persisted = [component for name, component in fields.items() if name not in NOT_KEPT]
+        gr.on(
+            [component.change for component in persisted],
+            lambda values: named(values),
+            set(persisted),
+            kept,
+            queue=False,
+            show_progress="hidden",
+            preprocess=False,  # kept as sent: a value from before a base change is no error here (restore checks)
+        )
+        app.load(
+            lambda saved: restorable(studio, fields, saved) or {fields["prompt"]: gr.skip()},
+            kept,
+            persisted,
+            queue=False,
+        )
     app.queue(default_concurrency_limit=1)
     return app
 
@@ -577,7 +802,10 @@ def launch(
     app = build_app(base, base_config, vae)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    app.launch(
+    gr = _gradio()
+    fonts = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # no web fonts: offline, and
+    app.launch(  # Chromium drew the web font's "LoRA" with a small-cap "A"
+        theme=fonts,
         head=SHORTCUTS,
         css=CSS,
         server_name=host,

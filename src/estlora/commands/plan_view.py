@@ -96,6 +96,20 @@ def summary(plan: Plan, family: ModelFamily) -> str:
     return "\n".join(lines)
 
 
+def _wrapped(text: str, font, width: int) -> list[str]:
+    """`text` broken at its commas into lines no wider than `width` pixels (a long headline would
+    otherwise make the image wide and, scaled to fit a page, illegible)."""
+    lines = [""]
+    for part in text.split(", "):
+        candidate = f"{lines[-1]}, {part}" if lines[-1] else part
+        if lines[-1] and font.getlength(candidate) > width:
+            lines[-1] += ","
+            lines.append(part)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
 def heatmap(plan: Plan, family: ModelFamily, path: str | os.PathLike) -> None:
     """Draw the plan: one row per projection grouped by block, one column per step, colour = LoRA used."""
     from PIL import Image, ImageDraw, ImageFont
@@ -104,15 +118,18 @@ def heatmap(plan: Plan, family: ModelFamily, path: str | os.PathLike) -> None:
 
     codes = choices(plan)
     groups = blocks(plan, family)
-    row_h, gap, label_w, top, bottom = 2, 6, 230, 40, 44
-    col_w = max(4, min(24, 720 // plan.steps))
-    font = ImageFont.load_default(size=12)
-    title = headline(plan)
-    width = max(label_w + col_w * plan.steps + 20, int(font.getlength(title)) + 16, 480)
+    gap, label_w, bottom, line_h = 6, 250, 48, 20
+    row_h = min(8, max(2, -(-18 // min(len(indices) for _, indices in groups))))  # each block's label fits its rows
+    col_w = max(4, min(48, 720 // plan.steps))
+    font = ImageFont.load_default(size=15)  # legible when the page shows the map at its own width
+    width = max(label_w + col_w * plan.steps + 20, 640)
+    title = _wrapped(headline(plan), font, width - 16)
+    top = 12 + line_h * len(title) + 8
     height = top + row_h * len(plan.layers) + gap * (len(groups) - 1) + bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill="black", font=font)
+    for number, line in enumerate(title):
+        draw.text((8, 8 + line_h * number), line, fill="black", font=font)
     palette = torch.tensor([COLOURS[name] for name in CODE_NAMES], dtype=torch.uint8)
 
     y = top
@@ -120,7 +137,7 @@ def heatmap(plan: Plan, family: ModelFamily, path: str | os.PathLike) -> None:
         pixels = palette[codes[:, indices].long()]  # (steps, rows, 3)
         pixels = pixels.permute(1, 0, 2).repeat_interleave(row_h, 0).repeat_interleave(col_w, 1)
         image.paste(Image.fromarray(pixels.numpy()), (label_w, y))
-        label_y = y + row_h * len(indices) // 2 - 6
+        label_y = y + row_h * len(indices) // 2 - 8
         draw.text((8, label_y), f"{block} ({len(indices)})", fill="black", font=font)
         y += row_h * len(indices) + gap
 
@@ -128,9 +145,9 @@ def heatmap(plan: Plan, family: ModelFamily, path: str | os.PathLike) -> None:
         draw.text((label_w + step * col_w, y - gap + 4), str(step), fill="black", font=font)
     x = 8
     for name in ("subject", "style", "both", "none"):
-        draw.rectangle((x, height - 18, x + 12, height - 6), fill=COLOURS[name])
-        draw.text((x + 16, height - 20), name, fill="black", font=font)
-        x += 90
-    draw.text((x + 10, height - 20), "x: denoising step", fill="black", font=font)
+        draw.rectangle((x, height - 20, x + 14, height - 6), fill=COLOURS[name])
+        draw.text((x + 18, height - 22), name, fill="black", font=font)
+        x += 100
+    draw.text((x + 10, height - 22), "x: denoising step", fill="black", font=font)
     with atomic_path(path) as staging:
         image.save(staging, format="PNG")

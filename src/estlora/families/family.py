@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import FusionConfig, SamplingConfig
+from ..config import FusionConfig, SamplingConfig, settings_of
 from ..errors import LoraFormatError, SettingError
 from ..files.lora_keys import module_of
 from ..lazy import torch
@@ -43,6 +43,9 @@ class Checkpoint:
     sampling: dict  # scheduler settings the file declares with marker keys
 
 
+SAMPLING_DEFAULTS = {item.name: item.default for item in settings_of(SamplingConfig)}
+
+
 class ModelFamily:
     """One family of base models (SDXL and its fine-tunes; FLUX.1; ...). Subclasses fill in every part."""
 
@@ -59,6 +62,10 @@ class ModelFamily:
     default_steps: int
     default_guidance: float
     size_multiple: int  # width and height must be multiples of this
+    guidance_help: str = "classifier-free guidance scale"  # what `guidance` means on this family
+    # sampling settings this family cannot take, and why: refused unless left at their default, and
+    # left out of the UI's page for this family
+    refused_settings: dict[str, str] = {}
     timestep_argument: str = "timestep"  # the denoiser's keyword for the timestep
     reads_gguf: bool = False  # quantized single files (GGUF) as the base
     # Bases `guess_base` can name whose LoRAs share this family's key layout but that estlora does not serve.
@@ -216,6 +223,9 @@ class ModelFamily:
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Settings this family cannot take, refused before the model loads (a SettingError)."""
+        for name, why in self.refused_settings.items():
+            if getattr(sampling, name) != SAMPLING_DEFAULTS[name]:
+                raise SettingError(name.replace("_", "-"), why)
         if sampling.scheduler not in self.schedulers:
             raise SettingError("scheduler", f"must be one of {', '.join(self.schedulers)} on {self.label}")
         for name in ("width", "height"):

@@ -201,6 +201,11 @@ class Flux1(ModelFamily):
     default_steps = 28
     default_guidance = 3.5  # FLUX.1-dev's embedded guidance
     size_multiple = 16  # the VAE's 8, then 2 x 2 patches
+    guidance_help = (
+        "FLUX.1's embedded (distilled) guidance, one denoiser call per step (schnell ignores it); "
+        "true cfg is the classic kind"
+    )
+    refused_settings = {"guidance_rescale": "is for classifier-free guidance on UNets; FLUX.1 has none"}
     schedulers = SCHEDULERS
 
     def serves_model(self, model) -> bool:
@@ -367,8 +372,6 @@ class Flux1(ModelFamily):
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         super().check_sampling(sampling)
-        if sampling.guidance_rescale:
-            raise SettingError("guidance-rescale", "is for classifier-free guidance on UNets; FLUX.1 has none")
         if sampling.true_cfg is not None and sampling.true_cfg > 1 and not sampling.negative_prompt:
             raise SettingError("true-cfg", "needs a --negative-prompt (FLUX.1's true CFG contrasts the two)")
 

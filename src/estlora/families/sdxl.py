@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..config import SamplingConfig
-from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, SettingError, first_line
+from ..errors import BaseModelError, BaseModelMismatchError, LoraFormatError, first_line
 from ..files import lycoris
 from ..files.lora_keys import check_alpha, comfy_to_kohya, module_of
 from ..lazy import torch
@@ -160,6 +160,10 @@ class SDXL(ModelFamily):
     default_steps = 30
     default_guidance = 5.0
     size_multiple = 8
+    guidance_help = "classifier-free guidance scale (two denoiser calls per step)"
+    refused_settings = dict.fromkeys(
+        ("true_cfg", "max_sequence_length"), "is for models with a T5 encoder and embedded guidance, not SDXL"
+    )
     schedulers = SCHEDULERS
 
     # ------------------------------------------------------------ pipelines and modules
@@ -372,14 +376,6 @@ class SDXL(ModelFamily):
         return None
 
     # ------------------------------------------------------------ sampling
-
-    def check_sampling(self, sampling: SamplingConfig) -> None:
-        super().check_sampling(sampling)
-        for name in ("true_cfg", "max_sequence_length"):
-            if getattr(sampling, name) is not None:
-                raise SettingError(
-                    name.replace("_", "-"), "is for models with a T5 encoder and embedded guidance, not SDXL"
-                )
 
     def call_arguments(self, sampling: SamplingConfig, steps: int) -> dict:
         guidance = self.default_guidance if sampling.guidance is None else sampling.guidance
