@@ -121,15 +121,22 @@ def test_open_to_the_network_warns_and_auth_asks_for_a_login(tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def ui_app(tmp_path_factory):
+    """(the page's address, its output folder)."""
     from estlora import ui
 
+    out = tmp_path_factory.mktemp("ui-outputs")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(ui.OUT_ENV, str(tmp_path_factory.mktemp("ui-outputs")))
+        env.setenv(ui.OUT_ENV, str(out))
         env.setenv(ui.MAX_UPLOAD_ENV, "2")  # MiB: the toy LoRAs (0.1 MB) fit, the "too large" file does not
         app = ui.launch(None, "127.0.0.1", free_port(), block=False)
-        yield app.local_url
+        yield app.local_url, out
         app.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(ui_app):
+    return ui_app[0]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +197,11 @@ def png_settings(page: Page, src: str) -> dict:
 
 
 def test_load_generate_shows_image_beta_and_heatmap(page):
+    outside = []  # the page fetches nothing beyond this machine (no web fonts, no calls home)
+    page.on("request", lambda request: outside.append(request.url) if "127.0.0.1" not in request.url else None)
+    page.reload()
+    page.locator("#generate").wait_for()
+    set_number(page, "#steps", STEPS)
     page.locator("#load").click()
     expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the toy SDXL")
     expect(page.locator("#lora-info")).to_contain_text("toy:heart")
@@ -205,6 +217,15 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     expect(page.locator("#plan-summary")).to_contain_text("method est, 3 steps")
     expect(page.locator("#files a[href$='-est-seed0.json']")).to_have_count(1)
     shot(page, "generate")
+    # the plan at its own size, not shrunk into a cell (its labels legible), and a link to its file
+    plan = page.locator("#heatmaps img").first
+    natural, shown = plan.evaluate("e => [e.naturalWidth, e.clientWidth]")
+    assert natural >= 600 and shown >= natural
+    expect(page.locator("#heatmaps a").first).to_have_attribute("href", re.compile(r"-plan-est\.png$"))
+    # the heading in the system's font (a web font drew "LoRA" with a small-cap "A"), nothing fetched
+    font = page.locator("#title h1").evaluate("e => getComputedStyle(e).fontFamily")
+    assert font.startswith("ui-sans-serif") and "Source Sans" not in font
+    assert outside == []
     # the result whole and enlarged without blur (toy images are 32 px), not stretched into a clipped pane
     assert image.evaluate("e => getComputedStyle(e).objectFit") == "contain"
     assert image.evaluate("e => getComputedStyle(e).imageRendering") == "pixelated"
@@ -367,6 +388,7 @@ def test_stop_ends_the_run_between_steps(page):
     set_number(page, "#steps", "40")
     for side in ("#width", "#height"):
         set_number(page, side, "256")
+    page.locator("#method label", has_text="klora").click()  # no beta to measure first
     page.locator("#generate").click()
     expect(page.locator("#gallery")).to_contain_text(re.compile(r"[1-9]\d*/40 steps"))
     page.locator("#stop").click()
@@ -374,7 +396,7 @@ def test_stop_ends_the_run_between_steps(page):
     for field, value in (("#steps", STEPS), ("#width", "32"), ("#height", "32")):
         set_number(page, field, value)
     page.locator("#generate").click()
-    expect(page.locator("#gallery img")).to_have_attribute("alt", "est · seed 0")
+    expect(page.locator("#gallery img")).to_have_attribute("alt", "klora · seed 0")
 
 
 def test_a_stopped_run_saves_no_partial_image(tmp_path):
@@ -458,3 +480,189 @@ def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
     assert (values["beta_mode"], values["beta"]) == ("manual", cli_meta["beta"])  # the image's own beta
     assert (values["subject_choice"], values["style_choice"]) == ("toy:heart", "toy:outline")
     assert note == f"Loaded the settings of {cli_png.name}."
+
+
+def block_label(page: Page, component: str):
+    return page.locator(f"{component} [data-testid=block-label]").first
+
+
+def test_a_failed_run_marks_the_panels_stale(page):
+    """After a failed Generate the panels still show the run before, and say so; the next good run
+    clears the marks."""
+    page.locator("#generate").click()
+    expect(page.locator("#gallery img")).to_have_count(1)
+    for panel in ("#gallery", "#heatmaps", "#files"):
+        expect(block_label(page, panel)).not_to_contain_text("stale")
+    set_number(page, "#steps", "0")
+    page.locator("#generate").click()
+    expect_error(page, "steps: must be at least 1, not 0")
+    expect(page.locator("#result")).to_contain_text("Not rendered: steps: must be at least 1, not 0.")
+    for panel in ("#gallery", "#heatmaps", "#plan-summary", "#files"):
+        expect(block_label(page, panel)).to_contain_text("stale: from the run before")
+    expect(page.locator("#gallery img")).to_have_count(1)  # the run before, still there, marked
+    shot(page, "stale")
+    set_number(page, "#steps", STEPS)
+    page.locator("#generate").click()
+    expect(page.locator("#result")).to_contain_text("beta = ")
+    for panel in ("#gallery", "#heatmaps", "#plan-summary", "#files"):
+        expect(block_label(page, panel)).not_to_contain_text("stale")
+
+
+def test_settings_survive_a_reload(page):
+    """What was typed and picked comes back after a reload (the browser keeps it), as in ComfyUI."""
+    set_number(page, "#steps", "7")
+    set_number(page, "#seed", "42")
+    page.locator("#prompt textarea").fill("kept across a reload")
+    page.locator("#method label", has_text="klora").click()
+    page.locator("#style-choice input").click()
+    page.locator("li[role=option]", has_text="toy:checker").click()
+    expect(page.locator("#lora-info")).to_contain_text("toy:checker")
+    page.wait_for_timeout(500)  # the last change reaches the browser's storage
+    page.reload()
+    page.locator("#generate").wait_for()
+    expect(page.locator("#steps input[type=number]")).to_have_value("7")
+    expect(page.locator("#seed input[type=number]")).to_have_value("42")
+    expect(page.locator("#prompt textarea")).to_have_value("kept across a reload")
+    expect(page.locator("#method input[value=klora]")).to_be_checked()
+    expect(page.locator("#style-choice input")).to_have_value("toy:checker")
+
+
+def test_each_fusion_option_is_explained(page):
+    """Beside each fusion option, its declaration's explanation (one source for the page and --help)."""
+    from estlora.config import FusionConfig, settings_of
+
+    helps = {item.name: item.help for item in settings_of(FusionConfig)}
+    page.locator("button", has_text="Fusion options").click()
+    for name in ("method", "alpha", "pattern", "gamma_rule", "route"):
+        assert len(helps[name].split()) >= 12, name  # an explanation, not a label
+        expect(page.locator(f"#{name.replace('_', '-')}")).to_contain_text(helps[name][:60])
+
+
+def test_download_and_upload_names_are_unique_and_whole(page, tmp_path):
+    """Two runs never offer two files of one name, and no file name is cut short on the page."""
+    named = tmp_path / "my-dog-subject-lora-by-someone-trained-on-twenty-photos-v2-epoch-000010.safetensors"
+    shutil.copy(toy_lora_path("heart"), named)
+    upload(page, "subject", named)
+    expect(page.locator("#lora-info")).to_contain_text(named.name)
+    names, links, first = [], page.locator("#files a"), None
+    for _ in range(2):
+        page.locator("#generate").click()
+        if first:  # the second run's files replace the first's
+            expect(links.first).not_to_have_attribute("href", first)
+        expect(links).to_have_count(3)
+        first = links.first.get_attribute("href")
+        names.append({Path(link.get_attribute("href")).name for link in links.all()})
+    assert len(names[0] | names[1]) == 6
+    shot(page, "names")
+    for stem in page.locator(".filename .stem").all():  # the uploads' and downloads' names
+        assert stem.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), stem.inner_text()
+    expect(page.locator("#subject-file .filename")).to_contain_text(named.stem)
+
+
+@pytest.mark.slow
+def test_a_closed_tab_is_dropped(browser, ui_app):
+    """A tab closed while its run renders stops that run at its next step (at the next heartbeat), and
+    a closed tab's queued request never runs: the next user gets the pipeline at once."""
+    url, out = ui_app
+
+    def open_page() -> Page:
+        tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(url)
+        tab.locator("#generate").wait_for()
+        return tab
+
+    long, queued, next_user = open_page(), open_page(), open_page()
+    set_number(long, "#steps", "400")  # a minute or more on the toy model, unless stopped
+    for side in ("#width", "#height"):
+        set_number(long, side, "256")
+    set_number(long, "#seed", "777")  # file names no other test writes
+    long.locator("#method label", has_text="klora").click()
+    long.locator("#generate").click()
+    expect(long.locator("#gallery")).to_contain_text(re.compile(r"[1-9]\d*/400 steps"))
+    set_number(queued, "#steps", STEPS)
+    set_number(queued, "#seed", "778")
+    queued.locator("#method label", has_text="style").click()
+    queued.locator("#generate").click()
+    expect(queued.locator("#gallery")).to_contain_text("queue")
+    queued.close()
+    long.close()
+    set_number(next_user, "#steps", STEPS)
+    next_user.locator("#method label", has_text="subject").click()
+    next_user.locator("#generate").click()
+    expect(next_user.locator("#gallery img")).to_have_attribute("alt", "subject · seed 0")
+    next_user.close()
+    assert not list(out.rglob("*-klora-seed777.png"))  # stopped: never finished
+    assert not list(out.rglob("*-style-seed778.png"))  # dropped: never ran
+
+
+@pytest.fixture(scope="module")
+def second_app(tmp_path_factory):
+    """An app of its own for the base switches, so the other tests keep the toy base."""
+    from estlora import ui
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ui.OUT_ENV, str(tmp_path_factory.mktemp("ui-flux-outputs")))
+        app = ui.launch(None, "127.0.0.1", free_port(), block=False)
+        yield app.local_url
+        app.close()
+
+
+def pick(page: Page, component: str, option: str) -> None:
+    page.locator(f"{component} input").click()
+    page.locator("li[role=option]", has_text=option).click()
+
+
+def test_flux_in_the_page_with_its_own_settings(browser, second_app):
+    """FLUX.1 from the base choice: its samplers, size multiple, guidance meaning and its settings
+    alone are shown; it renders; a base that does not load leaves the loaded one; SDXL comes back."""
+    from estlora.families.flux import Flux1
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(second_app)
+    page.locator("#generate").wait_for()
+    for shown, hidden in ((("#guidance-rescale",), ("#true-cfg", "#max-sequence-length")),):
+        for element in shown:
+            expect(page.locator(element)).to_be_visible()
+        for element in hidden:
+            expect(page.locator(element)).to_be_hidden()
+
+    pick(page, "#base", "tiny-flux")
+    expect(page.locator("#heading")).to_contain_text("the tiny FLUX.1")
+    expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the tiny FLUX.1")
+    expect(page.locator("#subject-choice input")).to_have_value("example:flux-subject")
+    for element in ("#true-cfg", "#max-sequence-length"):
+        expect(page.locator(element)).to_be_visible()
+    expect(page.locator("#guidance-rescale")).to_be_hidden()
+    expect(page.locator("#guidance")).to_contain_text("embedded (distilled) guidance")
+    expect(page.locator("#width input")).to_have_value("64")
+    assert page.locator("#width input").get_attribute("step") == str(Flux1.size_multiple)
+    page.locator("#scheduler input").click()
+    samplers = [re.compile(rf"(^|\s){re.escape(name)}$") for name in Flux1().schedulers]
+    expect(page.locator("li[role=option]")).to_have_text(samplers)
+    page.keyboard.press("Escape")
+    set_number(page, "#steps", STEPS)
+    page.locator("#generate").click()
+    image = page.locator("#gallery img")
+    expect(image).to_have_attribute("alt", "est · seed 0")
+    meta = png_settings(page, image.get_attribute("src"))
+    assert meta["family"] == "flux1" and "--base tiny-flux" in meta["command"]
+    shot(page, "flux")
+
+    page.locator("#base input").fill("/no/such/base")
+    page.locator("#base input").press("Enter")
+    expect_error(page, "/no/such/base")
+    expect(page.locator("#base input")).to_have_value("tiny-flux")
+    expect(page.locator("#heading")).to_contain_text("the tiny FLUX.1")
+
+    pick(page, "#base", "toy")
+    expect(page.locator("#heading")).to_contain_text("the toy SDXL")
+    expect(page.locator("#guidance-rescale")).to_be_visible()
+    expect(page.locator("#true-cfg")).to_be_hidden()
+    set_number(page, "#steps", STEPS)
+    flux_image = image.get_attribute("src")
+    page.locator("#generate").click()
+    expect(image).not_to_have_attribute("src", flux_image)
+    assert png_settings(page, image.get_attribute("src"))["family"] == "sdxl"
+    page.close()

@@ -163,7 +163,8 @@ class Studio:
         family, preset = self.family, self.preset
         about = f", {preset.description}." if preset and preset.description else "."
         hint = f" For {family.label} itself, choose `{family.default_base}`." if preset else ""
-        return f"Base: `{self.base_name}` ({family.label}){about}{hint}"
+        kind = "" if family.label in self.base_name else f" ({family.label})"
+        return f"Base: `{self.base_name}`{kind}{about}{hint}"
 
     @property
     def pipe(self):
@@ -570,7 +571,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                                 elem_id=f"{role}-choice",
                             )
                             fields[f"{role}_file"] = gr.File(
-                                label=f"or upload a {role} LoRA (.safetensors)",
+                                label="or upload one (.safetensors)",
                                 file_types=[".safetensors"],
                                 height=150,
                                 elem_id=f"{role}-file",
@@ -579,7 +580,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
                 settings_png = gr.File(
                     label="or load every setting from a PNG made here",
                     file_types=[".png"],
-                    height=90,
+                    height=120,
                     elem_id="settings-png",
                 )
                 lora_info = gr.Markdown(elem_id="lora-info")
@@ -711,7 +712,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
         dice.click(lambda: secrets.randbelow(2**32), None, fields["seed"], queue=False)
         load.click(on_load, inputs, lora_info, **serial)
         base_outputs = [*fields.values(), heading, lora_info]
-        fields["base"].input(on_base, fields["base"], base_outputs, **serial).success(
+        fields["base"].input(on_base, fields["base"], base_outputs, show_progress_on=lora_info, **serial).success(
             on_load, inputs, lora_info, **serial
         )
         for role in ("subject", "style"):
