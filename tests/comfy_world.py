@@ -134,3 +134,52 @@ def _linears(model, pattern) -> dict[str, tuple[int, int]]:
         if diffusers.endswith(".weight") and pattern.fullmatch(module):
             shapes[module] = tuple(state[f"diffusion_model.{sgm}"].shape)
     return shapes
+
+
+# The tiny FLUX.1 as ComfyUI builds it: BFL's fused layout (qkv, linear1) at width 16, 2 heads.
+TINY_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+    "hidden_size": 16, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [2, 2, 4],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ModelPatcher over ComfyUI's own FLUX.1 class at tiny widths, weights drawn from `seed`."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(TINY_FLUX))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({})
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        k: (torch.randn(v.shape, generator=generator) * 0.2).to(v.dtype)
+        for k, v in model.state_dict().items()
+        if k.startswith("diffusion_model.")
+    }
+    model.load_state_dict(state, strict=False)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def flux_lora(path: Path, model, name: str) -> Path:
+    """A FLUX.1 LoRA in diffusers' layout (`transformer.<module>.lora_A/B`) over every linear of the
+    blocks, as estlora's example LoRAs are made (`name`: flux-subject or flux-style)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from estlora.families import family_named
+    from estlora.testing.examples import example_state_dict
+
+    sys.path.insert(0, str(REPO))
+    from comfyui.fusion import model_shapes, weight_keys
+
+    family = family_named("flux1")
+    shapes = model_shapes(model, family, weight_keys(model, "flux1"))
+    state, config = example_state_dict(name, {m: s for m, s in shapes.items() if family.in_route(m, "blocks")})
+    tensors = {f"transformer.{key}": value.contiguous() for key, value in state.items()}
+    metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    save_file(tensors, str(path), metadata=metadata)
+    return path

@@ -159,3 +159,22 @@ def test_outside_the_families_no_module_names_a_model():
                 assert node.attr not in named, f"{name}:{node.lineno} names .{node.attr}"
             if isinstance(node, ast.Name | ast.alias):
                 assert getattr(node, "id", getattr(node, "name", None)) not in named, f"{name}:{node.lineno}"
+
+
+# ComfyUI's own modules (GPL code): the node package under comfyui/ imports them, estlora never does.
+COMFYUI_MODULES = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", "execution", "server")
+
+
+def test_estlora_never_imports_comfyui():
+    for name in MODULES:
+        found = {t for t in imports(name) if t.split(".")[0] in COMFYUI_MODULES}
+        assert not found, f"{name} imports ComfyUI's {found}"
+    node_package = PACKAGE.parents[1] / "comfyui"
+    used = set()
+    for path in node_package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                used.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                used.update(alias.name.split(".")[0] for alias in node.names)
+    assert {"comfy", "estlora"} <= used  # the reader sees the node package's imports: the check can fail

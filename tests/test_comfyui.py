@@ -54,24 +54,24 @@ def pair(comfy):
     return "subject.safetensors", "style.safetensors"
 
 
-def conditioning(dtype: torch.dtype = torch.float32):
-    generator = torch.Generator().manual_seed(3)
-    cond, pooled = torch.randn(1, 8, 32, generator=generator), torch.randn(1, 32, generator=generator)
-    positive = [[cond, {"pooled_output": pooled}]]
-    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled)}]]
-    return positive, negative
-
-
 def sample(model, sampler: str = "euler", steps: int = STEPS, **kwargs) -> torch.Tensor:
-    """What KSampler runs (`comfy.sample.sample`), under inference mode as ComfyUI's executor runs nodes."""
+    """What KSampler runs (`comfy.sample.sample`), under inference mode as ComfyUI's executor runs nodes:
+    SDXL with CFG 5 (cond and uncond in one batch), FLUX.1 with its embedded guidance and CFG 1."""
+    import comfy.model_base
     import comfy.sample
 
-    positive, negative = conditioning()
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    flux = isinstance(model.model, comfy.model_base.Flux)
+    generator = torch.Generator().manual_seed(3)
+    cond, pooled = torch.randn(1, 8, 32, generator=generator), torch.randn(1, 32, generator=generator)
+    extra = {"guidance": 3.5} if flux else {}
+    positive = [[cond, {"pooled_output": pooled, **extra}]]
+    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), **extra}]]
+    channels = 16 if flux else 4
+    noise = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         return comfy.sample.sample(
-            model, noise, steps, 5.0, sampler, "normal", positive, negative, torch.zeros(1, 4, 8, 8), seed=0,
-            disable_pbar=True, **kwargs,
+            model, noise, steps, 1.0 if flux else 5.0, sampler, "simple" if flux else "normal", positive, negative,
+            torch.zeros(1, channels, 8, 8), seed=0, disable_pbar=True, **kwargs,
         )
 
 
@@ -250,3 +250,44 @@ def test_the_plan_preview_and_beta_nodes(comfy, pair):
     (beta,) = nodes.NODE_CLASS_MAPPINGS["EstLoraBeta"]().measure(*images, "tiny-dino")
     pil = [Image.fromarray((image[0] * 255).round().to(torch.uint8).numpy()) for image in images]
     assert beta == style_discrepancy(*pil, image_embedder("tiny-dino")) and 0 < beta < 2
+
+
+@pytest.fixture(scope="module")
+def flux_pair(comfy):
+    _, loras = comfy
+    model = comfy_world.tiny_flux()
+    for name in ("flux-subject", "flux-style"):
+        comfy_world.flux_lora(loras / f"{name}.safetensors", model, name)
+    return "flux-subject.safetensors", "flux-style.safetensors"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flux_subject_only_equals_comfyuis_lora_loader(comfy, flux_pair, dtype):
+    """FLUX.1's fused weights (qkv, linear1): each slice gets its LoRA as ComfyUI's LoraLoader adds it."""
+    nodes, _ = comfy
+    model = comfy_world.tiny_flux(dtype)
+    with torch.inference_mode():
+        (loaded,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, flux_pair[0], 1.0)
+    fused, _ = fuse_node(comfy, model, *flux_pair, method="subject")
+    reference = sample(loaded, steps=3)
+    assert torch.equal(sample(fused, steps=3), reference)
+    assert not torch.equal(sample(model, steps=3), reference)
+
+
+def test_flux_slices_of_one_fused_weight_follow_their_own_rows(comfy, flux_pair):
+    """One weight function per fused weight adds each slice's own choice: in some call, slices of one
+    weight (q, k, v of a qkv) use different LoRAs, each as its plan row says."""
+    fused, _ = fuse_node(comfy, comfy_world.tiny_flux(), *flux_pair, method="est", beta=0.3)
+    plan = fused.get_attachment("estlora").plan(STEPS)
+    spied, calls = spy_on_weights(fused)
+    sample(spied, steps=STEPS)
+    assert len(calls) == STEPS  # CFG 1: one call a step
+    fused_keys = [key for key, functions in fused.weight_wrapper_patches.items() if len(functions[-1].members) > 1]
+    assert any(key.endswith("img_attn.qkv.weight") for key in fused_keys)
+    assert any(key.endswith("linear1.weight") for key in fused_keys)
+    mixed = 0
+    for step, call in enumerate(calls):
+        for key, rows in call.items():
+            assert rows == [tuple(plan.weights[step, index].tolist()) for index, *_ in fusion_members(fused, key)]
+            mixed += len(set(rows)) > 1
+    assert mixed > 0
