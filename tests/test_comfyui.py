@@ -291,3 +291,119 @@ def test_flux_slices_of_one_fused_weight_follow_their_own_rows(comfy, flux_pair)
             assert rows == [tuple(plan.weights[step, index].tolist()) for index, *_ in fusion_members(fused, key)]
             mixed += len(set(rows)) > 1
     assert mixed > 0
+
+
+class TinyWorld:
+    """Test-only loader node in place of CheckpointLoaderSimple: ComfyUI cannot detect tiny checkpoints
+    (it knows SDXL and FLUX.1 by their real widths), so the tiny model comes built, with a VAE stand-in."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": "sdxl"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    def load(self, ckpt_name: str):
+        return (comfy_world.tiny_flux() if ckpt_name == "flux" else comfy_world.tiny_sdxl()), None, PixelsOfLatents()
+
+
+class PixelsOfLatents:
+    """A VAE stand-in for VAEDecode: the first three latent channels, as pixels."""
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(latent[:, :3].float()).permute(0, 2, 3, 1).repeat_interleave(8, 1).repeat_interleave(8, 2)
+
+
+class TinyText:
+    """Test-only CLIPTextEncode: the tiny models' conditioning (FLUX.1: with its guidance)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": ""}), "clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    def encode(self, text: str, clip=None):
+        generator = torch.Generator().manual_seed(len(text))
+        cond, pooled = torch.randn(1, 8, 32, generator=generator), torch.randn(1, 32, generator=generator)
+        return ([[cond, {"pooled_output": pooled, "guidance": 3.5}]],)
+
+
+class QuietServer:
+    """What ComfyUI's executor asks of its server, headless."""
+
+    client_id = last_node_id = last_prompt_id = None
+
+    def send_sync(self, *args, **kwargs) -> None:
+        pass
+
+
+def run_workflow(comfy, prompt: dict, tmp_path) -> tuple[bool, list]:
+    """Validate and execute an API-format workflow with ComfyUI's own executor; (success, messages)."""
+    import execution
+    import folder_paths
+
+    nodes, _ = comfy
+    nodes.NODE_CLASS_MAPPINGS |= {"TinyWorld": TinyWorld, "TinyText": TinyText}
+    folder_paths.set_output_directory(str(tmp_path))
+    valid = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert valid[0], valid[1:]
+    from comfy.cli_args import args
+
+    # as ComfyUI's main.py makes it (the constructor changed between 0.3.64 and 0.3.75)
+    cache = {"lru": args.cache_lru, "ram": args.cache_ram}
+    executor = execution.PromptExecutor(QuietServer(), cache_type=execution.CacheType.CLASSIC, cache_args=cache)
+    executor.execute(prompt, "test", {}, valid[2])
+    return executor.success, executor.status_messages
+
+
+def example_workflow(pair: tuple[str, str], family: str) -> dict:
+    """comfyui/workflows/estlora-sdxl-api.json on a tiny model: the tiny loader and text nodes, its LoRAs,
+    3 steps, 64 px (KSampler widens the empty latent to FLUX.1's 16 channels), the tiny DINO."""
+    prompt = json.loads((comfy_world.NODE_PACKAGE / "workflows" / "estlora-sdxl-api.json").read_text())
+    prompt["1"] = {"class_type": "TinyWorld", "inputs": {"ckpt_name": family}}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CLIPTextEncode":
+            node["class_type"] = "TinyText"
+        if node["class_type"] == "KSampler":
+            inputs |= {"steps": 3} | ({"cfg": 1.0, "scheduler": "simple"} if family == "flux" else {})
+        for role, name in zip(("subject_lora", "style_lora"), pair, strict=True):
+            if role in inputs:
+                inputs[role] = name
+        if inputs.get("lora_name") == "my-dog.safetensors":
+            inputs["lora_name"] = pair[0]
+        if inputs.get("lora_name") == "watercolor.safetensors":
+            inputs["lora_name"] = pair[1]
+    prompt["4"]["inputs"] |= {"width": 64, "height": 64}
+    prompt["11"]["inputs"]["dino_model"] = "tiny-dino"
+    prompt["16"]["inputs"]["steps"] = 3
+    return prompt
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_example_workflow_runs_in_comfyuis_executor(comfy, pair, flux_pair, family, tmp_path):
+    """The shipped example (subject-only and style-only renders -> Beta -> Fuse -> KSampler -> decode ->
+    save, and the plan preview) through ComfyUI's own validation and executor."""
+    from PIL import Image
+
+    success, messages = run_workflow(comfy, example_workflow(pair if family == "sdxl" else flux_pair, family), tmp_path)
+    assert success, [data.get("exception_message") for event, data in messages if event == "execution_error"]
+    (fused,) = tmp_path.glob("estlora_*.png")
+    assert Image.open(fused).size == (64, 64)
+    assert {p.name.split("_")[0] for p in tmp_path.glob("*.png")} == {"estlora", "estlora-subject-only",
+                                                                      "estlora-style-only"}
+
+
+def test_a_bad_lora_in_a_workflow_is_one_line_in_comfyuis_error_box(comfy, pair, tmp_path):
+    _, loras = comfy
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, loras / "workflow-pickle.safetensors")
+    prompt = example_workflow(pair, "sdxl")
+    prompt["12"]["inputs"]["subject_lora"] = "workflow-pickle.safetensors"
+    success, messages = run_workflow(comfy, prompt, tmp_path)
+    (error,) = [data for event, data in messages if event == "execution_error"]
+    assert not success and error["node_type"] == "EstLoraFuse"
+    assert "loras0/workflow-pickle.safetensors: this is a pickle checkpoint, not safetensors" in error["exception_message"]
+    assert "\n" not in error["exception_message"].strip()

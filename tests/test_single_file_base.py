@@ -335,7 +335,7 @@ def test_the_ui_works_on_a_single_file_base(checkpoint, tmp_path):
 
     single, folder, _ = checkpoint
     studio = Studio(str(single), tmp_path, base_config=str(folder))
-    assert (studio.base, studio.base_config, studio.pipe.name_or_path) == (str(single), str(folder), str(single))
+    assert (studio.base, studio.launched.base_config, studio.pipe.name_or_path) == (str(single), str(folder), str(single))
     assert studio.shapes == describe_base(single, folder).shapes
 
 
