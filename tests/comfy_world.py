@@ -72,12 +72,12 @@ def import_comfyui(root: Path):
     return nodes
 
 
-def tiny_sdxl(dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A ModelPatcher over ComfyUI's own SDXL class at tiny widths, weights drawn from `seed`."""
+def tiny_sdxl(dtype: torch.dtype = torch.float32, seed: int = 0, unet_config: dict | None = None):
+    """A ModelPatcher over ComfyUI's own SDXL class at tiny widths (or `unet_config`'s), weights drawn from `seed`."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(dict(TINY_SDXL))
+    config = comfy.supported_models.SDXL(dict(unet_config or TINY_SDXL))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +126,7 @@ def feed_forward_modules(model) -> dict[str, tuple[int, int]]:
 def _linears(model, pattern) -> dict[str, tuple[int, int]]:
     import comfy.utils
 
-    names = comfy.utils.unet_to_diffusers(TINY_SDXL)
+    names = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     state = model.model.state_dict()
     shapes = {}
     for diffusers, sgm in names.items():
