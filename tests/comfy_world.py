@@ -74,15 +74,21 @@ def import_comfyui(root: Path):
 
 def tiny_sdxl(dtype: torch.dtype = torch.float32, seed: int = 0, unet_config: dict | None = None):
     """A ModelPatcher over ComfyUI's own SDXL class at tiny widths (or `unet_config`'s), weights drawn from `seed`."""
-    import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(dict(unet_config or TINY_SDXL))
+    return _patcher(comfy.supported_models.SDXL(dict(unet_config or TINY_SDXL)), dtype, seed, 0.05)
+
+
+def _patcher(config, dtype: torch.dtype, seed: int, spread: float):
+    """ComfyUI's model for `config` (a `supported_models` entry) in `dtype`, its UNet's or transformer's
+    weights drawn from `seed`; the sampling buffers (sigmas) stay as ComfyUI computed them."""
+    import comfy.model_patcher
+
     config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     generator = torch.Generator().manual_seed(seed)
-    state = {  # the UNet's weights; the sampling buffers (sigmas) stay as ComfyUI computed them
-        k: (torch.randn(v.shape, generator=generator) * 0.05).to(v.dtype)
+    state = {
+        k: (torch.randn(v.shape, generator=generator) * spread).to(v.dtype)
         for k, v in model.state_dict().items()
         if k.startswith("diffusion_model.")
     }
@@ -146,21 +152,9 @@ TINY_FLUX = {
 
 def tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0):
     """A ModelPatcher over ComfyUI's own FLUX.1 class at tiny widths, weights drawn from `seed`."""
-    import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Flux(dict(TINY_FLUX))
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({})
-    generator = torch.Generator().manual_seed(seed)
-    state = {
-        k: (torch.randn(v.shape, generator=generator) * 0.2).to(v.dtype)
-        for k, v in model.state_dict().items()
-        if k.startswith("diffusion_model.")
-    }
-    model.load_state_dict(state, strict=False)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return _patcher(comfy.supported_models.Flux(dict(TINY_FLUX)), dtype, seed, 0.2)
 
 
 def flux_lora(path: Path, model, name: str) -> Path:
