@@ -177,3 +177,19 @@ def flux_lora(path: Path, model, name: str) -> Path:
     metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def kohya_lokr(path: Path, modules: dict[str, tuple[int, int]], factor: int, rank: int, alpha: float, seed: int) -> Path:
+    """A LyCORIS LoKr in kohya's names: dW = kron(w1, w2_a @ w2_b) * alpha / rank, w1 (factor x factor)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_features, in_features) in modules.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lokr_w1"] = torch.randn(factor, factor, generator=generator) * 0.3
+        tensors[f"{key}.lokr_w2_a"] = torch.randn(out_features // factor, rank, generator=generator) * 0.1
+        tensors[f"{key}.lokr_w2_b"] = torch.randn(rank, in_features // factor, generator=generator) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path

@@ -407,3 +407,25 @@ def test_a_bad_lora_in_a_workflow_is_one_line_in_comfyuis_error_box(comfy, pair,
     assert not success and error["node_type"] == "EstLoraFuse"
     assert "loras0/workflow-pickle.safetensors: this is a pickle checkpoint, not safetensors" in error["exception_message"]
     assert "\n" not in error["exception_message"].strip()
+
+
+def test_a_lokr_subject_is_applied_as_comfyui_applies_it(comfy, pair):
+    """LyCORIS LoKr: estlora scores it for the plan, ComfyUI's own adapter applies it; subject-only is
+    bit-equal to LoraLoader with the LoKr, and est routes it against a LoRA style."""
+    nodes, loras = comfy
+    model = comfy_world.tiny_sdxl()
+    comfy_world.kohya_lokr(loras / "lokr.safetensors", comfy_world.attention_modules(model), 4, 2, 1.0, 7)
+    with torch.inference_mode():
+        (loaded,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "lokr.safetensors", 1.0)
+    fused, _ = fuse_node(comfy, model, "lokr.safetensors", pair[1], method="subject")
+    assert torch.equal(sample(fused), sample(loaded))
+    routed, _ = fuse_node(comfy, model, "lokr.safetensors", pair[1], method="est", beta=0.5)
+    plan = routed.get_attachment("estlora").plan(STEPS)
+    from safetensors.torch import load_file
+
+    tensors = load_file(loras / "lokr.safetensors")
+    for index, name in enumerate(plan.layers):  # the energies the gate used: the LoKr's own, by hand
+        key = "lora_unet_" + name.replace(".", "_")
+        delta = torch.kron(tensors[f"{key}.lokr_w1"], tensors[f"{key}.lokr_w2_a"] @ tensors[f"{key}.lokr_w2_b"])
+        assert plan.energy_subject[index] == pytest.approx(float((delta.double() * 0.5).square().sum()), rel=1e-5)
+    assert not torch.equal(sample(routed), sample(fused))
