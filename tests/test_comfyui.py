@@ -261,7 +261,7 @@ def flux_pair(comfy):
     return "flux-subject.safetensors", "flux-style.safetensors"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_flux_subject_only_equals_comfyuis_lora_loader(comfy, flux_pair, dtype):
     """FLUX.1's fused weights (qkv, linear1): each slice gets its LoRA as ComfyUI's LoraLoader adds it."""
     nodes, _ = comfy
