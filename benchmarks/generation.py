@@ -10,8 +10,10 @@ ratios against one LoRA, from one run. Models:
     --model flux1       FLUX.1-dev's transformer config with random weights, bf16, 1024 x 1024;
                         `--blocks 1,2` keeps FLUX.1's widths with fewer blocks (CPU runs)
 
-Configurations: `none` (base), `single` (subject LoRA via diffusers/peft), `merge` (both via
-`set_adapters`), `est` and `klora` (estlora routing), `research` (a re-creation, for measurement
+Configurations: `none` (base), `single` (subject LoRA via diffusers/peft), `fused` (that LoRA merged
+into the weights by diffusers' `fuse_lora`), `merge` (both via `set_adapters`), `est` and `klora`
+(estlora routing), `est-merged` (estlora's merged routing, `--merge-weights`: the writes at the plan's
+changes counted in each image's time), `research` (a re-creation, for measurement
 only, of the research code's way: every projection rebuilds both dense delta W, scores them and
 applies the winner densely, on every call, with a global call counter for time).
 
@@ -36,7 +38,7 @@ import estlora
 from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
-CONFIGS = ("none", "single", "merge", "est", "klora", "research")
+CONFIGS = ("none", "single", "fused", "merge", "est", "est-merged", "klora", "research")
 # The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}
@@ -283,12 +285,21 @@ def main() -> None:
     hook_seconds = []
 
     def setup(config: str):
-        if config in ("single", "merge"):
+        if config in ("single", "merge", "fused"):
             setattr(pipe, denoiser, with_peft)
-            pipe.set_adapters(["subject"] if config == "single" else ["subject", "style"])
+            pipe.set_adapters(["subject"] if config != "merge" else ["subject", "style"])
+            if config == "fused":
+                pipe.fuse_lora(adapter_names=["subject"])
+
+                def unfuse():
+                    pipe.unfuse_lora()
+                    setattr(pipe, denoiser, plain)
+
+                return unfuse
             return lambda: setattr(pipe, denoiser, plain)
-        if config in ("est", "klora"):
-            fusion = estlora.fuse(pipe, subject, style, method=config, beta=0.5)
+        if config in ("est", "klora", "est-merged"):
+            method = config.removesuffix("-merged")
+            fusion = estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config == "est-merged")
             real = fusion._on_denoiser_call
 
             def timed_hook(*a):
@@ -379,6 +390,8 @@ def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict
         results["est_vs"] = {c: median["est"] / median[c] for c in ("single", "merge") if c in median}
         if "research" in median:
             results["research_vs_est"] = median["research"] / median["est"]
+    if "est-merged" in median and "none" in median:
+        results["est_merged_vs_none"] = median["est-merged"] / median["none"]
     if hook_seconds:
         results["routing_hook_us_per_unet_call"] = 1e6 * statistics.median(hook_seconds)
     return results
@@ -393,6 +406,8 @@ def table(results: dict) -> str:
         lines.append(line + (f"  {r['peak_mib']:8.0f}" if peaks else ""))
     for name, value in results.get("est_vs", {}).items():
         lines.append(f"est / {name}: {value:.3f}")
+    if "est_merged_vs_none" in results:
+        lines.append(f"est merged / none: {results['est_merged_vs_none']:.3f}")
     if "research_vs_est" in results:
         lines.append(f"research / est: {results['research_vs_est']:.2f}")
     if "routing_hook_us_per_unet_call" in results:

@@ -337,6 +337,11 @@ class ModelConfig(Settings):
     device: str = setting("auto", "auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = setting("auto", "weights' precision; auto: fp16 on GPU, fp32 on CPU", choices=DTYPES)
     cpu_offload: bool = setting(False, "keep only the running model on the GPU")
+    merge_weights: bool = setting(
+        False,
+        "write each step's chosen LoRA into the routed weights where the plan changes (the base model's speed; "
+        "rounding as diffusers' fuse_lora) instead of the exact unfused path; keeps a copy of those weights",
+    )
     zero_alpha: str = setting(
         "rank",
         "an alpha of 0 in a LoRA file: rank (as kohya's trainer read it: scale 1) or zero (as diffusers and"

@@ -150,7 +150,11 @@ class Session:
             self.fusion = None
         check_pair(subject, style)
         source = "given" if config.beta is not None else None
-        self.fusion = Fusion(self.pipe, subject, style, config, source, self.family, self.fingerprint)
+        self.fusion = Fusion(
+            self.pipe, subject, style, config, source, self.family, self.fingerprint, merged=self.model.merge_weights
+        )
+        if self.fusion.note:
+            self.report(self.fusion.note)
         return self.fusion
 
     def close(self) -> None:

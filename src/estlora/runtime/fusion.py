@@ -28,6 +28,7 @@ from ..loading.lora import check_against_base, check_pair, load_lora
 from ..plan import Plan, build_plan
 from ..score_cache import cached_pair_scores, covers
 from ..updates import Lora
+from .merged import MergedWeights
 from .other_weights import StaticAdapters
 from .routing import RoutedLinear, Router, denoising_step
 
@@ -87,6 +88,7 @@ class Fusion:
         beta_source: str | None = None,
         family: ModelFamily | None = None,
         fingerprint: str | None = None,
+        merged: bool = False,
     ):
         self.family = family or family_of(pipe)
         model = self.family.denoiser_of(pipe)
@@ -102,6 +104,11 @@ class Fusion:
                 raise BaseModelMismatchError(lora.path, f"a {label} LoRA, but the pipeline is {self.family.label}")
             check_against_base(lora, shapes, base_name)
         check_pair(subject, style)
+        # merged routing writes into the weights (`runtime.merged`); quantized ones keep the exact path
+        route = self.family.resolve_fusion(config).route
+        touched = self.family.routed(set(subject.projections) | set(style.projections), route)
+        self.merged = merged and all(model.get_submodule(name).weight.dtype.is_floating_point for name in touched)
+        self.note = "--merge-weights: the base's weights are quantized; routed unfused" if merged > self.merged else ""
         subject, style = (_with_bases(lora, model) for lora in (subject, style))
         self.pipe, self.subject, self.style = pipe, subject, style
         self.config, self.beta_source = self._resolved(config), beta_source
@@ -151,6 +158,8 @@ class Fusion:
     def _reset(self) -> None:
         self._plans.clear()
         self.router.set_rows([])
+        if self.weights is not None:
+            self.weights.restore()
 
     @contextlib.contextmanager
     def using(self, **changes) -> Iterator[Fusion]:
@@ -191,7 +200,12 @@ class Fusion:
         for parameter in self._frozen:
             parameter.requires_grad_(False)
         self._originals = {}
-        for index, name in enumerate(self.layers):
+        self.weights: MergedWeights | None = None
+        if self.merged:
+            linears = [model.get_submodule(name) for name in self.layers]
+            updates = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
+            self.weights = MergedWeights(linears, updates)
+        for index, name in enumerate(self.layers if not self.merged else ()):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
@@ -207,6 +221,10 @@ class Fusion:
         # here, not decorated: the decorator would import torch._dynamo, 0.9 s, with `import estlora`.)
         hook = torch.compiler.disable(self._on_denoiser_call)
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        self._after = None
+        if self.weights is not None:
+            after = torch.compiler.disable(self._after_denoiser_call)
+            self._after = model.register_forward_hook(after, with_kwargs=True)
         try:
             self._apply_other_weights(self.config)
         except BaseException:  # diffusers could not load them: the pipeline is left as it was
@@ -229,6 +247,14 @@ class Fusion:
         device = next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), self.router.scales.device)
         if step != self.router.step or self.router.scales.device != device:
             self.router.go_to(step, device)
+        if self.weights is not None:  # every call: a second-order step's second call finds it restored
+            self.weights.apply(self.router.row)
+
+    def _after_denoiser_call(self, module, args, kwargs, output) -> None:
+        """Merged routing: after a run's last step the base weights are back (the VAE and the next
+        run see the base model)."""
+        if self.router.step is not None and self.router.step == len(self.router.rows) - 1:
+            self.weights.restore()
 
     def scale_rows(self, plan: Plan) -> list[list[tuple[float, float]]]:
         """Per step and projection, (w_c * alpha_c / r_c, w_s * alpha_s / r_s): what each LoRA is multiplied by.
@@ -247,6 +273,10 @@ class Fusion:
     def _uninstall(self) -> None:
         self._hook.remove()
         self._hook = None
+        if self.weights is not None:
+            self.weights.restore()
+            self._after.remove()
+            self.weights = self._after = None
         model = self.family.denoiser_of(self.pipe)
         for name, original in self._originals.items():
             parent_name, _, child = name.rpartition(".")
@@ -272,7 +302,13 @@ class Fusion:
 
 
 def fuse(
-    pipe, subject: LoraSource, style: LoraSource, method: str = "est", beta: float | None = None, **options
+    pipe,
+    subject: LoraSource,
+    style: LoraSource,
+    method: str = "est",
+    beta: float | None = None,
+    merged: bool = False,
+    **options,
 ) -> Fusion:
     """Route a subject and a style LoRA into `pipe` (a diffusers pipeline of a family estlora serves) by a plan.
 
@@ -281,9 +317,12 @@ def fuse(
     time offset; for est, measure it with `estlora.beta.measure_beta` (CLI: `--beta auto`), else
     K-LoRA's 0.5 is used. Other options are `FusionConfig` fields (route, alpha, pattern, gamma_rule,
     subject_scale, style_scale, raw_energy, switch_every, other_weights: "ignore" the LoRAs' weights
-    outside the routed linears, as the reference does, or "merge" them statically).
+    outside the routed linears, as the reference does, or "merge" them statically). `merged`: write
+    the plan's choice into the weights at the steps where it changes (`estlora.runtime.merged`: the base
+    model's speed, rounding as diffusers' `fuse_lora`) instead of the exact unfused path.
     """
     family = family_of(pipe)
     loras = [s if isinstance(s, Lora) else load_lora(s, family=family) for s in (subject, style)]
     config = FusionConfig(method=method, beta=beta, **options)
-    return Fusion(pipe, *loras, config, beta_source="given" if beta is not None else None, family=family)
+    beta_source = "given" if beta is not None else None
+    return Fusion(pipe, *loras, config, beta_source=beta_source, family=family, merged=merged)

@@ -1,0 +1,116 @@
+"""Merged routing (`fuse(..., merged=True)`, `--merge-weights`): the plan's choice written into the
+routed weights where it changes. Checked against diffusers' own `fuse_lora`, against the exact unfused
+path, by a spy on the rows written, and for the base weights coming back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from estlora import fuse
+from estlora.loading.base import load_pipeline
+from estlora.testing.examples import example_lora_path
+from estlora.testing.tiny_flux import builtin_tiny_flux
+
+STEPS = 4
+
+
+def render(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a sks dog", num_inference_steps=STEPS, generator=generator, output_type="pt", **kwargs).images
+
+
+def fresh(folder, dtype: str = "fp32"):
+    pipe = load_pipeline(str(folder), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("base", "subject", "style", "size"),
+    [("sdxl", "example:subject", "example:style", {}), ("flux", "example:flux-subject", "example:flux-style",
+                                                          {"width": 32, "height": 32})],
+    ids=["sdxl", "flux1"],
+)
+def test_a_subject_only_plan_equals_diffusers_fuse_lora(tiny_dir, base, subject, style, size):
+    """fp32: bit for bit what diffusers gives with the LoRA fused (`fuse_lora`): both write W0 + s B A,
+    the product in fp32, rounded once."""
+    folder = tiny_dir if base == "sdxl" else builtin_tiny_flux()
+    reference = fresh(folder)
+    reference.load_lora_weights(str(example_lora_path(subject)))
+    reference.fuse_lora()
+    expected = render(reference, **size)
+    pipe = fresh(folder)
+    with fuse(pipe, subject, style, method="subject", merged=True):
+        assert torch.equal(render(pipe, **size), expected)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_merged_est_is_the_unfused_plan_and_the_base_comes_back_bit_for_bit(tiny_dir, dtype):
+    """20 images (fp32; 1 in half precision, slow on CPUs) with merged est: each as the exact unfused path renders it (within the weights'
+    one rounding, which unfused routing does not have), and the base weights, after each image and
+    after remove(), are the very ones loaded."""
+    pipe = fresh(tiny_dir, dtype)
+    before = weights(pipe)
+    with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5) as exact:
+        expected = [render(pipe, seed) for seed in range(3 if dtype == "fp32" else 1)]
+        assert (exact.plan_for(STEPS).weights[1:] != exact.plan_for(STEPS).weights[:-1]).any()  # it flips
+    tolerance = {"fp32": 1e-5, "bf16": 0.1, "fp16": 2e-2}[dtype]
+    with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as merged:
+        assert merged.merged and merged.note == ""
+        for seed in range(20 if dtype == "fp32" else 1):  # CPUs are slow in half precision
+            image = render(pipe, seed)
+            if seed < len(expected):
+                assert (image.float() - expected[seed].float()).abs().max() <= tolerance
+            after = pipe.unet.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), seed  # restored after the last step
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_rows_written_are_the_plan_rows_of_each_step(tiny_dir):
+    """A spy on the writes: at each denoiser call the weights hold that step's scales, and only the
+    linears whose scales change are written."""
+    from estlora.runtime.merged import MergedWeights
+
+    pipe = fresh(tiny_dir)
+    fusion = fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True)
+    seen, writes = [], []
+    apply, write = MergedWeights.apply, MergedWeights._write
+
+    def spy_apply(self, row):
+        apply(self, row)
+        seen.append(list(self.applied))
+
+    def spy_write(self, index, scales):
+        writes.append(index)
+        write(self, index, scales)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MergedWeights, "apply", spy_apply)
+        patch.setattr(MergedWeights, "_write", spy_write)
+        render(pipe)
+    rows = fusion.scale_rows(fusion.plan_for(STEPS))
+    assert seen[:STEPS] == rows[:STEPS]
+    changed = sum(sum(a != b for a, b in zip(rows[i], rows[i - 1], strict=True)) for i in range(1, STEPS))
+    touched = sum(1 for scales in rows[0] if any(scales))
+    # first step: every projection that uses a LoRA; later: only those whose choice changes; at the
+    # end each one written back to its base (restore)
+    last = sum(1 for scales in rows[-1] if any(scales))
+    assert len(writes) == touched + changed + last
+    fusion.remove()
+
+
+def test_quantized_weights_keep_the_unfused_path_and_say_so(tiny_dir):
+    """Quantized (integer) weights cannot take a merge: the exact unfused path, and a note saying so."""
+    pipe = fresh(tiny_dir)
+    linear = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    linear.weight.requires_grad_(False)
+    linear.weight.data = linear.weight.data.to(torch.int8)  # as a quantized base holds them
+    fusion = fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True)
+    assert not fusion.merged and fusion.note == "--merge-weights: the base's weights are quantized; routed unfused"
+    fusion.remove()
