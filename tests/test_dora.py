@@ -99,6 +99,9 @@ def test_subject_method_equals_peft_dora_bit_for_bit(sdxl_pipe, reference, peft_
         got = render(sdxl_pipe)
     assert (expected - render(sdxl_pipe)).abs().max() > 1e-3
     assert torch.equal(got, expected)
+    # merged routing writes W' at that strength into the weights: the same, within the weights' rounding
+    with estlora.fuse(sdxl_pipe, peft_dora, peft_dora, method="subject", subject_scale=strength, merged=True):
+        torch.testing.assert_close(render(sdxl_pipe), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lycoris_dora_scale_equals_lycoris_applied(sdxl_pipe, reference, lycoris_dora):
@@ -110,6 +113,8 @@ def test_lycoris_dora_scale_equals_lycoris_applied(sdxl_pipe, reference, lycoris
     with estlora.fuse(sdxl_pipe, lycoris_dora, lycoris_dora, method="subject"):
         got = render(sdxl_pipe)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with estlora.fuse(sdxl_pipe, lycoris_dora, lycoris_dora, method="subject", merged=True):
+        torch.testing.assert_close(render(sdxl_pipe), expected, rtol=1e-4, atol=1e-5)
     plain = load_lora(lycoris_dora)
     plain.projections = {
         name: type(update).__mro__[1](down=update.down, up=update.up, alpha=update.alpha)

@@ -141,10 +141,13 @@ def test_subject_method_equals_lycoris_applied_to_the_unet(sdxl_pipe, sdxl_files
     assert len(network.loras) == 560
     expected = render(reference)
     base = render(sdxl_pipe)
-    with estlora.fuse(sdxl_pipe, sdxl_files[kind], sdxl_files["loha" if kind == "lokr" else "lokr"], method="subject"):
+    other = sdxl_files["loha" if kind == "lokr" else "lokr"]
+    with estlora.fuse(sdxl_pipe, sdxl_files[kind], other, method="subject"):
         got = render(sdxl_pipe)
     assert (expected - base).abs().max() > 1e-2  # the update is visible
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with estlora.fuse(sdxl_pipe, sdxl_files[kind], other, method="subject", merged=True):  # as LyCORIS merges
+        torch.testing.assert_close(render(sdxl_pipe), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["kohya-sgm", "kohya-diffusers", "comfyui"])

@@ -144,6 +144,12 @@ def _dora_chunks(update: DoraFactors, scale: float, signed: bool = False):
         yield applied if signed else applied.abs_()
 
 
+def dora_delta(update: DoraFactors, scale: float) -> torch.Tensor:
+    """W' - W0 of a DoRA at `scale`, dense (fp32): not `scale` times a fixed update, since the norm that
+    rescales the magnitude is taken at that scale."""
+    return torch.cat(list(_dora_chunks(update, scale, signed=True)))
+
+
 def energy_of(update: Update, scale: float) -> float:
     """E of any update kind at this scale (a fused LoKr's member: of its rows; a DoRA: of the update it
     applies to its bound base, which has no closed form)."""
@@ -186,7 +192,7 @@ def dense_of(update: Update) -> torch.Tensor:
     """The update without its scale, dense (fp32; a fused LoKr's member: its rows; a DoRA: W' - W0 at
     its scale, strength 1): what LoHa's routing and static merging apply."""
     if isinstance(update, DoraFactors):
-        return torch.cat(list(_dora_chunks(update, update.scale, signed=True))) / update.scale
+        return dora_delta(update, update.scale) / update.scale
     if isinstance(update, LoraFactors):
         return update.up.float() @ update.down.float()
     if isinstance(update, LokrFactors):

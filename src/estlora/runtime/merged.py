@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..scores import dense_of
-from ..updates import Update
+from ..scores import dense_of, dora_delta
+from ..updates import DoraFactors, Update
 
 
 class MergedWeights:
@@ -48,6 +48,14 @@ class MergedWeights:
             merged = kept.to(weight.device, torch.float32, copy=True)
             for update, scale in zip(self.updates[index], scales, strict=True):
                 if scale:
-                    merged += scale * dense_of(update).to(weight.device)
+                    merged += applied(update, scale).to(weight.device)
             weight.copy_(merged)  # rounded once to the weight's dtype
         self.applied[index] = scales
+
+
+def applied(update: Update, scale: float) -> torch.Tensor:
+    """What the unfused path adds to the weight at this scale: scale x the update, except a peft DoRA,
+    whose magnitude is renormalised at the scale itself (a LyCORIS DoRA blends linearly, as LyCORIS does)."""
+    if isinstance(update, DoraFactors) and update.convention == "peft":
+        return dora_delta(update, scale)
+    return scale * dense_of(update)
