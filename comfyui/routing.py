@@ -39,8 +39,8 @@ class StepClock:
     def __init__(self, plan_for: Callable[[int], torch.Tensor], steps: int = 0):
         self.plan_for = plan_for  # steps -> (steps, projections, 2) weights, built once per length
         self.steps = steps  # 0: as many as the sampler runs
-        self.tables: dict[int, torch.Tensor] = {}
-        self.row: torch.Tensor | None = None  # (projections, 2) of the current call; None: no LoRA
+        self.tables: dict[int, list] = {}
+        self.row: list | None = None  # [(subject, style)] per projection for the current call; None: no LoRA
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -51,7 +51,7 @@ class StepClock:
         finally:
             self.row = None
 
-    def row_for(self, sigmas: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tensor:
+    def row_for(self, sigmas: torch.Tensor | None, sigma: torch.Tensor) -> list:
         if sigmas is None:
             raise PlanMismatch("EST-LoRA: the model was called outside a sampler (no schedule to place the call in)")
         steps = len(sigmas) - 1
@@ -60,8 +60,8 @@ class StepClock:
                 f"EST-LoRA: the plan has {self.steps} steps but the sampler runs {steps}; "
                 f"set the Fuse node's steps to {steps}, or to 0 to follow the sampler"
             )
-        if steps not in self.tables:
-            self.tables[steps] = self.plan_for(steps)
+        if steps not in self.tables:  # as Python floats: the weight functions read them without tensor ops
+            self.tables[steps] = self.plan_for(steps).tolist()
         return self.tables[steps][step_of(sigmas, sigma)]
 
 
@@ -92,7 +92,7 @@ class PlannedWeight:
             return weight
         patches = []
         for index, subject, style, offset in self.members:
-            for strength, patch in zip(row[index].tolist(), (subject, style), strict=True):
+            for strength, patch in zip(row[index], (subject, style), strict=True):
                 if strength and patch is not None:
                     patches.append((strength, patch, 1.0, offset, None))
         if not patches:

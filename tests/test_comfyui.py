@@ -118,7 +118,7 @@ def spy_on_weights(fused) -> list[dict]:
 
         def watch(weight, planned=planned, key=key):
             row = planned.clock.row
-            calls[-1][key] = [tuple(row[index].tolist()) for index, *_ in planned.members]
+            calls[-1][key] = [tuple(row[index]) for index, *_ in planned.members]
             return planned(weight)
 
         spied.weight_wrapper_patches[key] = [*functions[:-1], watch]

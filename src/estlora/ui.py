@@ -211,7 +211,10 @@ class Studio:
         return kept
 
     def pair(self, settings: dict):
-        """((subject source, subject), (style source, style)), both loaded and checked against each other."""
+        """((subject source, subject), (style source, style)), both loaded and checked against each other,
+        on the page's base (loaded first where another page chose another since)."""
+        if settings.get("base", self.base) != self.base:
+            self.open(settings["base"])
         subject = self.lora("subject", settings["subject_choice"], settings["subject_file"])
         style = self.lora("style", settings["style_choice"], settings["style_file"])
         try:
@@ -304,8 +307,6 @@ class Studio:
         self.stopping.clear()
         self.running = owner
         try:
-            if settings.get("base", self.base) != self.base:  # another page chose another base since
-                self.open(settings["base"])
             return self._run(settings, methods, num_images, progress)
         except Stopped:
             raise user_error("stopped: the image in progress was not saved") from None
@@ -392,6 +393,11 @@ def user_error(message: str):
     """A one-line message in the page, without a server traceback. Markup is escaped (it may quote a file
     name) but quotes are not: the API's clients read the message as text, and `&#x27;` is noise there."""
     return _gradio().Error(html.escape(message, quote=False), print_exception=False)
+
+
+def not_loaded(exc) -> str:
+    """The LoRA panel's word for a base or LoRA that did not load (the toast says it too)."""
+    return f"**Not loaded: {html.escape(exc.message, quote=False)}.**"
 
 
 def widget(
@@ -675,13 +681,10 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
 
         def on_load(values: dict):
             """The LoRA panel: what is chosen now, or why it does not load (never the pair before)."""
-            settings = named(values)
             try:
-                if settings["base"] != studio.base:
-                    studio.open(settings["base"])
-                yield studio.describe(settings)
+                yield studio.describe(named(values))
             except gr.Error as exc:
-                yield f"**Not loaded: {html.escape(exc.message, quote=False)}.**"
+                yield not_loaded(exc)
                 raise
 
         def on_base(base: str):
@@ -694,10 +697,7 @@ def build_app(base: str | None = None, base_config: str | None = None, vae: str 
             try:
                 studio.open(base)
             except gr.Error as exc:
-                yield {
-                    fields["base"]: studio.base,
-                    lora_info: f"**Not loaded: {html.escape(exc.message, quote=False)}.**",
-                }
+                yield {fields["base"]: studio.base, lora_info: not_loaded(exc)}
                 raise
             yield base_view(gr, studio, fields) | {heading: studio.heading()}
 

@@ -104,11 +104,6 @@ class Fusion:
                 raise BaseModelMismatchError(lora.path, f"a {label} LoRA, but the pipeline is {self.family.label}")
             check_against_base(lora, shapes, base_name)
         check_pair(subject, style)
-        # merged routing writes into the weights (`runtime.merged`); quantized ones keep the exact path
-        route = self.family.resolve_fusion(config).route
-        touched = self.family.routed(set(subject.projections) | set(style.projections), route)
-        self.merged = merged and all(model.get_submodule(name).weight.dtype.is_floating_point for name in touched)
-        self.note = "--merge-weights: the base's weights are quantized; routed unfused" if merged > self.merged else ""
         subject, style = (_with_bases(lora, model) for lora in (subject, style))
         self.pipe, self.subject, self.style = pipe, subject, style
         self.config, self.beta_source = self._resolved(config), beta_source
@@ -117,6 +112,7 @@ class Fusion:
         self._plans: dict[int, Plan] = {}
         self._scores = None
         self._hook = None
+        self.merge_asked, self.note = merged, ""
         self._install()
 
     def _resolved(self, config: FusionConfig) -> FusionConfig:
@@ -201,6 +197,11 @@ class Fusion:
             parameter.requires_grad_(False)
         self._originals = {}
         self.weights: MergedWeights | None = None
+        # merged routing writes into the weights (`runtime.merged`); quantized ones keep the exact path
+        floating = all(model.get_submodule(name).weight.dtype.is_floating_point for name in self.layers)
+        self.merged = self.merge_asked and floating
+        if self.merge_asked and not floating:
+            self.note = "--merge-weights: the base's weights are quantized; routed unfused"
         if self.merged:
             linears = [model.get_submodule(name) for name in self.layers]
             updates = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
