@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import SettingError
 
-METHODS = ("est", "klora", "merge", "switch", "subject", "style")
+METHODS = ("est", "klora", "merge", "switch", "composite", "subject", "style")
 PATTERNS = ("s", "s*")
 GAMMA_RULES = ("reference", "energy")
 # What happens to LoRA weights outside the routed linears (feed-forward, convolutions, text encoders):
@@ -171,7 +171,8 @@ class FusionConfig(Settings):
         "est",
         "fusion method: est picks a LoRA per projection and step from energy, style discrepancy (beta) and time; "
         "klora is K-LoRA (beta set by hand); merge adds both, as a static merge; switch alternates them every "
-        "few steps (LoRA Switch); subject and style apply one LoRA alone",
+        "few steps (LoRA Switch); composite runs the denoiser once per LoRA and averages the predictions (LoRA "
+        "Composite: twice the denoiser's work); subject and style apply one LoRA alone",
         choices=METHODS,
     )
     route: str | None = setting(
@@ -235,6 +236,11 @@ class FusionConfig(Settings):
     @property
     def gated(self) -> bool:
         return self.method in ("est", "klora")
+
+    @property
+    def separate_passes(self) -> bool:
+        """Each LoRA in a denoiser pass of its own, the passes' outputs averaged (LoRA Composite)."""
+        return self.method == "composite"
 
     @property
     def static_weights(self) -> tuple[float, float]:

@@ -13,6 +13,8 @@ Methods:
   k = rank_c * rank_s largest |delta W| entries and a hand-set beta.
 - `merge`: direct merge, both LoRAs everywhere at (w_c, w_s), what diffusers `set_adapters` does.
 - `switch`: LoRA Switch (Zhong et al. 2024, arXiv 2402.16843): the whole LoRA alternates every k steps.
+- `composite`: LoRA Composite (the same paper): both LoRAs at every step, but each in a denoiser pass
+  of its own, the passes' predictions averaged (`FusionConfig.separate_passes`; the runtime does it).
 - `subject`, `style`: one LoRA alone, the two references.
 """
 
@@ -195,6 +197,11 @@ def plan_switch(scores: PairScores, config: FusionConfig, steps: int, gamma: flo
     return weights
 
 
+def plan_composite(scores: PairScores, config: FusionConfig, steps: int, gamma: float) -> torch.Tensor:
+    """LoRA Composite: the merge's weights; the runtime applies each column in its own pass."""
+    return plan_merge(scores, config, steps, gamma)
+
+
 def _alone(scores: PairScores, config: FusionConfig, steps: int, column: int) -> torch.Tensor:
     weights = torch.zeros(steps, len(scores.layers), 2)
     strength = (config.subject_scale, config.style_scale)[column]
@@ -217,6 +224,7 @@ METHOD_FUNCTIONS: dict[str, Callable] = {
     "klora": plan_klora,
     "merge": plan_merge,
     "switch": plan_switch,
+    "composite": plan_composite,
     "subject": plan_subject,
     "style": plan_style,
 }
@@ -259,6 +267,7 @@ class Plan:
             "subject_scale": self.config.subject_scale,
             "style_scale": self.config.style_scale,
             "switch_every": self.config.switch_every,
+            "separate_passes": self.config.separate_passes,
             "other_weights": self.config.other_weights,
             "subject_sha256": self.hashes[0],
             "style_sha256": self.hashes[1],

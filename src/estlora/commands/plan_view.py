@@ -49,6 +49,8 @@ def headline(plan: Plan) -> str:
         ]
     if cfg.method == "switch":
         parts.append(f"switch every {cfg.switch_every}")
+    if cfg.separate_passes:
+        parts.append("each LoRA in its own denoiser pass, predictions averaged")
     parts.append(f"strengths {cfg.subject_scale:g}/{cfg.style_scale:g}")
     parts.append(f"other weights {cfg.other_weights}")
     return ", ".join(parts)

@@ -222,10 +222,8 @@ class Fusion:
         # here, not decorated: the decorator would import torch._dynamo, 0.9 s, with `import estlora`.)
         hook = torch.compiler.disable(self._on_denoiser_call)
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
-        self._after = None
-        if self.weights is not None:
-            after = torch.compiler.disable(self._after_denoiser_call)
-            self._after = model.register_forward_hook(after, with_kwargs=True)
+        after = torch.compiler.disable(self._after_denoiser_call)
+        self._after = model.register_forward_hook(after, with_kwargs=True)
         try:
             self._apply_other_weights(self.config)
         except BaseException:  # diffusers could not load them: the pipeline is left as it was
@@ -244,18 +242,41 @@ class Fusion:
         if getattr(scheduler, "num_inference_steps", None) is not None:
             step, steps = denoising_step(scheduler, lambda: self._timestep(args, kwargs))
             if step is not None and len(self.router.rows) != steps:
-                self.router.set_rows(self.scale_rows(self.plan_for(steps)))
+                self.router.set_rows(*self.pass_rows(self.plan_for(steps)))
         device = next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), self.router.scales.device)
         if step != self.router.step or self.router.scales.device != device:
             self.router.go_to(step, device)
         if self.weights is not None:  # every call: a second-order step's second call finds it restored
             self.weights.apply(self.router.row)
 
-    def _after_denoiser_call(self, module, args, kwargs, output) -> None:
-        """Merged routing: after a run's last step the base weights are back (the VAE and the next
-        run see the base model)."""
-        if self.router.step is not None and self.router.step == len(self.router.rows) - 1:
+    def _after_denoiser_call(self, module, args, kwargs, output):
+        """LoRA Composite: the call's other passes, each LoRA alone, and their outputs averaged. Merged
+        routing: after a run's last step the base weights are back (the VAE and the next run see the
+        base model)."""
+        step = self.router.step
+        if step is not None and len(self.router.passes) > 1:
+            outputs = [output]
+            for index in range(1, len(self.router.passes)):
+                self._enter_pass(index)
+                outputs.append(module.forward(*args, **kwargs))  # not the call: this hook is not run again
+            self._enter_pass(0)
+            output = mean_output(outputs)
+        if self.weights is not None and step is not None and step == len(self.router.rows) - 1:
             self.weights.restore()
+        return output
+
+    def _enter_pass(self, index: int) -> None:
+        self.router.select(index)
+        if self.weights is not None:
+            self.weights.apply(self.router.row)
+
+    def pass_rows(self, plan: Plan) -> list[list[list[tuple[float, float]]]]:
+        """The router's rows per pass: one set, or for LoRA Composite each LoRA's scales in a pass of its own.
+        (Weights outside the route, with other_weights merge, stay merged in both passes.)"""
+        rows = self.scale_rows(plan)
+        if not plan.config.separate_passes:
+            return [rows]
+        return [[[(c, 0.0) for c, _ in row] for row in rows], [[(0.0, s) for _, s in row] for row in rows]]
 
     def scale_rows(self, plan: Plan) -> list[list[tuple[float, float]]]:
         """Per step and projection, (w_c * alpha_c / r_c, w_s * alpha_s / r_s): what each LoRA is multiplied by.
@@ -274,10 +295,11 @@ class Fusion:
     def _uninstall(self) -> None:
         self._hook.remove()
         self._hook = None
+        self._after.remove()
+        self._after = None
         if self.weights is not None:
             self.weights.restore()
-            self._after.remove()
-            self.weights = self._after = None
+            self.weights = None
         model = self.family.denoiser_of(self.pipe)
         for name, original in self._originals.items():
             parent_name, _, child = name.rpartition(".")
@@ -300,6 +322,20 @@ class Fusion:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def mean_output(outputs: list):
+    """The average of a denoiser's outputs (a tensor, a tuple whose first item is the prediction, or a
+    diffusers output with `sample`), summed in pass order, then divided: what LoRA Composite's
+    reference computes. Guidance is linear, so averaging both guidance branches here is averaging each
+    LoRA's guided prediction (Zhong et al. 2024, eq. 4)."""
+    first = outputs[0]
+    if torch.is_tensor(first):
+        return sum(outputs[1:], first) / len(outputs)
+    if isinstance(first, tuple):
+        return (sum((o[0] for o in outputs[1:]), first[0]) / len(outputs), *first[1:])
+    first.sample = sum((o.sample for o in outputs[1:]), first.sample) / len(outputs)
+    return first
 
 
 def fuse(

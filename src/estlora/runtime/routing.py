@@ -32,6 +32,8 @@ class Router:
 
     A scale is the plan weight times alpha / rank, worked out once per plan (not per call). `row`
     holds them as floats for eager runs; `scales` as a (projections, 2) tensor for compiled ones.
+    A plan whose LoRAs run in passes of their own (LoRA Composite) has one set of rows per pass;
+    `select` says which pass the next denoiser call is.
     """
 
     def __init__(self, layers: int):
@@ -41,19 +43,29 @@ class Router:
         self.step: int | None = None
         self.scales = torch.zeros(layers, 2)
         self.table: torch.Tensor | None = None  # every step's scales, (steps, projections, 2)
+        self.passes: list[tuple[list[list], torch.Tensor | None]] = [(self.rows, None)]
 
-    def set_rows(self, rows: list[list[tuple[float, float]]]) -> None:
-        """A new plan's scales; until the next denoiser call says which step it is, the base alone."""
-        self.rows, self.step, self.row = rows, None, self.idle
-        self.table = torch.tensor(rows, dtype=torch.float32, device=self.scales.device) if rows else None
+    def set_rows(self, *passes: list[list[tuple[float, float]]]) -> None:
+        """A new plan's scales, per pass; until the next denoiser call says which step it is, the base alone."""
+        device = self.scales.device
+        self.passes = [
+            (rows, torch.tensor(rows, dtype=torch.float32, device=device) if rows else None) for rows in passes or [[]]
+        ]
+        (self.rows, self.table), self.step, self.row = self.passes[0], None, self.idle
         self.scales.zero_()
+
+    def select(self, index: int) -> None:
+        """Make pass `index`'s rows the current ones, at the current step."""
+        step, (self.rows, self.table) = self.step, self.passes[index]
+        self.go_to(step, self.scales.device)
 
     def go_to(self, step: int | None, device: torch.device) -> None:
         """Point at a step's row (None: the base alone). Writes the tensor in place, on the model's
         device, so a compiled model sees the same input every step and nothing waits on the host."""
         if self.scales.device != device:
             self.scales = self.scales.to(device)
-            self.table = None if self.table is None else self.table.to(device)
+            self.passes = [(rows, None if table is None else table.to(device)) for rows, table in self.passes]
+            self.table = next(table for rows, table in self.passes if rows is self.rows)
         if step is None:
             self.row = self.idle
             self.scales.zero_()

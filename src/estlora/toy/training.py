@@ -36,8 +36,8 @@ SETTINGS = {
     # steps, batch, peak learning rate
     "scorer": dict(steps=1500, batch=64, lr=2e-3),
     "vae": dict(steps=1000, batch=32, lr=1e-3),
-    "base": dict(steps=10000, batch=32, lr=1e-3),
-    "lora": dict(steps=2500, batch=32, lr=3e-3, prior=0.3, drop_colour=0.5),
+    "base": dict(steps=5500, batch=24, lr=1.5e-3),
+    "lora": dict(steps=1200, batch=16, lr=3e-3, prior=0.3, drop_colour=0.5),
 }
 CAPTION_DROPOUT = 0.1  # to all-zero embeddings, as the pipeline's unconditional branch is
 EMA_DECAY = 0.999
