@@ -16,6 +16,8 @@ from estlora.errors import EstloraError
 from .fusion import ATTACHMENT, NodeError, fuse, image_tensor
 
 DEFAULT = "default"  # an optional setting left to the model family (route, pattern)
+# LoRA Composite runs the denoiser once per LoRA per step: a model wrapper, not a weight patch; not here yet.
+UNSUPPORTED_CHOICES = {"method": ("composite",)}
 NOT_MEASURED = -1.0  # beta's widget value for "not given": K-LoRA's default until the Beta node measures it
 CATEGORY = "loaders/EST-LoRA"
 
@@ -24,7 +26,8 @@ def setting_input(item: Setting) -> tuple:
     """A ComfyUI input spec from an estlora setting's declaration."""
     extra = {"tooltip": item.help}
     if item.choices:
-        options = [DEFAULT, *item.choices] if item.optional else list(item.choices)
+        choices = [c for c in item.choices if c not in UNSUPPORTED_CHOICES.get(item.name, ())]
+        options = [DEFAULT, *choices] if item.optional else choices
         return options, {**extra, "default": options[0] if item.optional else item.default}
     if item.kind is bool:
         return "BOOLEAN", {**extra, "default": item.default}
@@ -69,12 +72,19 @@ class EstLoraFuse:
         required |= {item.name: setting_input(item) for item in settings_of(FusionConfig)}
         required["steps"] = (
             "INT",
-            {"default": 0, "min": 0, "max": 1000, "tooltip": "the plan's steps: 0 follows each sampler's own "
-             "(with denoise < 1 or start/end steps: the steps it runs); another number makes a sampler that "
-             "runs a different count an error"},
+            {
+                "default": 0,
+                "min": 0,
+                "max": 1000,
+                "tooltip": "the plan's steps: 0 follows each sampler's own "
+                "(with denoise < 1 or start/end steps: the steps it runs); another number makes a sampler that "
+                "runs a different count an error",
+            },
         )
-        return {"required": required, "optional": {"clip": ("CLIP", {"tooltip": "merged statically when "
-                                                                     "other weights is merge"})}}
+        return {
+            "required": required,
+            "optional": {"clip": ("CLIP", {"tooltip": "merged statically when other weights is merge"})},
+        }
 
     RETURN_TYPES = ("MODEL", "CLIP")
     FUNCTION = "apply"
@@ -97,8 +107,13 @@ class EstLoraBeta:
             "required": {
                 "subject_image": ("IMAGE", {"tooltip": "the render with the subject LoRA alone"}),
                 "style_image": ("IMAGE", {"tooltip": "the same seed and prompt with the style LoRA alone"}),
-                "dino_model": ("STRING", {"default": DEFAULT_DINO, "tooltip": "a hub id in the local cache, a "
-                                          "folder, or a folder name under ComfyUI/models/dino"}),
+                "dino_model": (
+                    "STRING",
+                    {
+                        "default": DEFAULT_DINO,
+                        "tooltip": "a hub id in the local cache, a folder, or a folder name under ComfyUI/models/dino",
+                    },
+                ),
             }
         }
 
@@ -129,8 +144,12 @@ class EstLoraPlanPreview:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL", {"tooltip": "the EST-LoRA Fuse node's MODEL"}),
-                             "steps": ("INT", {"default": 30, "min": 1, "max": 1000})}}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "the EST-LoRA Fuse node's MODEL"}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 1000}),
+            }
+        }
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("heatmap", "summary")

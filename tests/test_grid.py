@@ -19,6 +19,7 @@ from PIL import Image
 from estlora.cli import main
 from estlora.commands.evaluation import bootstrap_ci
 from estlora.commands.grid import GridSpec, jobs, manifest_entries, share
+from estlora.errors import EstloraError
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +245,56 @@ def test_a_grid_varies_fusion_settings(tmp_path, tiny_dir):
     )
     assert not np.array_equal(low, high)  # alpha moves the flips: other images
     assert main(["grid", str(tmp_path / "spec.yaml"), "--out", str(run)]) == 0  # resumes: nothing left
+
+
+@pytest.mark.slow
+def test_a_toy_grid_is_scored_offline_by_the_toy_scorer(tmp_path):
+    """`estlora eval` on a grid on the toy base: the toy scorer by default (no CLIP or DINO asked for),
+    per method and per pair, each value as the scorer itself says of the image."""
+    from estlora.toy.scorer import load_scorer, predict
+
+    spec = {
+        "base": "toy",
+        "subjects": [{"name": "heart", "lora": "toy:heart", "token": "sks"}],
+        "styles": [{"name": "outline", "lora": "toy:outline", "token": "szn"},
+                   {"name": "dots", "lora": "toy:checker", "token": "szn", "class": "checker"}],
+        "prompts": ["a {subject} shape in {style} style"],
+        "seeds": [0, 1, 2],
+        "methods": ["subject", "composite"],
+        "steps": 4,
+        "beta": 0.5,
+    }  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run = tmp_path / "run"
+    assert main(["grid", str(tmp_path / "spec.yaml"), "--out", str(run)]) == 0
+    assert main(["eval", str(run)]) == 0
+    rows = list(csv.DictReader((run / "scores.csv").open()))
+    assert len(rows) == 12
+    scorer = load_scorer()
+    for row in rows:
+        label = predict(scorer, [Image.open(run / row["path"])])[0]
+        style = {"outline": "outline", "dots": "checker"}[row["style"]]
+        assert float(row["subject_shown"]) == (label.shape == "heart")
+        assert float(row["style_shown"]) == (label.texture == style)
+        assert float(row["both_shown"]) == float(row["subject_shown"]) * float(row["style_shown"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["scorer"] == "toy" and set(summary["pairs"]) == {"heart x outline", "heart x dots"}
+    chosen = [float(r["both_shown"]) for r in rows if (r["method"], r["style"]) == ("composite", "dots")]
+    assert summary["pairs"]["heart x dots"]["composite"]["both_shown"]["mean"] == pytest.approx(np.mean(chosen))
+    low, high = summary["methods"]["subject"]["subject_shown"]["ci95"]
+    assert low <= summary["methods"]["subject"]["subject_shown"]["mean"] <= high
+    report = (run / "report.md").read_text()
+    assert "per pair: both shown" in report and "toy scorer" in report
+    for name in ("report.html", "report/bars.png", "report/scatter.png", "report/grid-composite.png"):
+        assert (run / name).is_file(), name
+
+
+def test_the_toy_scorer_refuses_an_entry_it_cannot_place(tmp_path):
+    from estlora.commands.evaluation import metric_set
+
+    spec = GridSpec.from_dict(
+        {"base": "toy", "subjects": [{"name": "dog", "lora": "dog.safetensors"}],
+         "styles": [{"name": "outline", "lora": "toy:outline"}]}
+    )  # fmt: skip
+    with pytest.raises(EstloraError, match="dog.safetensors: subject 'dog' is no toy subject"):
+        metric_set(spec, "auto", "clip", "dino", "cpu", 1)

@@ -19,7 +19,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from .config import DEFAULT_CLIP, DEFAULT_DINO, FusionConfig, ModelConfig, SamplingConfig, Setting, settings_of  # noqa: E402
+from .config import (  # noqa: E402
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    METRIC_SETS,
+    FusionConfig,
+    ModelConfig,
+    SamplingConfig,
+    Setting,
+    settings_of,
+)
 from .errors import REPORT_BUG, EstloraError, FusionError, SettingError  # noqa: E402
 from .toy.world import STYLES, SUBJECTS  # noqa: E402
 
@@ -148,8 +157,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     for lora in (subject, style):
         if "dora" in lora.kinds:  # its update depends on the base weights, which `plan` does not load
             raise FusionError(
-                lora.path, "a DoRA: its energies depend on the base weights, which `plan` does not load; "
-                "`generate` (and the UI) plan it against the loaded base"
+                lora.path,
+                "a DoRA: its energies depend on the base weights, which `plan` does not load; "
+                "`generate` (and the UI) plan it against the loaded base",
             )
     for role, lora in (("subject", subject), ("style", style)):
         for note in lora.notes:
@@ -242,7 +252,7 @@ def _names(paths: list[str]) -> dict[str, str]:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .commands.evaluation import evaluate
 
-    report = evaluate(args.run_dir, args.clip_model, args.dino_model, args.device, args.batch_size)
+    report = evaluate(args.run_dir, args.clip_model, args.dino_model, args.device, args.batch_size, args.metrics)
     print(f"wrote {report}, report.html, scores.csv and summary.json in {args.run_dir}")
 
 
@@ -311,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="estlora-demo", help="output folder (default ./estlora-demo)")
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--num-images", type=int, default=4)
-    demo.add_argument("--subject", default="heart", choices=SUBJECTS, help="toy subject LoRA (default heart)")
-    demo.add_argument("--style", default="outline", choices=STYLES, help="toy style LoRA (default outline)")
+    demo.add_argument("--subject", choices=SUBJECTS, help="toy subject LoRA (default: the demo's pair)")
+    demo.add_argument("--style", choices=STYLES, help="toy style LoRA (default: the demo's pair)")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=cmd_demo)
 
@@ -338,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="score a finished grid: scores.csv, summary.json, report")
     ev.add_argument("run_dir", help="the grid's --out folder")
+    ev.add_argument(
+        "--metrics",
+        choices=METRIC_SETS,
+        default="auto",
+        help="what scores the images: clip-dino (CLIP and DINO against each entry's references), toy (the toy "
+        "world's scorer, offline) or auto (toy for a grid on the toy base, else clip-dino)",
+    )
     ev.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP model id or folder")
     ev.add_argument("--dino-model", default=DEFAULT_DINO, help="DINO model id or folder")
     ev.add_argument("--device", default="cpu")

@@ -39,6 +39,7 @@ ZERO_ALPHA = ("rank", "zero")
 DEFAULT_BETA = {"s": 0.5, "s*": 1.275}
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # `estlora eval`'s text-image scorer
+METRIC_SETS = ("auto", "clip-dino", "toy")  # what `estlora eval` scores with (commands.evaluation.metric_set)
 
 
 def number(value: float) -> str:

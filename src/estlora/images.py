@@ -77,13 +77,22 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def overview(images: list, path: Path, zoom: int = 4) -> None:
-    """One enlarged row of images (toy images are 32 x 32, too small to judge at their own size)."""
-    from PIL import Image
+def labelled_sheet(rows: list[tuple[str, list]], path: Path, zoom: int = 4) -> None:
+    """Rows of enlarged images, each under its label (toy images are 32 x 32, too small to judge at
+    their own size)."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    w, h = images[0].size
-    sheet = Image.new("RGB", (len(images) * (w * zoom + 8) - 8, h * zoom), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image.resize((w * zoom, h * zoom), Image.NEAREST), (i * (w * zoom + 8), 0))
+    font = ImageFont.load_default(size=15)
+    w, h = rows[0][1][0].size
+    gap, label_h = 8, 24
+    width = max(len(images) for _, images in rows) * (w * zoom + gap) - gap
+    width = max(width, *(int(font.getlength(label)) + 8 for label, _ in rows))
+    sheet = Image.new("RGB", (width, len(rows) * (label_h + h * zoom + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        top = r * (label_h + h * zoom + gap)
+        draw.text((2, top + 3), label, fill="black", font=font)
+        for i, image in enumerate(images):
+            sheet.paste(image.resize((w * zoom, h * zoom), Image.NEAREST), (i * (w * zoom + gap), top + label_h))
     with atomic_path(path) as staging:
         sheet.save(staging, format="PNG")

@@ -1,18 +1,20 @@
-"""`estlora demo`: the whole product on the shipped toy SDXL and its LoRAs, offline, in under a minute.
+"""`estlora demo`: the whole product on the shipped toy SDXL and its LoRAs, offline, in about a minute.
 
 The toy model was trained from scratch on a world of coloured shapes (estlora.toy.world), so the
-result can be seen: the subject LoRA's new shape, drawn with the style LoRA's texture. Writes the
-fused images, the subject-only and style-only references (the very renders beta is measured from),
-an enlarged overview sheet, the plan heatmap and a one-page summary into one folder.
+result can be seen: the subject LoRA's new shape, drawn with the style LoRA's texture. On the same
+seeds it renders the subject LoRA alone, the style LoRA alone, EST-LoRA and the two baselines that
+fuse best on the toy benchmark, and writes them with an enlarged, labelled overview sheet (one row
+per method, with what the toy scorer sees in it), the plan heatmap and a one-page summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..config import FusionConfig, ModelConfig, SamplingConfig
 from ..errors import SettingError
-from ..images import overview
+from ..images import labelled_sheet
 from ..outputs import write_text
 from ..session import Request, Session
 from ..toy.model import GUIDANCE, SAMPLE_STEPS
@@ -20,6 +22,24 @@ from ..toy.world import STYLES, SUBJECTS
 from .plan_view import heatmap, summary
 
 PROMPT = "a sks shape in szn style"
+# The demo's pair and baselines, chosen by the toy benchmark (benchmarks/RESULTS.md, "Fusion quality on
+# the toy world"): the pair is where est shows both most often, the baselines the two best after est.
+DEMO_PAIR = ("heart", "outline")
+BASELINES = ("merge", "composite")
+FILE_STEMS = {"subject": "subject-only", "style": "style-only"}  # the fused methods: fused-<method>
+
+
+def scorer_line(method: str, images: list, subject: str, style: str) -> str:
+    """What the toy scorer sees in a method's images: how many show the subject's shape, the style's
+    texture, and both."""
+    from ..toy.scorer import load_scorer, predict
+
+    labels = predict(load_scorer(), images)
+    shape = sum(label.shape == subject for label in labels)
+    texture = sum(label.texture == style for label in labels)
+    both = sum(label.shape == subject and label.texture == style for label in labels)
+    n = len(labels)
+    return f"{method}: {subject} {shape}/{n}, {style} {texture}/{n}, both {both}/{n}"
 
 
 def run_demo(
@@ -27,10 +47,10 @@ def run_demo(
     steps: int = SAMPLE_STEPS,
     num_images: int = 4,
     device: str = "auto",
-    subject: str = "heart",
-    style: str = "outline",
+    subject: str | None = None,
+    style: str | None = None,
 ) -> Path:
-    out = Path(out)
+    out, subject, style = Path(out), subject or DEMO_PAIR[0], style or DEMO_PAIR[1]
     if subject not in SUBJECTS or style not in STYLES:
         raise SettingError(None, f"the demo's subjects are {', '.join(SUBJECTS)} and its styles {', '.join(STYLES)}")
     request = Request(
@@ -43,20 +63,24 @@ def run_demo(
     session = Session.open(ModelConfig(base="toy", device=device), check=request)
     try:
         print("measuring beta: subject-only and style-only renders, style discrepancy ...")
-        prepared = session.configure(request, use_cache=False)
-        probe = prepared.probe
-        files, sheet = [], []
-        for method in ("subject", "style"):
-            image = probe.images[method]
-            files.append(session.save(prepared, image, out / f"{method}-only-seed0.png", 0, method=method))
-            sheet.append(image)
-        for k in range(num_images):
-            image = session.render(prepared, k, f"fused image {k + 1}/{num_images}")
-            files.append(session.save(prepared, image, out / f"fused-est-seed{k}.png", k))
-            sheet.append(image)
-        overview(sheet, out / "overview.png")
-        plan = prepared.plan
+        est = session.configure(request, use_cache=False)
+        probe, plan = est.probe, est.plan
         heatmap(plan, session.family, out / "plan.png")
+        files, rendered = [], {}
+        for method in ("est", "subject", "style", *BASELINES):  # est first: its prepared run is the probed one
+            prepared = est
+            if method != "est":
+                prepared = session.configure(dataclasses.replace(request, fusion=FusionConfig(method=method)))
+            rendered[method] = []
+            for k in range(num_images):
+                image = session.render(prepared, k, f"{method} {k + 1}/{num_images}")
+                stem = FILE_STEMS.get(method, f"fused-{method}")
+                files.append(session.save(prepared, image, out / f"{stem}-seed{k}.png", k))
+                rendered[method].append(image)
+        order = ("subject", "style", "est", *BASELINES)
+        lines = [scorer_line(method, rendered[method], subject, style) for method in order]
+        rows = [(line, rendered[method]) for line, method in zip(lines, order, strict=True)]
+        labelled_sheet(rows, out / "overview.png")
         page = "\n".join(
             [
                 "# estlora demo",
@@ -65,10 +89,15 @@ def run_demo(
                 f'Subject LoRA: `toy:{subject}` ("a sks shape" is a {subject}); style LoRA: `toy:{style}`',
                 f'("in szn style" is the {style} texture). Neither LoRA saw the other\'s concept.',
                 "",
-                "[overview.png](overview.png): subject only, style only, then the fused images, enlarged 4x.",
+                "[overview.png](overview.png): one row per method on the same seeds, enlarged; each row says what",
+                "the toy scorer sees in it:",
+                "",
+                *(f"- {line}" for line in lines),
                 "",
                 f"beta = {probe.beta:.4g}, measured as 1 - cosine between the subject-only and style-only",
-                "renders (seed 0, same settings) in the toy scorer's feature space, the toy world's DINO.",
+                "renders (seed 0, same settings) in the toy scorer's feature space, the toy world's DINO; the",
+                f"baselines ({', '.join(BASELINES)}) are the two that fuse best after est on the toy benchmark.",
+                'How typical this pair is: benchmarks/RESULTS.md, "Fusion quality on the toy world".',
                 "",
                 "| image | file |",
                 "| --- | --- |",
@@ -89,5 +118,7 @@ def run_demo(
     finally:
         session.close()
     print(f"demo written to {out.resolve()}: {len(files)} images, overview.png, plan.png, summary.md")
+    for line in lines:
+        print(f"  {line}")
     print(f"beta {probe.beta:.4g}; look at {out / 'overview.png'}")
     return out

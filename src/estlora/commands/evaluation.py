@@ -1,10 +1,14 @@
 """`estlora eval RUN_DIR`: score a finished grid and write scores.csv, summary.json and a report.
 
-Per image: style similarity (CLIP image-image to the style references), subject similarity (DINO
-CLS and CLIP image-image to the subject references) and text alignment (CLIP text-image with the
-prompt whose trigger tokens are replaced by class words). Per method: means with 95% percentile
-bootstrap intervals. The report shows the image grid per method (rows subjects, columns styles),
-per-method bars and the subject-vs-style scatter, the trade-off picture of this field.
+Per image, by one of two metric sets (`MetricSet`):
+- CLIP/DINO (any real base): style similarity (CLIP image-image to the style references), subject
+  similarity (DINO CLS and CLIP image-image to the subject references) and text alignment (CLIP
+  text-image with the prompt whose trigger tokens are replaced by class words);
+- the toy scorer (a grid on the toy base, offline; `estlora.toy.evaluation`): subject shown, style
+  shown, both, and the scorer's probabilities of each.
+Per method and per (subject, style) pair: means with 95% percentile bootstrap intervals. The report
+shows the image grid per method (rows subjects, columns styles), per-method bars, a per-pair table
+and the subject-vs-style scatter, the trade-off picture of this field.
 """
 
 from __future__ import annotations
@@ -17,17 +21,72 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import METRIC_SETS
 from ..errors import EstloraError
 from ..outputs import atomic_path, write_text
-from .grid import GridSpec, Job, manifest_entries
+from .grid import Entry, GridSpec, Job, manifest_entries
 
-METRICS = ("style_clip", "subject_dino", "subject_clip", "text_clip")
-LABELS = {
-    "style_clip": "style similarity (CLIP-I to style refs)",
-    "subject_dino": "subject similarity (DINO to subject refs)",
-    "subject_clip": "subject similarity (CLIP-I to subject refs)",
-    "text_clip": "text alignment (CLIP-T)",
-}
+
+class MetricSet:
+    """What a grid is scored by: metric names with their labels, which two the scatter plots, the one
+    the per-pair table shows, and `score` for one (subject, style) pair's images."""
+
+    labels: dict[str, str]
+    scatter: tuple[str, str]  # (x, y): style, subject
+    headline: str
+    description: str  # for the report: "CLIP `...`, DINO `...`"
+    record: dict  # what summary.json says the scores were made with
+
+    def score(self, images: list, prompts: list[str], subject: Entry, style: Entry) -> dict[str, list[float]]:
+        raise NotImplementedError
+
+
+class ClipDino(MetricSet):
+    """The field's metrics (`estlora.metrics`): CLIP and DINO against each entry's reference images."""
+
+    labels = {
+        "style_clip": "style similarity (CLIP-I to style refs)",
+        "subject_dino": "subject similarity (DINO to subject refs)",
+        "subject_clip": "subject similarity (CLIP-I to subject refs)",
+        "text_clip": "text alignment (CLIP-T)",
+    }
+    scatter = ("style_clip", "subject_dino")
+    headline = "subject_dino"
+
+    def __init__(self, spec: GridSpec, clip_model: str, dino_model: str, device: str, batch_size: int):
+        from ..metrics import Scorer, load_reference_images
+
+        self.scorer = Scorer(clip_model, dino_model, device, batch_size)
+        self.description = f"CLIP `{clip_model}`, DINO `{dino_model}`"
+        self.record = {"clip_model": clip_model, "dino_model": dino_model}
+        self.refs = {
+            e.name: self.scorer.embed_refs(load_reference_images(e.references))
+            for e in spec.subjects + spec.styles
+            if e.references
+        }
+
+    def score(self, images, prompts, subject, style):
+        refs = self.refs
+        placeholder = next(iter(refs.values()), None) or self.scorer.embed_refs(images[:1])
+        scores = self.scorer.score(
+            images, prompts, refs.get(subject.name, placeholder), refs.get(style.name, placeholder)
+        )
+        for metric in scores:  # NaN where the entry has no references
+            owner = subject if metric.startswith("subject") else style if metric.startswith("style") else None
+            if owner is not None and owner.name not in refs:
+                scores[metric] = [math.nan] * len(images)
+        return scores
+
+
+def metric_set(spec: GridSpec, name: str, clip_model: str, dino_model: str, device: str, batch_size: int) -> MetricSet:
+    """`auto`: the toy scorer for a grid on the toy base (CLIP and DINO know nothing of it), else CLIP/DINO."""
+    if name not in METRIC_SETS:
+        raise EstloraError(None, f"unknown metric set {name!r} (choose from {', '.join(METRIC_SETS)})")
+    if name == "toy" or (name == "auto" and spec.model.base == "toy"):
+        from ..toy.evaluation import ToyMetrics
+
+        return ToyMetrics(spec)
+    return ClipDino(spec, clip_model, dino_model, device, batch_size)
 
 
 def bootstrap_ci(values: list[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -57,21 +116,14 @@ def load_run(run_dir: Path) -> tuple[GridSpec, list[Job]]:
     return spec, finished
 
 
-def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> list[dict]:
-    """One row per finished image with its four metrics (NaN where references are missing).
-
-    Images are scored one (subject, style) pair at a time, in batches, against references that are
-    embedded once per entry.
-    """
+def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], metrics: MetricSet) -> list[dict]:
+    """One row per finished image with its metrics, scored one (subject, style) pair at a time, in batches."""
     from itertools import groupby
 
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..metrics import load_reference_images
-
     entries = {e.name: e for e in spec.subjects + spec.styles}
-    refs = {name: scorer.embed_refs(load_reference_images(e.references)) for name, e in entries.items() if e.references}
     rows = []
     bar = tqdm(total=len(finished), desc="scoring")
     for (subject_name, style_name), jobs in groupby(finished, key=lambda j: (j.subject, j.style)):
@@ -82,8 +134,7 @@ def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> lis
             with Image.open(run_dir / job.relpath) as image:
                 images.append(image.convert("RGB"))
         prompts = [spec.prompt(spec.prompts[j.prompt_index], subject, style, neutral=True) for j in jobs]
-        placeholder = next(iter(refs.values()), None) or scorer.embed_refs(images[:1])
-        scores = scorer.score(images, prompts, refs.get(subject_name, placeholder), refs.get(style_name, placeholder))
+        scores = metrics.score(images, prompts, subject, style)
         for i, (job, prompt) in enumerate(zip(jobs, prompts, strict=True)):
             row = {
                 "subject": job.subject,
@@ -94,28 +145,33 @@ def score_run(run_dir: Path, spec: GridSpec, finished: list[Job], scorer) -> lis
                 "path": job.relpath,
                 "neutral_prompt": prompt,
             }
-            for metric in METRICS:
-                missing = (
-                    subject_name not in refs
-                    if metric.startswith("subject")
-                    else (style_name not in refs if metric.startswith("style") else False)
-                )
-                row[metric] = math.nan if missing else scores[metric][i]
-            rows.append(row)
+            rows.append(row | {metric: scores[metric][i] for metric in metrics.labels})
         bar.update(len(jobs))
     bar.close()
     return rows
 
 
-def summarise(rows: list[dict], methods: list[str]) -> dict:
+def summarise(rows: list[dict], methods: list[str], metrics: list[str]) -> dict:
+    """Per method: the image count and each metric's mean with its 95% interval."""
     summary = {}
     for method in methods:
         chosen = [r for r in rows if r["method"] == method]
         summary[method] = {"n": len(chosen)}
-        for metric in METRICS:
+        for metric in metrics:
             mean, low, high = bootstrap_ci([r[metric] for r in chosen])
             summary[method][metric] = {"mean": mean, "ci95": [low, high]}
     return summary
+
+
+def by_pair(rows: list[dict], methods: list[str], metrics: list[str]) -> dict:
+    """The same per (subject, style) pair: {"subject x style": {method: ...}}."""
+    pairs = sorted({(r["subject"], r["style"]) for r in rows})
+    return {
+        f"{subject} x {style}": summarise(
+            [r for r in rows if (r["subject"], r["style"]) == (subject, style)], methods, metrics
+        )
+        for subject, style in pairs
+    }
 
 
 def image_grid(run_dir: Path, spec: GridSpec, method: str, finished: set, cell: int = 160):
@@ -146,7 +202,7 @@ def image_grid(run_dir: Path, spec: GridSpec, method: str, finished: set, cell: 
     return grid
 
 
-def plots(rows: list[dict], summary: dict, methods: list[str]):
+def plots(rows: list[dict], summary: dict, methods: list[str], metrics: MetricSet):
     """(bars, scatter) as PNG bytes: per-method means with 95% intervals; subject vs style per image."""
     try:
         import matplotlib
@@ -156,32 +212,34 @@ def plots(rows: list[dict], summary: dict, methods: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
-    for ax, metric in zip(axes, METRICS, strict=True):
+    labels = metrics.labels
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.6))
+    for ax, metric in zip(axes, labels, strict=True):
         means = [summary[m][metric]["mean"] for m in methods]
         lows = [summary[m][metric]["mean"] - summary[m][metric]["ci95"][0] for m in methods]
         highs = [summary[m][metric]["ci95"][1] - summary[m][metric]["mean"] for m in methods]
         ax.bar(methods, means, yerr=[lows, highs], capsize=4, color="#5b8cc0")
-        ax.set_title(LABELS[metric], fontsize=9)
+        ax.set_title(labels[metric], fontsize=9)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     bars = _png(fig)
 
+    x, y = metrics.scatter
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in methods:
         chosen = [r for r in rows if r["method"] == method]
-        ax.scatter([r["style_clip"] for r in chosen], [r["subject_dino"] for r in chosen], alpha=0.35, s=14)
+        ax.scatter([r[x] for r in chosen], [r[y] for r in chosen], alpha=0.35, s=14)
         ax.scatter(
-            [summary[method]["style_clip"]["mean"]],
-            [summary[method]["subject_dino"]["mean"]],
+            [summary[method][x]["mean"]],
+            [summary[method][y]["mean"]],
             s=90,
             marker="X",
             edgecolors="black",
             label=method,
             color=ax.collections[-1].get_facecolor()[0],
         )
-    ax.set_xlabel(LABELS["style_clip"])
-    ax.set_ylabel(LABELS["subject_dino"])
+    ax.set_xlabel(labels[x])
+    ax.set_ylabel(labels[y])
     ax.set_title("subject vs style (dots: images, crosses: method means)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -202,81 +260,87 @@ def _write_bytes(path: Path, data: bytes) -> None:
         staging.write_bytes(data)
 
 
-def evaluate(run_dir: str | Path, clip_model: str, dino_model: str, device: str = "cpu", batch_size: int = 16) -> Path:
+def evaluate(
+    run_dir: str | Path,
+    clip_model: str,
+    dino_model: str,
+    device: str = "cpu",
+    batch_size: int = 16,
+    metrics: str = "auto",
+) -> Path:
     """Score the run and write scores.csv, summary.json, report.md, report.html and figures into it."""
-    from ..metrics import Scorer
-
     run_dir = Path(run_dir)
     spec, finished = load_run(run_dir)
     finished.sort(key=lambda j: (j.subject, j.style, j.label, j.prompt_index, j.seed))
-    rows = score_run(run_dir, spec, finished, Scorer(clip_model, dino_model, device, batch_size))
+    scorer = metric_set(spec, metrics, clip_model, dino_model, device, batch_size)
+    rows = score_run(run_dir, spec, finished, scorer)
     methods = [m for m in spec.labels() if any(r["method"] == m for r in rows)]
-    summary = summarise(rows, methods)
+    names = list(scorer.labels)
+    summary, pairs = summarise(rows, methods, names), by_pair(rows, methods, names)
 
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     write_text(run_dir / "scores.csv", text.getvalue())
-    write_text(
-        run_dir / "summary.json",
-        json.dumps(
-            {"clip_model": clip_model, "dino_model": dino_model, "images": len(rows), "methods": summary}, indent=2
-        ),
-    )
+    record = {**scorer.record, "images": len(rows), "methods": summary, "pairs": pairs}
+    write_text(run_dir / "summary.json", json.dumps(record, indent=2))
     report_dir = run_dir / "report"
-    bars, scatter = plots(rows, summary, methods)
+    bars, scatter = plots(rows, summary, methods, scorer)
     _write_bytes(report_dir / "bars.png", bars)
     _write_bytes(report_dir / "scatter.png", scatter)
     for method in methods:
         with atomic_path(report_dir / f"grid-{method}.png") as staging:
             image_grid(run_dir, spec, method, set(finished)).save(staging, format="PNG")
-    write_text(run_dir / "report.md", _markdown(summary, methods, len(rows), clip_model, dino_model))
-    write_text(run_dir / "report.html", _html(summary, methods, len(rows), clip_model, dino_model))
+    tables = _tables(summary, pairs, methods, scorer)
+    intro = f"{len(rows)} images; {scorer.description}; means with 95% bootstrap intervals."
+    write_text(run_dir / "report.md", _markdown(tables, intro, methods))
+    write_text(run_dir / "report.html", _html(tables, intro, methods))
     return run_dir / "report.md"
 
 
-def _table(summary: dict, methods: list[str]) -> list[list[str]]:
-    def cell(stats):
-        return (
-            "n/a"
-            if math.isnan(stats["mean"])
-            else (f"{stats['mean']:.4f} [{stats['ci95'][0]:.4f}, {stats['ci95'][1]:.4f}]")
-        )
-
-    header = ["method", "images", *[LABELS[m] for m in METRICS]]
-    return [header] + [[m, str(summary[m]["n"]), *[cell(summary[m][k]) for k in METRICS]] for m in methods]
+def _cell(stats: dict) -> str:
+    if math.isnan(stats["mean"]):
+        return "n/a"
+    return f"{stats['mean']:.4f} [{stats['ci95'][0]:.4f}, {stats['ci95'][1]:.4f}]"
 
 
-def _markdown(summary, methods, images, clip_model, dino_model) -> str:
-    table = _table(summary, methods)
-    lines = [
-        "# estlora evaluation",
-        "",
-        f"{images} images; CLIP `{clip_model}`, DINO `{dino_model}`; means with 95% bootstrap intervals.",
-        "",
-        "| " + " | ".join(table[0]) + " |",
-        "|" + " --- |" * len(table[0]),
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    lines += ["", "![per-method means](report/bars.png)", "", "![subject vs style](report/scatter.png)", ""]
+def _tables(summary: dict, pairs: dict, methods: list[str], metrics: MetricSet) -> list[tuple[str, list[list[str]]]]:
+    """(title, rows) of the report's tables: per method, then the headline metric per pair."""
+    labels = metrics.labels
+    overall = [["method", "images", *labels.values()]]
+    overall += [[m, str(summary[m]["n"]), *[_cell(summary[m][k]) for k in labels]] for m in methods]
+    per_pair = [["pair", *methods]]
+    per_pair += [[pair, *[_cell(stats[m][metrics.headline]) for m in methods]] for pair, stats in pairs.items()]
+    return [("per method", overall), (f"per pair: {labels[metrics.headline]}", per_pair)]
+
+
+def _markdown(tables, intro: str, methods: list[str]) -> str:
+    lines = ["# estlora evaluation", "", intro, ""]
+    for title, table in tables:
+        lines += [f"## {title}", "", "| " + " | ".join(table[0]) + " |", "|" + " --- |" * len(table[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+        lines.append("")
+    lines += ["![per-method means](report/bars.png)", "", "![subject vs style](report/scatter.png)", ""]
     for method in methods:
         lines += [f"## {method}", "", f"![{method} grid](report/grid-{method}.png)", ""]
     return "\n".join(lines)
 
 
-def _html(summary, methods, images, clip_model, dino_model) -> str:
+def _html(tables, intro: str, methods: list[str]) -> str:
     from html import escape
 
-    table = _table(summary, methods)
-    head = "".join(f"<th>{escape(c)}</th>" for c in table[0])
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+    def table_html(table):
+        head = "".join(f"<th>{escape(c)}</th>" for c in table[0])
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    sections = "".join(f"<h2>{escape(title)}</h2>{table_html(table)}" for title, table in tables)
     grids = "".join(f"<h2>{escape(m)}</h2><img src='report/grid-{escape(m)}.png'>" for m in methods)
     return (
         f"<!doctype html><meta charset='utf-8'><title>estlora evaluation</title>"
         f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}"
         f"table{{border-collapse:collapse}}</style><h1>estlora evaluation</h1>"
-        f"<p>{images} images; CLIP <code>{escape(clip_model)}</code>, DINO <code>{escape(dino_model)}</code>; "
-        f"means with 95% bootstrap intervals.</p><table><tr>{head}</tr>{body}</table>"
+        f"<p>{escape(intro.replace('`', ''))}</p>{sections}"
         f"<p><img src='report/bars.png'></p><p><img src='report/scatter.png'></p>{grids}\n"
     )

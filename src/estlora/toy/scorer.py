@@ -72,12 +72,17 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 @torch.no_grad()
+def probabilities(scorer: ToyScorer, images) -> dict[str, torch.Tensor]:
+    """Per head, (N, classes): the scorer's probability of each label (`HEADS` order)."""
+    return {head: values.softmax(-1) for head, values in scorer(images_to_tensor(images)).items()}
+
+
 def predict(scorer: ToyScorer, images) -> list[Prediction]:
-    logits = scorer(images_to_tensor(images))
+    """Each image's label per head: the likeliest, or `none` when it is under `THRESHOLD`."""
     labels: dict[str, list[str]] = {}
     confidence: dict[str, torch.Tensor] = {}
-    for head, values in logits.items():
-        p, index = values.softmax(-1).max(-1)
+    for head, values in probabilities(scorer, images).items():
+        p, index = values.max(-1)
         labels[head] = [
             HEADS[head][i] if c >= THRESHOLD else NONE for c, i in zip(p.tolist(), index.tolist(), strict=True)
         ]
