@@ -7,10 +7,14 @@ Three tables from the shipped weights (estlora/toy_assets), in a few minutes on 
    base world survive it (prior preservation)?
 3. fusion: "a sks shape in szn style" for every subject x style pair and seed, per method: the share of
    images showing the subject's shape, the style's texture, and both at once, with 95% bootstrap
-   intervals. `est` measures beta per pair (style discrepancy in the scorer's feature space: the toy
-   world's DINO); `est-energy` is est with the energy-consistent gamma.
+   intervals, overall and per pair. `est` measures beta per pair (style discrepancy in the scorer's
+   feature space: the toy world's DINO); `est-energy` is est with the energy-consistent gamma;
+   `composite` is LoRA Composite (twice the denoiser's work).
+4. the oracle sweep: est over a grid of (beta, alpha) per pair, "both" per cell on fewer seeds: the
+   best share the gate can reach, and where the measured beta falls in that grid. It tells whether
+   EST's S factor picks a good beta, or whether the gate itself is the limit.
 
-    .venv/bin/python benchmarks/quality_toy.py [--seeds 16] [--out benchmarks/quality-toy]
+    .venv/bin/python benchmarks/quality_toy.py [--seeds 32] [--first-seed 0] [--out benchmarks/quality-toy]
 """
 
 from __future__ import annotations
@@ -25,19 +29,24 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 import estlora
+from estlora.commands.demo import DEMO_PAIR
 from estlora.commands.evaluation import bootstrap_ci
+from estlora.config import FusionConfig
 from estlora.loading.base import load_pipeline
 from estlora.toy.model import GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
 from estlora.toy.scorer import load_scorer, predict
 from estlora.toy.world import BASE_SHAPES, BASE_TEXTURES, COLOURS, STYLES, SUBJECTS, Scene, caption
 
 FUSED_PROMPT = "a sks shape in szn style"
+ORACLE_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+ORACLE_ALPHAS = (0.5, 1.5, 3.0)
 METHODS = {  # row name: fusion settings
     "est": {"method": "est"},
     "est-energy": {"method": "est", "gamma_rule": "energy"},
     "klora": {"method": "klora", "beta": None},  # K-LoRA's own hand-set beta, not the measured one
     "merge": {"method": "merge"},
     "switch": {"method": "switch"},
+    "composite": {"method": "composite"},
     "subject": {"method": "subject"},
     "style": {"method": "style"},
 }
@@ -128,11 +137,41 @@ def fusion_table(pipe, scorer, seeds, steps, guidance, grid_pair) -> tuple[dict,
                         hits[method]["subject"].append(s)
                         hits[method]["style"].append(t)
                         hits[method]["both"].append(s and t)
-                    per_pair[pair][method] = round(sum(s and t for s, t in flags) / len(flags), 3)
+                    per_pair[pair][method] = share([s and t for s, t in flags])
                     if (subject, style) == grid_pair:
                         grid[method] = images
     table = {m: {k: share(v) for k, v in h.items()} for m, h in hits.items()}
     return table, per_pair, betas, grid
+
+
+def oracle_sweep(pipe, scorer, seeds, steps, guidance, betas: dict) -> dict:
+    """est over ORACLE_BETAS x ORACLE_ALPHAS per pair: "both" per cell, the best cell, and the cell
+    nearest the measured beta (at the default alpha)."""
+    sweep = {}
+    for subject in SUBJECTS:
+        for style in STYLES:
+            pair = f"{subject} x {style}"
+            cells = {}
+            with estlora.fuse(pipe, f"toy:{subject}", f"toy:{style}", method="est") as fusion:
+                for alpha in ORACLE_ALPHAS:
+                    for beta in ORACLE_BETAS:
+                        with fusion.using(alpha=alpha, beta=beta):
+                            predictions = predict(scorer, sample(pipe, FUSED_PROMPT, seeds, steps, guidance))
+                        cells[f"alpha={alpha:g} beta={beta:g}"] = round(
+                            sum(p.shape == subject and p.texture == style for p in predictions) / len(predictions), 3
+                        )
+            best = max(cells, key=cells.get)
+            nearest = min(ORACLE_BETAS, key=lambda b: abs(b - betas[pair]))
+            measured = cells[f"alpha={FusionConfig().alpha:g} beta={nearest:g}"]  # the default alpha
+            sweep[pair] = {
+                "cells": cells,
+                "best": best,
+                "best_both": cells[best],
+                "measured_beta": betas[pair],
+                "at_measured": measured,
+                "rank_of_measured": sorted(cells.values(), reverse=True).index(measured) + 1,
+            }
+    return sweep
 
 
 def save_grid(grid: dict, path: Path, zoom: int = 3) -> None:
@@ -173,7 +212,7 @@ def plot(table: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def markdown(base: dict, loras: dict, table: dict, betas: dict, seeds: int) -> str:
+def markdown(base: dict, loras: dict, table: dict, per_pair: dict, betas: dict, sweep: dict, seeds: int) -> str:
     lines = ["### Base model alone", "", "| asked | shown (share, 95% CI) |", "|---|---|"]
     lines += [f"| {k} | {cell(v)} |" for k, v in base.items()]
     lines += ["", "### Each LoRA alone (plain diffusers `load_lora_weights`)", ""]
@@ -183,13 +222,31 @@ def markdown(base: dict, loras: dict, table: dict, betas: dict, seeds: int) -> s
     lines += ["", f'### Fusion: "{FUSED_PROMPT}", 9 pairs x {seeds} seeds per method', ""]
     lines += ["| method | shows subject | shows style | shows both |", "|---|---|---|---|"]
     lines += [f"| {m} | {cell(r['subject'])} | {cell(r['style'])} | **{cell(r['both'])}** |" for m, r in table.items()]
+    methods = list(table)
+    lines += ["", '### "Shows both" per pair (95% CI)', "", "| pair | " + " | ".join(methods) + " |"]
+    lines += ["|---|" + "---|" * len(methods)]
+    lines += [f"| {pair} | " + " | ".join(cell(row[m]) for m in methods) + " |" for pair, row in per_pair.items()]
     lines += ["", "Measured betas (est): " + ", ".join(f"{p} {b:.3f}" for p, b in betas.items()), ""]
+    cells = len(ORACLE_BETAS) * len(ORACLE_ALPHAS)
+    lines += [f"### Oracle sweep: est over beta {ORACLE_BETAS} x alpha {ORACLE_ALPHAS} ({cells} cells)", ""]
+    lines += ["| pair | measured beta | both at it (default alpha, nearest beta) | its rank | best cell | best both |"]
+    lines += ["|---|---|---|---|---|---|"]
+    lines += [
+        f"| {pair} | {r['measured_beta']:.3f} | {r['at_measured']:.2f} | {r['rank_of_measured']}/{cells} "
+        f"| {r['best']} | {r['best_both']:.2f} |"
+        for pair, r in sweep.items()
+    ]
+    mean_best = np.mean([r["best_both"] for r in sweep.values()])
+    mean_measured = np.mean([r["at_measured"] for r in sweep.values()])
+    lines += ["", f"Mean over pairs: best cell {mean_best:.3f}, at the measured beta {mean_measured:.3f}.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (fusion, LoRA and base tables)")
+    parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt (fusion and LoRA tables)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
+    parser.add_argument("--oracle-seeds", type=int, default=8, help="seeds per cell of the oracle sweep (0: none)")
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "quality-toy")
@@ -199,17 +256,23 @@ def main() -> None:
     pipe = load_pipeline(toy_model_path(), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     scorer = load_scorer()
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     base = base_table(pipe, scorer, seeds[:4], args.steps, args.guidance)
-    loras = lora_table(pipe, scorer, seeds[:8], args.steps, args.guidance)
-    table, per_pair, betas, grid = fusion_table(pipe, scorer, seeds, args.steps, args.guidance, ("heart", "outline"))
+    print(f"base done ({time.perf_counter() - start:.0f} s)", flush=True)
+    loras = lora_table(pipe, scorer, seeds, args.steps, args.guidance)
+    print(f"LoRAs done ({time.perf_counter() - start:.0f} s)", flush=True)
+    table, per_pair, betas, grid = fusion_table(pipe, scorer, seeds, args.steps, args.guidance, DEMO_PAIR)
+    print(f"fusion done ({time.perf_counter() - start:.0f} s)", flush=True)
+    oracle = seeds[: args.oracle_seeds]
+    sweep = oracle_sweep(pipe, scorer, oracle, args.steps, args.guidance, betas) if oracle else {}
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(base, loras, table, betas, args.seeds)
+    text = markdown(base, loras, table, per_pair, betas, sweep, args.seeds)
     (args.out / "table.md").write_text(text)
     results = {"settings": {k: str(v) for k, v in vars(args).items()}, "base": base, "loras": loras}
-    results.update(fusion=table, both_per_pair=per_pair, betas=betas, seconds=round(time.perf_counter() - start, 1))
+    results.update(fusion=table, both_per_pair=per_pair, betas=betas, oracle=sweep)
+    results["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    save_grid(grid, args.out / "heart-x-outline.png")
+    save_grid(grid, args.out / f"{DEMO_PAIR[0]}-x-{DEMO_PAIR[1]}.png")
     plot(table, args.out / "fusion.png")
     print(text)
     print(f"{results['seconds']} s; written to {args.out}")

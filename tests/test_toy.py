@@ -105,6 +105,44 @@ def test_shipped_assets_are_small_safetensors_only():
     assert {p.stem for p in (ASSETS / "loras").iterdir()} == set(SUBJECTS + STYLES)
 
 
+def test_the_toy_unet_has_sdxl_structure_at_toy_size():
+    """SDXL's block kinds, cross-attention at two resolutions with several transformer blocks at the
+    lower one, and a plan of more than 100 projections split across them as SDXL's are."""
+    from collections import Counter
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(toy_model_path(), subfolder="unet")
+    config = unet.config
+    assert config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert config.addition_embed_type == "text_time"
+    sizes, blocks = Counter(), Counter()
+    hooks = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            hooks.append(
+                module.register_forward_pre_hook(lambda m, args, name=name: sizes.update({name: args[0].shape[1]}))
+            )
+        if name.endswith("transformer_blocks"):
+            blocks[name] = len(module)
+    latent = torch.randn(1, config.in_channels, config.sample_size, config.sample_size)
+    text = torch.randn(1, 4, config.cross_attention_dim)
+    added = {
+        "text_embeds": torch.randn(1, config.projection_class_embeddings_input_dim - 48),
+        "time_ids": torch.zeros(1, 6),
+    }
+    with torch.no_grad():
+        unet(latent, 10, encoder_hidden_states=text, added_cond_kwargs=added)
+    for hook in hooks:
+        hook.remove()
+    tokens = Counter(sizes.values())  # transformer blocks per number of image tokens
+    assert sorted(tokens) == [16, 64]  # 4 x 4 and 8 x 8
+    assert max(blocks[name.rsplit(".transformer_blocks", 1)[0] + ".transformer_blocks"] for name in sizes
+               if sizes[name] == 16) > 1  # fmt: skip
+    projections = [n for n, _ in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert len(projections) == 136 and tokens[16] * 8 + tokens[64] * 8 == 136
+
+
 @pytest.fixture(scope="module")
 def toy_pipe():
     from diffusers import StableDiffusionXLPipeline
@@ -181,7 +219,7 @@ def test_shipped_loras_load_and_route_like_diffusers(toy_pipe):
     shapes = {m: s for m, s in describe_base("toy").shapes.items() if "transformer_blocks" in m and ".attn" in m}
     for name in SUBJECTS + STYLES:
         lora = load_lora(f"toy:{name}", base_shapes=shapes, base_name="toy")
-        assert lora.layout.startswith("diffusers") and len(lora.projections) == len(shapes) == 32
+        assert lora.layout.startswith("diffusers") and len(lora.projections) == len(shapes) == 136
     prompt, seeds = "a sks shape", [0, 1]
     with estlora.fuse(toy_pipe, "toy:heart", "toy:checker", method="subject"):
         ours = np.stack([np.asarray(im, np.int16) for im in draw(toy_pipe, prompt, seeds)])
