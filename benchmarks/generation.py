@@ -38,7 +38,7 @@ import estlora
 from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
-CONFIGS = ("none", "single", "fused", "merge", "est", "est-merged", "klora", "research")
+CONFIGS = ("none", "single", "fused", "merge", "est", "est-merged", "klora", "composite", "research")
 # The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}
@@ -297,7 +297,7 @@ def main() -> None:
 
                 return unfuse
             return lambda: setattr(pipe, denoiser, plain)
-        if config in ("est", "klora", "est-merged"):
+        if config in ("est", "klora", "est-merged", "composite"):
             method = config.removesuffix("-merged")
             fusion = estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config == "est-merged")
             real = fusion._on_denoiser_call
@@ -392,6 +392,8 @@ def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict
             results["research_vs_est"] = median["research"] / median["est"]
     if "est-merged" in median and "none" in median:
         results["est_merged_vs_none"] = median["est-merged"] / median["none"]
+    if "composite" in median and "single" in median:  # two denoiser passes a step: about 2
+        results["composite_vs_single"] = median["composite"] / median["single"]
     if hook_seconds:
         results["routing_hook_us_per_unet_call"] = 1e6 * statistics.median(hook_seconds)
     return results
@@ -408,6 +410,8 @@ def table(results: dict) -> str:
         lines.append(f"est / {name}: {value:.3f}")
     if "est_merged_vs_none" in results:
         lines.append(f"est merged / none: {results['est_merged_vs_none']:.3f}")
+    if "composite_vs_single" in results:
+        lines.append(f"composite / single: {results['composite_vs_single']:.3f}")
     if "research_vs_est" in results:
         lines.append(f"research / est: {results['research_vs_est']:.2f}")
     if "routing_hook_us_per_unet_call" in results:

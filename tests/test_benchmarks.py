@@ -29,7 +29,8 @@ def test_generation_benchmark(tmp_path):
     out = tmp_path / "generation.json"
     said = run("generation.py", "--repeats", "2", "--steps", "2", "--json", str(out))
     results = json.loads(out.read_text())
-    assert list(results["configs"]) == ["none", "single", "fused", "merge", "est", "est-merged", "klora", "research"]
+    configs = ["none", "single", "fused", "merge", "est", "est-merged", "klora", "composite", "research"]
+    assert list(results["configs"]) == configs
     assert results["repeats"] == 2 and results["projections"] == 560
     for config in results["configs"].values():
         assert len(config["times_s"]) == 2 and config["min_s"] <= config["median_s"]
@@ -38,6 +39,7 @@ def test_generation_benchmark(tmp_path):
     assert "repeat 2/2" in said and f"est / single: {results['est_vs']['single']:.3f}" in said
     merged = results["configs"]["est-merged"]["median_s"] / results["configs"]["none"]["median_s"]
     assert results["est_merged_vs_none"] == merged and f"est merged / none: {merged:.3f}" in said
+    assert f"composite / single: {results['composite_vs_single']:.3f}" in said
 
 
 @pytest.mark.slow

@@ -112,3 +112,31 @@ def test_composite_with_merged_weights_equals_the_unfused_composite(tiny_dir):
     torch.testing.assert_close(merged, exact, rtol=0, atol=1e-5)
     after = pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_cli_renders_composite_as_the_api_does(tiny_dir, tmp_path):
+    """`estlora generate --method composite`: the API's image, and the sidecar's command makes it again."""
+    import json
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    from estlora.cli import main
+
+    args = ["generate", "--base", str(tiny_dir), "--subject", "example:subject", "--style", "example:style",
+            "--prompt", "a sks dog in szn style", "--steps", str(STEPS), "--method", "composite", "--seed", "5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "cli")]) == 0
+    (png,) = (tmp_path / "cli").glob("*.png")
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["settings"]["method"] == "composite" and meta["beta_source"] == "unused"
+    pipe = load_pipeline(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    with fuse(pipe, "example:subject", "example:style", method="composite"):
+        api = pipe("a sks dog in szn style", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5),
+                   guidance_scale=meta["settings"]["guidance"], height=meta["settings"]["height"],
+                   width=meta["settings"]["width"]).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(api))
+    assert main([*shlex.split(meta["command"])[1:], "--out", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))

@@ -298,17 +298,19 @@ def test_generate_and_its_progress_are_in_view_together(page):
         assert box["y"] >= 0 and box["y"] + min(box["height"], 60) <= 1080, element
 
 
-def test_compare_two_methods_side_by_side(page):
+def test_compare_methods_side_by_side(page):
     page.locator("#compare-methods label", has_text="klora").uncheck()
     page.locator("#compare-methods label", has_text="merge").check()
+    page.locator("#compare-methods label", has_text="composite").check()  # LoRA Composite: two passes per step
     page.locator("#compare").click()
     images = page.locator("#gallery img")
-    expect(images).to_have_count(2)
-    expect(page.locator("#gallery .caption-label")).to_have_text(["est · seed 0", "merge · seed 0"])
+    expect(images).to_have_count(3)
+    captions = ["est · seed 0", "merge · seed 0", "composite · seed 0"]
+    expect(page.locator("#gallery .caption-label")).to_have_text(captions)
     expect(page.locator("#result")).to_contain_text("merge: beta not used")
     shot(page, "compare")
-    methods = [png_settings(page, images.nth(i).get_attribute("src"))["settings"]["method"] for i in range(2)]
-    assert methods == ["est", "merge"]
+    methods = [png_settings(page, images.nth(i).get_attribute("src"))["settings"]["method"] for i in range(3)]
+    assert methods == ["est", "merge", "composite"]
 
 
 def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
