@@ -163,21 +163,11 @@ def test_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--num-images", "1"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(
-        [
-            "fused-est-seed0.json",
-            "fused-est-seed0.png",
-            "overview.png",
-            "plan.png",
-            "style-only-seed0.json",
-            "style-only-seed0.png",
-            "subject-only-seed0.json",
-            "subject-only-seed0.png",
-            "summary.md",
-        ]
-    )
+    images = ["subject-only", "style-only", "fused-est", "fused-switch", "fused-composite"]
+    expected = [f"{stem}-seed0.{ext}" for stem in images for ext in ("png", "json")]
+    assert names == sorted([*expected, "overview.png", "plan.png", "summary.md"])
     page = (out / "summary.md").read_text()
-    assert "beta = " in page and "32 projections" in page and "toy:heart" in page
+    assert "beta = " in page and "136 projections" in page and "toy:heart" in page
     meta = json.loads((out / "fused-est-seed0.json").read_text())
     assert meta["settings"]["base"] == "toy" and meta["settings"]["dino_model"] == "toy"
     assert json.loads((out / "subject-only-seed0.json").read_text())["settings"]["method"] == "subject"

@@ -40,7 +40,7 @@ def beta_of(folder: Path) -> float:
 
 def plan_json(beta: float, capsys) -> dict:
     capsys.readouterr()
-    args = ["plan", "toy:heart", "toy:outline", "--steps", "8", "--beta", repr(beta), "--json"]
+    args = ["plan", "toy:heart", "toy:diagonal", "--steps", "8", "--beta", repr(beta), "--json"]
     assert main(args) == 0
     return json.loads(capsys.readouterr().out)
 

@@ -387,7 +387,7 @@ def test_cli_plan_on_route_blocks(capsys):
     assert main(["plan", "toy:heart", "toy:outline", "--steps", "4", "--route", "blocks", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["family"], report["route"]) == ("sdxl", "blocks")
-    assert len(report["layers"]) == 32  # the toy LoRAs train the attention projections only
+    assert len(report["layers"]) == 136  # the toy LoRAs train the attention projections only
 
 
 def test_factors_of_an_offloaded_linear_follow_the_input_to_its_device():

@@ -235,14 +235,14 @@ def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
     import estlora
     from estlora.toy.scorer import predict
 
-    with estlora.fuse(toy_pipe, "toy:heart", "toy:outline", method="est", beta=0.5) as fusion:
+    with estlora.fuse(toy_pipe, "toy:heart", "toy:diagonal", method="est", beta=0.5) as fusion:
         with fusion.using(method="subject"):
             assert sum(p.shape == "heart" for p in predict(scorer, draw(toy_pipe, "a sks shape"))) >= 4
         with fusion.using(method="style"):
             shown = predict(scorer, draw(toy_pipe, "a circle in szn style"))
-            assert sum(p.texture == "outline" for p in shown) >= 4
+            assert sum(p.texture == "diagonal" for p in shown) >= 4
         fused = predict(scorer, draw(toy_pipe, "a sks shape in szn style", range(8)))
-    assert sum(p.shape == "heart" and p.texture == "outline" for p in fused) >= 2
+    assert sum(p.shape == "heart" and p.texture == "diagonal" for p in fused) >= 2
 
 
 def test_unknown_toy_lora_is_one_clear_error():

@@ -24,8 +24,8 @@ from .plan_view import heatmap, summary
 PROMPT = "a sks shape in szn style"
 # The demo's pair and baselines, chosen by the toy benchmark (benchmarks/RESULTS.md, "Fusion quality on
 # the toy world"): the pair is where est shows both most often, the baselines the two best after est.
-DEMO_PAIR = ("heart", "outline")
-BASELINES = ("merge", "composite")
+DEMO_PAIR = ("heart", "diagonal")
+BASELINES = ("switch", "composite")
 FILE_STEMS = {"subject": "subject-only", "style": "style-only"}  # the fused methods: fused-<method>
 
 
