@@ -8,15 +8,13 @@ style LoRA's), both, and the scorer's probability of each, which the scatter plo
 
 from __future__ import annotations
 
-from ..commands.evaluation import MetricSet
-from ..commands.grid import Entry, GridSpec
 from ..errors import EstloraError
 from .model import PREFIX
 from .scorer import HEADS, load_scorer, predict, probabilities
 from .world import STYLES, SUBJECTS
 
 
-def concept_of(entry: Entry, concepts: tuple[str, ...], role: str) -> str:
+def concept_of(entry, concepts: tuple[str, ...], role: str) -> str:
     """The toy shape or texture a grid entry teaches: its `toy:` LoRA's name, else its name or class word."""
     for candidate in (entry.lora.removeprefix(PREFIX), entry.name, entry.class_word):
         if candidate in concepts:
@@ -26,7 +24,9 @@ def concept_of(entry: Entry, concepts: tuple[str, ...], role: str) -> str:
     )
 
 
-class ToyMetrics(MetricSet):
+class ToyMetrics:
+    """`commands.evaluation.MetricSet`'s interface (not its subclass: the toy world never imports a command)."""
+
     labels = {
         "subject_shown": "subject shown (toy scorer: the subject's shape)",
         "style_shown": "style shown (toy scorer: the style's texture)",
@@ -39,7 +39,7 @@ class ToyMetrics(MetricSet):
     description = "the toy scorer (`estlora.toy.scorer`)"
     record = {"scorer": "toy"}
 
-    def __init__(self, spec: GridSpec):
+    def __init__(self, spec):
         self.concepts = {
             **{e.name: concept_of(e, SUBJECTS, "subject") for e in spec.subjects},
             **{e.name: concept_of(e, STYLES, "style") for e in spec.styles},
