@@ -409,7 +409,7 @@ def widget(
     choices = choices or item.choices
     if choices:
         options = [DEFAULT, *choices] if item.optional else list(choices)
-        kind = gr.Radio if len(options) <= 6 else gr.Dropdown
+        kind = gr.Radio if len(options) <= 8 else gr.Dropdown  # all seven methods stay one click away
         return kind(options, value=DEFAULT if value is None else value, label=label, info=info, elem_id=elem_id)
     if item.kind is bool:
         return gr.Checkbox(value, label=label, info=info, elem_id=elem_id)
