@@ -91,8 +91,9 @@ def lora_table(pipe, scorer, seeds, steps, guidance) -> dict:
     base_prompts.append(caption(Scene("circle", "yellow", "stripes")))
     rows = {}
     for name in SUBJECTS + STYLES:
+        # the one loaded adapter is the active one; diffusers' `set_adapters` cannot expand its scales on a
+        # UNet whose `layers_per_block` is a list (`_maybe_expand_lora_scales` adds 1 to it)
         pipe.load_lora_weights(str(toy_lora_path(name)), adapter_name=name)
-        pipe.set_adapters([name])
         own, attribute = [], []
         if name in SUBJECTS:
             for colour in [None, *COLOURS]:
@@ -114,6 +115,7 @@ def lora_table(pipe, scorer, seeds, steps, guidance) -> dict:
                 texture = "stripes" if "stripes" in words else "solid"
                 kept.append(p.shape in words and p.colour in words and p.texture == texture)
         rows[name] = {"own": share(own), "attribute": share(attribute), "base kept": share(kept)}
+        print(f"  {name}: " + ", ".join(f"{k} {cell(v)}" for k, v in rows[name].items()), flush=True)
         pipe.delete_adapters([name])
     return rows
 
@@ -140,6 +142,8 @@ def fusion_table(pipe, scorer, seeds, steps, guidance, grid_pair) -> tuple[dict,
                     per_pair[pair][method] = share([s and t for s, t in flags])
                     if (subject, style) == grid_pair:
                         grid[method] = images
+                print(f"  {pair} (beta {betas[pair]:.3f}): " + ", ".join(
+                    f"{m} {r['mean']:.2f}" for m, r in per_pair[pair].items()), flush=True)  # fmt: skip
     table = {m: {k: share(v) for k, v in h.items()} for m, h in hits.items()}
     return table, per_pair, betas, grid
 
