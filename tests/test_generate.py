@@ -14,6 +14,7 @@ from PIL import Image
 from estlora import discrepancy
 from estlora.cli import main
 from estlora.errors import SettingError
+from estlora.toy.model import DEMO_PAIR
 
 PROMPT = "a photo of sks dog in szn style"
 
@@ -167,11 +168,24 @@ def test_demo(tmp_path, capsys):
     expected = [f"{stem}-seed0.{ext}" for stem in images for ext in ("png", "json")]
     assert names == sorted([*expected, "overview.png", "plan.png", "summary.md"])
     page = (out / "summary.md").read_text()
-    assert "beta = " in page and "136 projections" in page and "toy:heart" in page
+    assert "beta = " in page and "136 projections" in page and f"toy:{DEMO_PAIR[0]}" in page
+    assert "On the toy benchmark, the share of images showing both for this pair: est " in page
     meta = json.loads((out / "fused-est-seed0.json").read_text())
     assert meta["settings"]["base"] == "toy" and meta["settings"]["dino_model"] == "toy"
     assert json.loads((out / "subject-only-seed0.json").read_text())["settings"]["method"] == "subject"
     assert str(out.resolve()) in capsys.readouterr().out
+
+
+def test_the_demo_shows_the_benchmarks_best_pair_and_strongest_baselines():
+    """The demo's pair is where est shows both most often on the shipped benchmark; its baselines are the
+    two fusion methods (est's own variant aside) with the highest mean over the pairs."""
+    from estlora.commands.demo import BASELINES
+    from estlora.toy.model import benchmark_both
+
+    both = benchmark_both()
+    assert len(both) == 9 and " x ".join(DEMO_PAIR) == max(both, key=lambda pair: both[pair]["est"])
+    mean = {m: sum(row[m] for row in both.values()) for m in ("klora", "merge", "switch", "composite")}
+    assert set(BASELINES) == set(sorted(mean, key=mean.get)[-2:])
 
 
 def test_every_scheduler_is_built_from_the_bases_own_config(tiny_dir):

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from estlora.cli import main
+from estlora.toy.model import DEMO_PAIR
 
 GOLDEN = Path(__file__).parent / "data" / "golden-demo"
 IMAGES = ("subject-only-seed0.png", "style-only-seed0.png", "fused-est-seed0.png", "fused-est-seed1.png")
@@ -40,7 +41,7 @@ def beta_of(folder: Path) -> float:
 
 def plan_json(beta: float, capsys) -> dict:
     capsys.readouterr()
-    args = ["plan", "toy:heart", "toy:diagonal", "--steps", "8", "--beta", repr(beta), "--json"]
+    args = ["plan", *(f"toy:{name}" for name in DEMO_PAIR), "--steps", "8", "--beta", repr(beta), "--json"]
     assert main(args) == 0
     return json.loads(capsys.readouterr().out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from estlora.toy.model import ASSETS, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy.model import ASSETS, DEMO_PAIR, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
 from estlora.toy.world import (
     BACKGROUND,
     COLOURS,
@@ -235,14 +236,15 @@ def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
     import estlora
     from estlora.toy.scorer import predict
 
-    with estlora.fuse(toy_pipe, "toy:heart", "toy:diagonal", method="est", beta=0.5) as fusion:
+    subject, style = DEMO_PAIR
+    with estlora.fuse(toy_pipe, f"toy:{subject}", f"toy:{style}", method="est", beta=0.5) as fusion:
         with fusion.using(method="subject"):
-            assert sum(p.shape == "heart" for p in predict(scorer, draw(toy_pipe, "a sks shape"))) >= 4
+            assert sum(p.shape == subject for p in predict(scorer, draw(toy_pipe, "a sks shape"))) >= 4
         with fusion.using(method="style"):
             shown = predict(scorer, draw(toy_pipe, "a circle in szn style"))
-            assert sum(p.texture == "diagonal" for p in shown) >= 4
+            assert sum(p.texture == style for p in shown) >= 4
         fused = predict(scorer, draw(toy_pipe, "a sks shape in szn style", range(8)))
-    assert sum(p.shape == "heart" and p.texture == "diagonal" for p in fused) >= 2
+    assert sum(p.shape == subject and p.texture == style for p in fused) >= 2
 
 
 def test_unknown_toy_lora_is_one_clear_error():
@@ -280,8 +282,23 @@ def test_training_resumes_exactly_and_writes_loadable_weights(tmp_path, monkeypa
     chunked = load_file(chunked_out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
 
-    assert toy_training.run_stage("heart", work, out, 0, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of two side-by-side runs has it on 2 cores
+    try:
+        assert toy_training.run_stage("heart", work, out, 0, None)
+    finally:
+        torch.set_num_threads(threads)
     pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
     pipe.load_lora_weights(str(out / "loras" / "heart.safetensors"), adapter_name="heart")
     record = json.loads((out / "training.json").read_text())
     assert set(record) == {"scorer", "vae", "base", "lora:heart"} and record["base"]["steps"] == 4
+
+    # two LoRAs side by side, in their own processes (with this test's settings): the same heart, both recorded
+    side = tmp_path / "side"
+    shutil.copytree(out / "model", side / "model")
+    assert toy_training.train_loras(["heart", "checker"], tmp_path / "work3", side, 0, None, jobs=2)
+    alone, paired = load_file(out / "loras" / "heart.safetensors"), load_file(side / "loras" / "heart.safetensors")
+    assert alone.keys() == paired.keys() and all(torch.equal(alone[k], paired[k]) for k in alone)
+    records = json.loads((side / "training.json").read_text())
+    assert set(records) == {"lora:heart", "lora:checker"} and records["lora:checker"]["steps"] == 3
+    assert records["lora:heart"]["threads"] == max(1, threads // 2)

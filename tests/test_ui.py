@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from estlora.toy.model import toy_lora_path
+from estlora.toy.model import DEMO_PAIR, toy_lora_path
+from estlora.toy.world import STYLES
+
+SUBJECT, STYLE = (f"toy:{name}" for name in DEMO_PAIR)  # the page's defaults: the demo's pair
+OTHER_STYLE = f"toy:{next(s for s in STYLES if s != DEMO_PAIR[1])}"
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags for this closed, loopback-only network (no sandbox as root, no background calls home).
@@ -179,7 +183,7 @@ def upload(page: Page, role: str, path: Path) -> None:
 
 def clear_upload(page: Page, role: str) -> None:
     page.locator(f"#{role}-file button[aria-label='Clear']").click()
-    expect(page.locator(f"#{role}-choice input")).to_have_value({"subject": "toy:heart", "style": "toy:outline"}[role])
+    expect(page.locator(f"#{role}-choice input")).to_have_value({"subject": SUBJECT, "style": STYLE}[role])
 
 
 def expect_error(page: Page, text: str) -> None:
@@ -204,8 +208,8 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     set_number(page, "#steps", STEPS)
     page.locator("#load").click()
     expect(page.locator("#lora-info")).to_contain_text("Both LoRAs fit the toy SDXL")
-    expect(page.locator("#lora-info")).to_contain_text("toy:heart")
-    expect(page.locator("#lora-info")).to_contain_text("toy:outline")
+    expect(page.locator("#lora-info")).to_contain_text(SUBJECT)
+    expect(page.locator("#lora-info")).to_contain_text(STYLE)
 
     page.locator("#generate").click()
     image = page.locator("#gallery img")
@@ -235,7 +239,7 @@ def test_load_generate_shows_image_beta_and_heatmap(page):
     assert meta["settings"]["method"] == "est" and meta["settings"]["steps"] == 3
     assert meta["beta_source"] == "measured" and meta["command"].startswith("estlora generate")
     assert "--base toy" in meta["command"] and "--method est" in meta["command"]
-    assert "--subject toy:heart" in meta["command"] and "--route attention" in meta["command"]  # resolved
+    assert f"--subject {SUBJECT}" in meta["command"] and "--route attention" in meta["command"]  # resolved
 
 
 @pytest.mark.parametrize(
@@ -277,7 +281,7 @@ def test_a_png_made_here_loads_every_setting(page, tmp_path):
     """Dropping a PNG estlora wrote sets the page to its settings (its beta as a manual one)."""
     from estlora.cli import main
 
-    words = ["generate", "--base", "toy", "--subject", "toy:heart", "--style", "toy:outline", "--prompt", "a sks shape"]
+    words = ["generate", "--base", "toy", "--subject", SUBJECT, "--style", STYLE, "--prompt", "a sks shape"]
     assert main([*words, "--steps", "4", "--seed", "7", "--method", "klora", "--out", str(tmp_path)]) == 0
     (png,) = tmp_path.glob("*.png")
     page.locator("#settings-png input[type=file]").set_input_files(png)
@@ -333,20 +337,20 @@ def test_bad_uploads_show_their_error_and_the_app_keeps_working(page, tmp_path):
     expect(panel).not_to_contain_text("Both LoRAs fit")
     clear_upload(page, "subject")
     expect(panel).to_contain_text("Both LoRAs fit")  # the cleared upload: back to the built-in choice
-    expect(panel).to_contain_text("toy:heart")
+    expect(panel).to_contain_text(SUBJECT)
 
     upload(page, "style", pickled)
     expect_error(page, "style LoRA renamed-pickle.safetensors: this is a pickle checkpoint")
     expect(panel).to_contain_text("Not loaded: style LoRA renamed-pickle.safetensors")
     clear_upload(page, "style")
     page.locator("#style-choice input").click()  # a dropdown change re-checks the pair too
-    page.locator("li[role=option]", has_text="toy:checker").click()
-    expect(panel).to_contain_text("toy:checker")
-    expect(panel).not_to_contain_text("toy:outline")
+    page.locator("li[role=option]", has_text=OTHER_STYLE).click()
+    expect(panel).to_contain_text(OTHER_STYLE)
+    expect(panel).not_to_contain_text(STYLE)
 
     upload(page, "subject", too_large)  # refused by the browser: nothing is uploaded, nothing changes
     expect_error(page, "exceed the maximum allowed size")
-    expect(page.locator("#subject-choice input")).to_have_value("toy:heart")
+    expect(page.locator("#subject-choice input")).to_have_value(SUBJECT)
 
     upload(page, "subject", not_safetensors)
     expect_error(page, "Only .safetensors allowed")
@@ -407,7 +411,7 @@ def test_a_stopped_run_saves_no_partial_image(tmp_path):
 
     studio = Studio(None, tmp_path / "ui")
     page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
-    page |= {"subject_choice": "toy:heart", "subject_file": None, "style_choice": "toy:outline", "style_file": None}
+    page |= {"subject_choice": SUBJECT, "subject_file": None, "style_choice": STYLE, "style_file": None}
     page |= {"prompt": "a sks shape", "beta_mode": "manual", "beta": 0.5, "steps": 6}
 
     def progress(done, **_):  # the page's progress bar: Stop arrives after the second step
@@ -433,7 +437,7 @@ def test_an_upload_is_kept_with_the_outputs_once(tmp_path):
     upload.parent.mkdir()
     shutil.copy(toy_lora_path("heart"), upload)
     page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling)}
-    page |= {"subject_choice": UPLOAD, "subject_file": str(upload), "style_choice": "toy:outline", "style_file": None}
+    page |= {"subject_choice": UPLOAD, "subject_file": str(upload), "style_choice": STYLE, "style_file": None}
     page |= {"prompt": "a sks shape", "beta_mode": "manual", "beta": 0.5, "steps": 2}
     for _ in range(2):
         images, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None)
@@ -456,14 +460,14 @@ def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
 
     monkeypatch.setenv("ESTLORA_CACHE", str(tmp_path / "cli-cache"))
     prompt, chosen = "a sks shape in szn style", {"steps": 4, "scheduler": "euler-a", "seed": 2}
-    words = ["generate", "--base", "toy", "--subject", "toy:heart", "--style", "toy:outline", "--prompt", prompt]
+    words = ["generate", "--base", "toy", "--subject", SUBJECT, "--style", STYLE, "--prompt", prompt]
     assert main([*words, "--steps", "4", "--scheduler", "euler-a", "--seed", "2", "--out", str(tmp_path / "cli")]) == 0
     (cli_png,) = (tmp_path / "cli").glob("*.png")
 
     monkeypatch.setenv("ESTLORA_CACHE", str(tmp_path / "ui-cache"))
     studio = Studio(None, tmp_path / "ui")
     page = {**dataclasses.asdict(studio.defaults.fusion), **dataclasses.asdict(studio.defaults.sampling), **chosen}
-    page |= {"subject_choice": "toy:heart", "subject_file": None, "style_choice": "toy:outline", "style_file": None}
+    page |= {"subject_choice": SUBJECT, "subject_file": None, "style_choice": STYLE, "style_file": None}
     page |= {"prompt": prompt, "beta_mode": "auto", "beta": 0.5}
     capfd.readouterr()
     images, notes, *_ = studio.run(page, ["est"], 1, lambda *args, **kwargs: None)
@@ -480,7 +484,7 @@ def test_ui_and_cli_give_the_same_beta_and_pixels(tmp_path, monkeypatch, capfd):
     values, note = studio.settings_from_png(cli_png, set(page))  # the CLI's image, its settings back in the page
     assert (values["steps"], values["scheduler"], values["seed"], values["prompt"]) == (4, "euler-a", 2, prompt)
     assert (values["beta_mode"], values["beta"]) == ("manual", cli_meta["beta"])  # the image's own beta
-    assert (values["subject_choice"], values["style_choice"]) == ("toy:heart", "toy:outline")
+    assert (values["subject_choice"], values["style_choice"]) == (SUBJECT, STYLE)
     assert note == f"Loaded the settings of {cli_png.name}."
 
 
@@ -517,8 +521,8 @@ def test_settings_survive_a_reload(page):
     page.locator("#prompt textarea").fill("kept across a reload")
     page.locator("#method label", has_text="klora").click()
     page.locator("#style-choice input").click()
-    page.locator("li[role=option]", has_text="toy:checker").click()
-    expect(page.locator("#lora-info")).to_contain_text("toy:checker")
+    page.locator("li[role=option]", has_text=OTHER_STYLE).click()
+    expect(page.locator("#lora-info")).to_contain_text(OTHER_STYLE)
     page.wait_for_timeout(500)  # the last change reaches the browser's storage
     page.reload()
     page.locator("#generate").wait_for()
@@ -526,7 +530,7 @@ def test_settings_survive_a_reload(page):
     expect(page.locator("#seed input[type=number]")).to_have_value("42")
     expect(page.locator("#prompt textarea")).to_have_value("kept across a reload")
     expect(page.locator("#method input[value=klora]")).to_be_checked()
-    expect(page.locator("#style-choice input")).to_have_value("toy:checker")
+    expect(page.locator("#style-choice input")).to_have_value(OTHER_STYLE)
 
 
 def test_each_fusion_option_is_explained(page):

@@ -17,14 +17,11 @@ from ..errors import SettingError
 from ..images import labelled_sheet
 from ..outputs import write_text
 from ..session import Request, Session
-from ..toy.model import GUIDANCE, SAMPLE_STEPS
+from ..toy.model import DEMO_PAIR, GUIDANCE, PROMPT, SAMPLE_STEPS
 from ..toy.world import STYLES, SUBJECTS
 from .plan_view import heatmap, summary
 
-PROMPT = "a sks shape in szn style"
-# The demo's pair and baselines, chosen by the toy benchmark (benchmarks/RESULTS.md, "Fusion quality on
-# the toy world"): the pair is where est shows both most often, the baselines the two best after est.
-DEMO_PAIR = ("heart", "diagonal")
+# The baselines shown beside est: the two that fuse best after it on the toy benchmark (benchmarks/RESULTS.md).
 BASELINES = ("switch", "composite")
 FILE_STEMS = {"subject": "subject-only", "style": "style-only"}  # the fused methods: fused-<method>
 
@@ -40,6 +37,19 @@ def scorer_line(method: str, images: list, subject: str, style: str) -> str:
     both = sum(label.shape == subject and label.texture == style for label in labels)
     n = len(labels)
     return f"{method}: {subject} {shape}/{n}, {style} {texture}/{n}, both {both}/{n}"
+
+
+def typicality(subject: str, style: str) -> str:
+    """How this pair fared against the others on the toy benchmark, for each method the demo shows."""
+    from ..toy.model import benchmark_both
+
+    both, pair = benchmark_both(), f"{subject} x {style}"
+    parts = []
+    for method in ("est", *BASELINES):
+        rank = 1 + sorted(both, key=lambda p: -both[p][method]).index(pair)
+        mean = sum(row[method] for row in both.values()) / len(both)
+        parts.append(f"{method} {both[pair][method]:.2f} (rank {rank} of {len(both)} pairs; mean {mean:.2f})")
+    return f"On the toy benchmark, the share of images showing both for this pair: {', '.join(parts)}."
 
 
 def run_demo(
@@ -97,7 +107,8 @@ def run_demo(
                 f"beta = {probe.beta:.4g}, measured as 1 - cosine between the subject-only and style-only",
                 "renders (seed 0, same settings) in the toy scorer's feature space, the toy world's DINO; the",
                 f"baselines ({', '.join(BASELINES)}) are the two that fuse best after est on the toy benchmark.",
-                'How typical this pair is: benchmarks/RESULTS.md, "Fusion quality on the toy world".',
+                typicality(subject, style),
+                'The benchmark\'s tables: benchmarks/RESULTS.md, "Fusion quality on the toy world".',
                 "",
                 "| image | file |",
                 "| --- | --- |",

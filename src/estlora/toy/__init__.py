@@ -9,7 +9,7 @@ the `toy` embedder that stands in for DINO when beta is measured on it.
 from __future__ import annotations
 
 from ..registry import BasePreset, register_base, register_embedder, register_lora_source
-from .model import GUIDANCE, PREFIX, PROMPT, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from .model import DEMO_PAIR, GUIDANCE, PREFIX, PROMPT, SAMPLE_STEPS, toy_lora_path, toy_model_path
 from .world import STYLES, SUBJECTS
 
 
@@ -31,10 +31,9 @@ register_base(
         embedder="toy",
         sampling={"steps": SAMPLE_STEPS, "guidance": GUIDANCE},
         prompt=PROMPT,
-        # outline first: the style that fuses best on the toy model (benchmarks/RESULTS.md)
-        loras={
-            "subject": tuple(f"{PREFIX}{s}" for s in SUBJECTS),
-            "style": tuple(f"{PREFIX}{s}" for s in sorted(STYLES, key=lambda s: s != "outline")),
+        loras={  # the demo's pair first
+            "subject": tuple(f"{PREFIX}{s}" for s in sorted(SUBJECTS, key=lambda s: s != DEMO_PAIR[0])),
+            "style": tuple(f"{PREFIX}{s}" for s in sorted(STYLES, key=lambda s: s != DEMO_PAIR[1])),
         },
     )
 )

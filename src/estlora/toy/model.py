@@ -25,11 +25,22 @@ LATENT_CHANNELS = 8
 TEXT_WIDTH = 64
 POOLED_WIDTH = 32
 TIME_EMBED = 8
-LORA_RANK = 8
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SAMPLE_STEPS = 20
 GUIDANCE = 4.0
 PROMPT = "a sks shape in szn style"
+# The pair shown first (the demo's, the UI's preset), chosen by the toy benchmark (benchmarks/RESULTS.md,
+# "Fusion quality on the toy world"): where est shows both most often.
+DEMO_PAIR = ("heart", "checker")
+
+BENCHMARK = ASSETS / "benchmark.json"  # "shows both" per pair and method, written by benchmarks/quality_toy.py
+
+
+def benchmark_both() -> dict[str, dict[str, float]]:
+    """The toy benchmark's "shows both" share per pair ("heart x diagonal") and method, as shipped."""
+    import json
+
+    return json.loads(BENCHMARK.read_text())["both_per_pair"]
 
 
 def toy_model_path() -> Path:
