@@ -178,24 +178,30 @@ def test_scorer_is_right_on_the_world_and_calls_noise_none(scorer):
     assert min(accuracy["noise_called_none"].values()) >= 0.9
 
 
-def test_scorer_reads_generated_textures_as_a_person_does(scorer):
-    """56 images the toy model generated (LoRAs alone and fused), textures labelled by eye.
+def test_scorer_reads_generated_images_as_a_person_does(scorer):
+    """56 images the toy model generated (every fusion method and each LoRA alone, random pairs and
+    seeds), labelled by eye blind: shape and texture, "unclear" where a person cannot tell.
 
-    Generated textures are not the clean renders the scorer is trained on: stripes come wider or
-    thinner, hues drift. The shipped scorer of an earlier round read 2 of the 27 diagonal ones.
+    Generated images are not the clean renders the scorer is trained on: fused ones mix two concepts,
+    stripes come wider or thinner, hues drift. Measured (benchmarks/scorer_agreement.py): the scorer
+    agrees with the person on 25 of 29 clear shapes and 33 of 41 clear textures; on fused images only
+    (not a LoRA alone), 14 of 17 shapes and 19 of 25 textures. The bounds allow one call less (a logit
+    near a tie may flip on another CPU's kernels).
     """
     from PIL import Image
 
     from estlora.toy.scorer import predict
 
     data = Path(__file__).parent / "data"
-    labels = [entry["texture"] for entry in json.loads((data / "toy_generated_labelled.json").read_text())["images"]]
+    entries = json.loads((data / "toy_generated_labelled.json").read_text())["images"]
     sheet = np.asarray(Image.open(data / "toy_generated_labelled.png").convert("RGB"))
-    images = np.stack([sheet[k // 8 * 32 : k // 8 * 32 + 32, k % 8 * 32 : k % 8 * 32 + 32] for k in range(len(labels))])
-    called = [p.texture for p in predict(scorer, images)]
-    for texture, at_least in (("diagonal", 0.65), ("outline", 0.9), ("solid", 0.85)):
-        ours = [c for c, t in zip(called, labels, strict=True) if t == texture]
-        assert sum(c == texture for c in ours) >= at_least * len(ours), (texture, ours)
+    images = np.stack([sheet[k // 8 * 32 : k // 8 * 32 + 32, k % 8 * 32 : k % 8 * 32 + 32] for k in range(len(entries))])
+    calls = predict(scorer, images)
+    for head, at_least, fused_at_least in (("shape", 24, 13), ("texture", 32, 18)):
+        clear = [(e[head], getattr(c, head), e["method"]) for e, c in zip(entries, calls, strict=True) if e[head] != "unclear"]
+        assert sum(label == call for label, call, _ in clear) >= at_least, (head, clear)
+        fused = [(label, call) for label, call, method in clear if method not in ("subject", "style")]
+        assert sum(label == call for label, call in fused) >= fused_at_least, (head, fused)
 
 
 def test_base_model_draws_what_is_asked(toy_pipe, scorer):
