@@ -1,6 +1,6 @@
 """Fusion quality on the toy world, scored by the toy scorers: every subject x style pair, several seeds.
 
-Four tables from the shipped weights (src/estlora/toy/assets), in about 20 minutes on 2 CPU cores:
+Four tables from the shipped weights (src/estlora/toy/assets), in about 13 minutes on 2 CPU cores:
 
 1. the base model alone: does it draw the asked shape, colour and texture?
 2. each LoRA alone, loaded with plain diffusers (`load_lora_weights`): does it do its job, and does the
