@@ -32,11 +32,10 @@ import estlora
 from estlora.commands.evaluation import bootstrap_ci
 from estlora.config import FusionConfig
 from estlora.loading.base import load_pipeline
-from estlora.toy.model import BENCHMARK, DEMO_PAIR, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy.model import BENCHMARK, DEMO_PAIR, GUIDANCE, PROMPT, SAMPLE_STEPS, toy_lora_path, toy_model_path
 from estlora.toy.scorer import load_scorer, predict
 from estlora.toy.world import BASE_SHAPES, BASE_TEXTURES, COLOURS, STYLES, SUBJECTS, Scene, caption
 
-FUSED_PROMPT = "a sks shape in szn style"
 ORACLE_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0)
 ORACLE_ALPHAS = (0.5, 1.5, 3.0)
 METHODS = {  # row name: fusion settings
@@ -127,11 +126,11 @@ def fusion_table(pipe, scorer, seeds, steps, guidance, grid_pair) -> tuple[dict,
         for style in STYLES:
             pair = f"{subject} x {style}"
             with estlora.fuse(pipe, f"toy:{subject}", f"toy:{style}", method="est") as fusion:
-                betas[pair] = estlora.measure_beta(fusion, FUSED_PROMPT, seed=0, dino_model="toy", **call).beta
+                betas[pair] = estlora.measure_beta(fusion, PROMPT, seed=0, dino_model="toy", **call).beta
                 per_pair[pair] = {}
                 for method, options in METHODS.items():
                     with fusion.using(**options):
-                        images = sample(pipe, FUSED_PROMPT, seeds, steps, guidance)
+                        images = sample(pipe, PROMPT, seeds, steps, guidance)
                     predictions = predict(scorer, images)
                     flags = [(p.shape == subject, p.texture == style) for p in predictions]
                     for s, t in flags:
@@ -159,7 +158,7 @@ def oracle_sweep(pipe, scorer, seeds, steps, guidance, betas: dict) -> dict:
                 for alpha in ORACLE_ALPHAS:
                     for beta in ORACLE_BETAS:
                         with fusion.using(alpha=alpha, beta=beta):
-                            predictions = predict(scorer, sample(pipe, FUSED_PROMPT, seeds, steps, guidance))
+                            predictions = predict(scorer, sample(pipe, PROMPT, seeds, steps, guidance))
                         cells[f"alpha={alpha:g} beta={beta:g}"] = round(
                             sum(p.shape == subject and p.texture == style for p in predictions) / len(predictions), 3
                         )
@@ -209,7 +208,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_xticks(x, methods)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of images (95% CI)")
-    ax.set_title(f'toy world: "{FUSED_PROMPT}", all subject x style pairs')
+    ax.set_title(f'toy world: "{PROMPT}", all subject x style pairs')
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -222,7 +221,7 @@ def markdown(base: dict, loras: dict, table: dict, per_pair: dict, betas: dict, 
     lines += ["| LoRA | does its job | asked colour (subject) / asked shape (style) | base prompts still right |"]
     lines += ["|---|---|---|---|"]
     lines += [f"| {n} | {cell(r['own'])} | {cell(r['attribute'])} | {cell(r['base kept'])} |" for n, r in loras.items()]
-    lines += ["", f'### Fusion: "{FUSED_PROMPT}", 9 pairs x {seeds} seeds per method', ""]
+    lines += ["", f'### Fusion: "{PROMPT}", 9 pairs x {seeds} seeds per method', ""]
     lines += ["| method | shows subject | shows style | shows both |", "|---|---|---|---|"]
     lines += [f"| {m} | {cell(r['subject'])} | {cell(r['style'])} | **{cell(r['both'])}** |" for m, r in table.items()]
     methods = list(table)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from estlora.toy.model import ASSETS, DEMO_PAIR, GUIDANCE, SAMPLE_STEPS, toy_lora_path, toy_model_path
+from estlora.toy.model import ASSETS, DEMO_PAIR, GUIDANCE, PROMPT, SAMPLE_STEPS, toy_lora_path, toy_model_path
 from estlora.toy.world import (
     BACKGROUND,
     COLOURS,
@@ -248,7 +248,7 @@ def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
     from estlora.toy.scorer import predict
 
     subject, style = DEMO_PAIR
-    fused_prompt, seeds = "a sks shape in szn style", range(8)
+    seeds = range(8)
 
     def both(images) -> int:
         return sum(p.shape == subject and p.texture == style for p in predict(scorer, images))
@@ -256,14 +256,14 @@ def test_loras_do_their_job_and_fusion_shows_both(toy_pipe, scorer):
     with estlora.fuse(toy_pipe, f"toy:{subject}", f"toy:{style}", method="est", beta=0.38) as fusion:
         with fusion.using(method="subject"):
             assert sum(p.shape == subject for p in predict(scorer, draw(toy_pipe, "a sks shape"))) >= 4
-            assert both(draw(toy_pipe, fused_prompt, seeds)) == 0
+            assert both(draw(toy_pipe, PROMPT, seeds)) == 0
         with fusion.using(method="style"):
             shown = predict(scorer, draw(toy_pipe, "a circle in szn style"))
             assert sum(p.texture == style for p in shown) >= 4
-            assert both(draw(toy_pipe, fused_prompt, seeds)) == 0
-        assert both(draw(toy_pipe, fused_prompt, seeds)) >= 2
+            assert both(draw(toy_pipe, PROMPT, seeds)) == 0
+        assert both(draw(toy_pipe, PROMPT, seeds)) >= 2
         with fusion.using(method="switch"):
-            assert both(draw(toy_pipe, fused_prompt, seeds)) >= 4
+            assert both(draw(toy_pipe, PROMPT, seeds)) >= 4
 
 
 def test_unknown_toy_lora_is_one_clear_error():
