@@ -13,7 +13,9 @@ ratios against one LoRA, from one run. Models:
 Configurations: `none` (base), `single` (subject LoRA via diffusers/peft), `fused` (that LoRA merged
 into the weights by diffusers' `fuse_lora`), `merge` (both via `set_adapters`), `est` and `klora`
 (estlora routing), `est-merged` (estlora's merged routing, `--merge-weights`: the writes at the plan's
-changes counted in each image's time), `research` (a re-creation, for measurement
+changes and the restore counted in each image's time; an image after the fusion's first, as when a fusion
+renders several, so that on a CPU the merged weights it keeps are copied, not formed), `est-merged-first`
+(a fusion's first image, every merged weight formed), `research` (a re-creation, for measurement
 only, of the research code's way: every projection rebuilds both dense delta W, scores them and
 applies the winner densely, on every call, with a global call counter for time).
 
@@ -38,7 +40,18 @@ import estlora
 from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
-CONFIGS = ("none", "single", "fused", "merge", "est", "est-merged", "klora", "composite", "research")
+CONFIGS = (
+    "none",
+    "single",
+    "fused",
+    "merge",
+    "est",
+    "est-merged",
+    "est-merged-first",
+    "klora",
+    "composite",
+    "research",
+)
 # The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}
@@ -297,9 +310,9 @@ def main() -> None:
 
                 return unfuse
             return lambda: setattr(pipe, denoiser, plain)
-        if config in ("est", "klora", "est-merged", "composite"):
-            method = config.removesuffix("-merged")
-            fusion = estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config == "est-merged")
+        if config in ("est", "klora", "est-merged", "est-merged-first", "composite"):
+            method = config.split("-")[0]
+            fusion = estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config != method)
             real = fusion._on_denoiser_call
 
             def timed_hook(*a):
@@ -312,6 +325,8 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
+            if config == "est-merged":  # the fusion's first image, untimed: it forms the merged weights
+                run_once()
             return fusion.remove
         if config == "research":
             return install_research(plain, subject, style, args.steps)
@@ -390,8 +405,9 @@ def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict
         results["est_vs"] = {c: median["est"] / median[c] for c in ("single", "merge") if c in median}
         if "research" in median:
             results["research_vs_est"] = median["research"] / median["est"]
-    if "est-merged" in median and "none" in median:
-        results["est_merged_vs_none"] = median["est-merged"] / median["none"]
+    for merged in ("est-merged", "est-merged-first"):
+        if merged in median and "none" in median:
+            results[merged.replace("-", "_") + "_vs_none"] = median[merged] / median["none"]
     if "composite" in median and "single" in median:  # two denoiser passes a step: about 2
         results["composite_vs_single"] = median["composite"] / median["single"]
     if hook_seconds:
@@ -401,15 +417,17 @@ def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict
 
 def table(results: dict) -> str:
     peaks = any(r["peak_mib"] for r in results["configs"].values())
-    lines = [f"{'config':10} {'median s':>9} {'ms/step':>8} {'vs single':>9} {'min s':>8}" + ("  peak MiB" * peaks)]
+    lines = [f"{'config':16} {'median s':>9} {'ms/step':>8} {'vs single':>9} {'min s':>8}" + ("  peak MiB" * peaks)]
     for c, r in results["configs"].items():
         ratio = f"{r['ratio_vs_single']:9.3f}" if r["ratio_vs_single"] else f"{'-':>9}"
-        line = f"{c:10} {r['median_s']:9.3f} {1000 * r['median_s'] / results['steps']:8.1f} {ratio} {r['min_s']:8.3f}"
+        line = f"{c:16} {r['median_s']:9.3f} {1000 * r['median_s'] / results['steps']:8.1f} {ratio} {r['min_s']:8.3f}"
         lines.append(line + (f"  {r['peak_mib']:8.0f}" if peaks else ""))
     for name, value in results.get("est_vs", {}).items():
         lines.append(f"est / {name}: {value:.3f}")
     if "est_merged_vs_none" in results:
         lines.append(f"est merged / none: {results['est_merged_vs_none']:.3f}")
+    if "est_merged_first_vs_none" in results:
+        lines.append(f"est merged, a fusion's first image / none: {results['est_merged_first_vs_none']:.3f}")
     if "composite_vs_single" in results:
         lines.append(f"composite / single: {results['composite_vs_single']:.3f}")
     if "research_vs_est" in results:

@@ -29,7 +29,18 @@ def test_generation_benchmark(tmp_path):
     out = tmp_path / "generation.json"
     said = run("generation.py", "--repeats", "2", "--steps", "2", "--json", str(out))
     results = json.loads(out.read_text())
-    configs = ["none", "single", "fused", "merge", "est", "est-merged", "klora", "composite", "research"]
+    configs = [
+        "none",
+        "single",
+        "fused",
+        "merge",
+        "est",
+        "est-merged",
+        "est-merged-first",
+        "klora",
+        "composite",
+        "research",
+    ]
     assert list(results["configs"]) == configs
     assert results["repeats"] == 2 and results["projections"] == 560
     for config in results["configs"].values():
@@ -39,6 +50,8 @@ def test_generation_benchmark(tmp_path):
     assert "repeat 2/2" in said and f"est / single: {results['est_vs']['single']:.3f}" in said
     merged = results["configs"]["est-merged"]["median_s"] / results["configs"]["none"]["median_s"]
     assert results["est_merged_vs_none"] == merged and f"est merged / none: {merged:.3f}" in said
+    first = results["configs"]["est-merged-first"]["median_s"] / results["configs"]["none"]["median_s"]
+    assert results["est_merged_first_vs_none"] == first and f"first image / none: {first:.3f}" in said
     assert f"composite / single: {results['composite_vs_single']:.3f}" in said
 
 

@@ -16,8 +16,9 @@ STEPS = 4
 
 
 def render(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("num_inference_steps", STEPS)
     generator = torch.Generator().manual_seed(seed)
-    return pipe("a sks dog", num_inference_steps=STEPS, generator=generator, output_type="pt", **kwargs).images
+    return pipe("a sks dog", generator=generator, output_type="pt", **kwargs).images
 
 
 def fresh(folder, dtype: str = "fp32"):
@@ -32,8 +33,10 @@ def weights(pipe) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("base", "subject", "style", "size"),
-    [("sdxl", "example:subject", "example:style", {}), ("flux", "example:flux-subject", "example:flux-style",
-                                                          {"width": 32, "height": 32})],
+    [
+        ("sdxl", "example:subject", "example:style", {}),
+        ("flux", "example:flux-subject", "example:flux-style", {"width": 32, "height": 32}),
+    ],
     ids=["sdxl", "flux1"],
 )
 def test_a_subject_only_plan_equals_diffusers_fuse_lora(tiny_dir, base, subject, style, size):
@@ -80,7 +83,7 @@ def test_the_rows_written_are_the_plan_rows_of_each_step(tiny_dir):
     pipe = fresh(tiny_dir)
     fusion = fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True)
     seen, writes = [], []
-    apply, write = MergedWeights.apply, MergedWeights._write
+    apply, write = MergedWeights.apply, MergedWeights._source
 
     def spy_apply(self, row):
         apply(self, row)
@@ -88,11 +91,11 @@ def test_the_rows_written_are_the_plan_rows_of_each_step(tiny_dir):
 
     def spy_write(self, index, scales):
         writes.append(index)
-        write(self, index, scales)
+        return write(self, index, scales)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MergedWeights, "apply", spy_apply)
-        patch.setattr(MergedWeights, "_write", spy_write)
+        patch.setattr(MergedWeights, "_source", spy_write)
         render(pipe)
     rows = fusion.scale_rows(fusion.plan_for(STEPS))
     assert seen[:STEPS] == rows[:STEPS]
@@ -114,3 +117,84 @@ def test_quantized_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     fusion = fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True)
     assert not fusion.merged and fusion.note == "--merge-weights: the base's weights are quantized; routed unfused"
     fusion.remove()
+
+
+def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir):
+    """From the second image on, no merged weight is formed again: each write copies a kept variant
+    (at most VARIANTS per linear), and the image is bit for bit the first one."""
+    from estlora.runtime import merged as module
+
+    pipe = fresh(tiny_dir)
+    formed = []
+    form = module.applied
+
+    def spy(update, scale):
+        formed.append(scale)
+        return form(update, scale)
+
+    with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, "applied", spy)
+            first = render(pipe)
+            assert formed
+            formed.clear()
+            second = render(pipe)
+        assert formed == [] and torch.equal(first, second)
+        variants = fusion.weights.variants
+        assert max(len(v) for v in variants) == 2 <= module.VARIANTS
+        rows = fusion.scale_rows(fusion.plan_for(STEPS))
+        assert [set(v) for v in variants] == [{s for s in column if any(s)} for column in zip(*rows, strict=True)]
+
+
+def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch):
+    """One linear through three scales: the weight holds W0 + s B A rounded once each time, whether
+    formed or copied from a kept variant; a third variant drops the least recently used; with no
+    memory to spare none is kept."""
+    from estlora.runtime import merged as module
+    from estlora.updates import LoraFactors
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24).to(torch.float16).requires_grad_(False)
+    base = linear.weight.clone()
+    update = LoraFactors(down=torch.randn(4, 16), up=torch.randn(24, 4), alpha=4.0)
+    weights = module.MergedWeights([linear], [(update, None)])
+
+    def expected(scale):
+        return (base.float() + scale * (update.up @ update.down)).to(torch.float16)
+
+    for scale in (1.0, 0.5, 1.0, 2.0, 0.5, 1.0):
+        weights.apply([(scale, 0.0)])
+        assert torch.equal(linear.weight, expected(scale)), scale
+        weights.restore()
+        assert torch.equal(linear.weight, base)
+    assert list(weights.variants[0]) == [(0.5, 0.0), (1.0, 0.0)]  # 2.0 dropped, then 0.5 formed again
+    monkeypatch.setattr(module, "_room_for", lambda weight: False)
+    spare = module.MergedWeights([linear], [(update, None)])
+    spare.apply([(1.0, 0.0)])
+    assert torch.equal(linear.weight, expected(1.0)) and spare.variants == [{}]
+
+
+@pytest.mark.slow
+def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir):
+    """Merged routing changes the weights' values in place, never their tensors: a compiled UNet builds
+    its graphs in the first run and none after (more images, another step count), and renders what the
+    eager merged run renders (a backend that runs the captured graphs as they are)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe = fresh(tiny_dir)
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True):
+        eager = [render(pipe, seed) for seed in (0, 1)] + [render(pipe, 0, num_inference_steps=STEPS + 2)]
+        pipe.unet.compile(backend=counting_backend)
+        compiled = [render(pipe, 0)]
+        built = len(graphs)
+        compiled += [render(pipe, 1), render(pipe, 0, num_inference_steps=STEPS + 2)]
+    assert 0 < built and len(graphs) == built, "new weights or a new step count must not recompile"
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+    torch._dynamo.reset()

@@ -7,6 +7,12 @@ itself becomes W0 + s_c dW_c + s_s dW_s at a step whose scales differ from those
 computed in fp32 from a kept copy of W0 and rounded once to the weight's dtype, as diffusers'
 `fuse_lora` rounds, so nothing drifts however many images are rendered; `restore` copies W0 back bit
 for bit. The kept copy costs one copy of the routed weights, on their device.
+
+Where memory allows, the merged weights are kept too (`VARIANTS` per linear: est's two choices, or
+LoRA Composite's two passes), so that from the second image on a write is a copy, all of a step's
+copies in one `torch._foreach_copy_`: on a CPU, forming s B A in fp32 costs more than the steps of a
+small image. Only on the CPU: on an accelerator the product is one fast GEMM and its memory is better
+spent on activations. Kept variants are what the write would compute, so results do not change.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from torch import nn
 from ..scores import dense_of, dora_delta
 from ..updates import DoraFactors, Update
 
+VARIANTS = 2  # merged weights kept per linear (least recently used dropped first)
+RESERVE = 0.25  # of the machine's memory left free by kept variants
+
 
 class MergedWeights:
     """The routed linears' weights, each holding the update its current (subject, style) scales ask."""
@@ -24,6 +33,7 @@ class MergedWeights:
     def __init__(self, linears: list[nn.Module], updates: list[tuple[Update | None, Update | None]]):
         self.linears, self.updates = linears, updates
         self.kept = [linear.weight.detach().clone() for linear in linears]
+        self.variants: list[dict[tuple[float, float], torch.Tensor]] = [{} for _ in linears]
         self.base_row: list[tuple[float, float]] = [(0.0, 0.0)] * len(linears)
         self.applied = list(self.base_row)
         self.row = self.base_row  # the row last applied: the same row object again is nothing to do
@@ -34,26 +44,54 @@ class MergedWeights:
         change are written. Called at every denoiser call: the same step's row again costs one check."""
         if row is self.row:
             return
+        targets, sources = [], []
         for index, scales in enumerate(row):
             if scales != self.applied[index]:
-                self._write(index, scales)
+                source = self._source(index, scales)
+                if source is not None:
+                    targets.append(self.linears[index].weight)
+                    sources.append(source)
+                self.applied[index] = scales
+        if targets:
+            torch._foreach_copy_(targets, sources)
         self.row = row
 
     def restore(self) -> None:
         """Every weight back to its base, bit for bit."""
         self.apply(self.base_row)
 
-    def _write(self, index: int, scales: tuple[float, float]) -> None:
-        weight, kept = self.linears[index].weight, self.kept[index]
+    def _source(self, index: int, scales: tuple[float, float]) -> torch.Tensor | None:
+        """What the weight must hold at `scales`: the kept base, a kept variant, or (None) written here."""
         if not any(scales):
-            weight.copy_(kept)
-        else:
-            merged = kept.to(weight.device, torch.float32, copy=True)
-            for update, scale in zip(self.updates[index], scales, strict=True):
-                if scale:
-                    merged += applied(update, scale).to(weight.device)
-            weight.copy_(merged)  # rounded once to the weight's dtype
-        self.applied[index] = scales
+            return self.kept[index]
+        variants = self.variants[index]
+        if scales in variants:
+            variants[scales] = variants.pop(scales)  # most recently used last
+            return variants[scales]
+        weight, kept = self.linears[index].weight, self.kept[index]
+        merged = kept.to(weight.device, torch.float32, copy=True)
+        for update, scale in zip(self.updates[index], scales, strict=True):
+            if scale:
+                merged += applied(update, scale).to(weight.device)
+        weight.copy_(merged)  # rounded once to the weight's dtype
+        if len(variants) >= VARIANTS:
+            del variants[next(iter(variants))]
+        if kept.device.type == "cpu" and _room_for(weight):
+            same = merged.dtype == weight.dtype and merged.device == kept.device
+            variants[scales] = merged if same else weight.detach().to(kept.device, copy=True)
+        return None
+
+
+def _room_for(weight: torch.Tensor) -> bool:
+    """Whether one more copy of `weight` leaves RESERVE of the machine's memory available (Linux's
+    MemAvailable, which counts the page cache as free; elsewhere: no room, variants are not kept)."""
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        available, total = (int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "MemTotal"))
+    except (OSError, KeyError, ValueError):
+        return False
+    return available - weight.numel() * weight.element_size() > RESERVE * total
 
 
 def applied(update: Update, scale: float) -> torch.Tensor:
