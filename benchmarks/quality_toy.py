@@ -83,15 +83,16 @@ def base_table(pipe, scorer, seeds, steps, guidance) -> dict:
     return {key: share(v) for key, v in hits.items()}
 
 
-def lora_table(pipe, scorer, seeds, steps, guidance) -> dict:
-    """Each LoRA alone, through plain diffusers, on its own prompts and on base prompts."""
+def lora_table(pipe, scorer, seeds, steps, guidance, names=SUBJECTS + STYLES, path=toy_lora_path) -> dict:
+    """Each LoRA alone, through plain diffusers, on its own prompts and on base prompts (`path`: a
+    LoRA's name -> its file; the shipped ones by default)."""
     base_prompts = [caption(Scene(s, c, "solid")) for s, c in zip(BASE_SHAPES, ["red", "green", "blue"], strict=True)]
     base_prompts.append(caption(Scene("circle", "yellow", "stripes")))
     rows = {}
-    for name in SUBJECTS + STYLES:
+    for name in names:
         # the one loaded adapter is the active one; diffusers' `set_adapters` cannot expand its scales on a
         # UNet whose `layers_per_block` is a list (`_maybe_expand_lora_scales` adds 1 to it)
-        pipe.load_lora_weights(str(toy_lora_path(name)), adapter_name=name)
+        pipe.load_lora_weights(str(path(name)), adapter_name=name)
         own, attribute = [], []
         if name in SUBJECTS:
             for colour in [None, *COLOURS]:

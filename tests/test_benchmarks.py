@@ -91,3 +91,22 @@ def test_the_benchmarks_run_on_flux1(tmp_path):
     out = tmp_path / "memory.json"
     run("memory.py", "--steps", "1", "--configs", "single,est", "--json", str(out), model="tiny-flux1")
     assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["single", "est"]
+
+
+@pytest.mark.slow
+def test_lora_recipe_trains_with_the_settings_changed_and_scores_the_lora(tmp_path):
+    """Two steps of a changed recipe: the LoRA is trained under that recipe into --work and scored."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "lora_recipe.py"), "checker", "--set", "steps=2", "prior=0.25",
+         "--seeds", "1", "--work", str(tmp_path)],
+        capture_output=True, text=True, cwd=BENCHMARKS, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "loras" / "checker.safetensors").is_file()
+    assert "checker with {'steps': 2, 'batch': 16, 'lr': 0.004, 'rank': 8, 'prior': 0.25" in done.stdout
+    assert "own " in done.stdout and "base kept " in done.stdout
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "lora_recipe.py"), "checker", "--set", "stpes=2", "--work", str(tmp_path)],
+        capture_output=True, text=True, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "no such recipe setting: stpes" in refused.stderr
