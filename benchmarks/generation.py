@@ -40,18 +40,7 @@ import estlora
 from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
-CONFIGS = (
-    "none",
-    "single",
-    "fused",
-    "merge",
-    "est",
-    "est-merged",
-    "est-merged-first",
-    "klora",
-    "composite",
-    "research",
-)
+CONFIGS = tuple("none single fused merge est est-merged est-merged-first klora composite research".split())
 # The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}

@@ -41,14 +41,17 @@ def one(config: str, args: argparse.Namespace, ranks: tuple[int, int]) -> dict:
     shapes = family.linear_shapes(denoiser, family.default_route)
     # Only the LoRAs this configuration holds: on the CPU, unused factors would count in its peak RSS.
     subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject")
-    style = None if config in ("none", "single") else random_lora(shapes, ranks[1], 2, "style")
-    if config in ("single", "merge"):
+    style = None if config in ("none", "single", "fused") else random_lora(shapes, ranks[1], 2, "style")
+    if config in ("single", "merge", "fused"):
         pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
         if config == "merge":
             pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")
             pipe.set_adapters(["subject", "style"])
-    elif config in ("est", "klora"):
-        estlora.fuse(pipe, subject, style, method=config, beta=0.5)
+        if config == "fused":
+            pipe.fuse_lora(adapter_names=["subject"])
+    elif config in ("est", "klora", "composite", "est-merged", "est-merged-first"):
+        method = config.split("-")[0]  # merged: the kept copy of W0 and, on a CPU, the variants it forms
+        estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config != method)
     elif config == "research":
         install_research(denoiser, subject, style, steps)
     del subject, style

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -32,6 +33,24 @@ def dino_dir(tmp_path_factory):
     from estlora.testing.tiny_encoders import write_tiny_dino
 
     return write_tiny_dino(tmp_path_factory.mktemp("encoders") / "tiny-dino")
+
+
+@pytest.fixture
+def graphs() -> Iterator[_Graphs]:
+    """The graphs torch.compile builds with `graphs.backend`, which runs each as captured (so results
+    compare bit for bit with eager runs); dynamo's caches are emptied before and after."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    built = _Graphs()
+    yield built
+    torch._dynamo.reset()
+
+
+class _Graphs(list):
+    def backend(self, graph, example_inputs):
+        self.append(graph)
+        return graph.forward
 
 
 @pytest.fixture(scope="session")

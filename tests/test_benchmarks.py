@@ -29,18 +29,7 @@ def test_generation_benchmark(tmp_path):
     out = tmp_path / "generation.json"
     said = run("generation.py", "--repeats", "2", "--steps", "2", "--json", str(out))
     results = json.loads(out.read_text())
-    configs = [
-        "none",
-        "single",
-        "fused",
-        "merge",
-        "est",
-        "est-merged",
-        "est-merged-first",
-        "klora",
-        "composite",
-        "research",
-    ]
+    configs = "none single fused merge est est-merged est-merged-first klora composite research".split()
     assert list(results["configs"]) == configs
     assert results["repeats"] == 2 and results["projections"] == 560
     for config in results["configs"].values():

@@ -175,26 +175,16 @@ def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch
 
 
 @pytest.mark.slow
-def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir):
+def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir, graphs):
     """Merged routing changes the weights' values in place, never their tensors: a compiled UNet builds
     its graphs in the first run and none after (more images, another step count), and renders what the
     eager merged run renders (a backend that runs the captured graphs as they are)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
     pipe = fresh(tiny_dir)
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True):
         eager = [render(pipe, seed) for seed in (0, 1)] + [render(pipe, 0, num_inference_steps=STEPS + 2)]
-        pipe.unet.compile(backend=counting_backend)
+        pipe.unet.compile(backend=graphs.backend)
         compiled = [render(pipe, 0)]
         built = len(graphs)
         compiled += [render(pipe, 1), render(pipe, 0, num_inference_steps=STEPS + 2)]
     assert 0 < built and len(graphs) == built, "new weights or a new step count must not recompile"
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
-    torch._dynamo.reset()

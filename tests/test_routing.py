@@ -243,28 +243,19 @@ def test_second_fusion_on_the_same_pipeline_is_refused(pipe, loras):
 
 
 @pytest.mark.slow
-def test_torch_compile_reuses_one_graph_across_steps(tiny_dir, loras):
+def test_torch_compile_reuses_one_graph_across_steps(tiny_dir, loras, graphs):
     """A compiled UNet gets the step's scales as data: est (many distinct rows), another method
     and another step count reuse the graphs the first run built, and the images equal eager ones.
 
     The backend runs the captured graphs eagerly, so the comparison is bit for bit: the unused
     LoRA is added times zero, which changes nothing."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
     pipe = load_pipe(tiny_dir)
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
     fusion = estlora.fuse(pipe, *loras, method="est", beta=0.3)
     assert len({str(row) for row in fusion.plan_for(7).weights.tolist()}) > 3
     eager = {7: run(pipe, steps=7)}
     with fusion.using(method="switch"):
         eager[5] = run(pipe, steps=5)
-    pipe.unet.compile(backend=counting_backend)
+    pipe.unet.compile(backend=graphs.backend)
     first = run(pipe, steps=7)
     built = len(graphs)
     with fusion.using(method="switch"):
@@ -272,7 +263,6 @@ def test_torch_compile_reuses_one_graph_across_steps(tiny_dir, loras):
     assert 0 < built <= 3 and len(graphs) == built, "a new step, method or step count must not recompile"
     assert torch.equal(first, eager[7]) and torch.equal(switched, eager[5])
     fusion.remove()
-    torch._dynamo.reset()
 
 
 def test_fuse_into_a_unet_compiled_first(tiny_dir, loras):
