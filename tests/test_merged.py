@@ -119,11 +119,12 @@ def test_quantized_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     fusion.remove()
 
 
-def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir):
+def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir, monkeypatch):
     """From the second image on, no merged weight is formed again: each write copies a kept variant
     (at most VARIANTS per linear), and the image is bit for bit the first one."""
     from estlora.runtime import merged as module
 
+    monkeypatch.setattr(module, "_room_for", lambda weight: True)  # whatever this machine has free
     pipe = fresh(tiny_dir)
     formed = []
     form = module.applied
@@ -153,6 +154,7 @@ def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch
     from estlora.runtime import merged as module
     from estlora.updates import LoraFactors
 
+    monkeypatch.setattr(module, "_room_for", lambda weight: True)
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 24).to(torch.float16).requires_grad_(False)
     base = linear.weight.clone()
@@ -188,3 +190,10 @@ def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir, graphs):
         compiled += [render(pipe, 1), render(pipe, 0, num_inference_steps=STEPS + 2)]
     assert 0 < built and len(graphs) == built, "new weights or a new step count must not recompile"
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+
+
+def test_no_variant_is_kept_past_the_memory_reserve():
+    """A weight larger than the machine's free memory is never kept (a meta tensor: no memory used)."""
+    from estlora.runtime.merged import _room_for
+
+    assert not _room_for(torch.empty(2**40, device="meta"))
