@@ -314,8 +314,8 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
-            if config == "est-merged":  # the fusion's first image, untimed: it forms the merged weights
-                run_once()
+            if config == "est-merged" and fusion.weights.keeps_variants:  # the first image, untimed: it
+                run_once()  # forms the merged weights that later ones copy (on accelerators none are kept)
             return fusion.remove
         if config == "research":
             return install_research(plain, subject, style, args.steps)

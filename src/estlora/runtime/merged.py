@@ -37,6 +37,8 @@ class MergedWeights:
         self.base_row: list[tuple[float, float]] = [(0.0, 0.0)] * len(linears)
         self.applied = list(self.base_row)
         self.row = self.base_row  # the row last applied: the same row object again is nothing to do
+        # only on the CPU: an accelerator forms s B A in one fast GEMM, and its memory is the activations'
+        self.keeps_variants = all(kept.device.type == "cpu" for kept in self.kept)
 
     @torch.no_grad()
     def apply(self, row: list[tuple[float, float]]) -> None:
@@ -76,7 +78,7 @@ class MergedWeights:
         weight.copy_(merged)  # rounded once to the weight's dtype
         if len(variants) >= VARIANTS:
             del variants[next(iter(variants))]
-        if kept.device.type == "cpu" and _room_for(weight):
+        if self.keeps_variants and _room_for(weight):
             same = merged.dtype == weight.dtype and merged.device == kept.device
             variants[scales] = merged if same else weight.detach().to(kept.device, copy=True)
         return None
