@@ -41,6 +41,15 @@ from estlora.families import family_named
 from estlora.updates import Lora, LoraFactors
 
 CONFIGS = tuple("none single fused merge est est-merged est-merged-first klora composite research".split())
+FUSIONS = ("est", "klora", "est-merged", "est-merged-first", "composite")  # the configurations estlora fuses
+
+
+def fused_by_estlora(pipe, subject: Lora, style: Lora, config: str):
+    """One of FUSIONS on `pipe`: its method (est-merged, est-merged-first: est, merged routing), beta 0.5."""
+    method = config.split("-")[0]
+    return estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config != method)
+
+
 # The real-shaped models' dtype: fp16 (SDXL) or bf16 (FLUX.1) as on GPUs, fp32 for CPUs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FAMILY = {"tiny": "sdxl", "sdxl": "sdxl", "tiny-flux1": "flux1", "flux1": "flux1"}
@@ -299,9 +308,8 @@ def main() -> None:
 
                 return unfuse
             return lambda: setattr(pipe, denoiser, plain)
-        if config in ("est", "klora", "est-merged", "est-merged-first", "composite"):
-            method = config.split("-")[0]
-            fusion = estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config != method)
+        if config in FUSIONS:
+            fusion = fused_by_estlora(pipe, subject, style, config)
             real = fusion._on_denoiser_call
 
             def timed_hook(*a):

@@ -21,15 +21,16 @@ from generation import (
     CONFIGS,
     DTYPES,
     FAMILY,
+    FUSIONS,
     blocks_of,
     build,
+    fused_by_estlora,
     install_research,
     model_arguments,
     peft_state,
     random_lora,
 )
 
-import estlora
 from estlora.families import family_named
 
 
@@ -49,9 +50,8 @@ def one(config: str, args: argparse.Namespace, ranks: tuple[int, int]) -> dict:
             pipe.set_adapters(["subject", "style"])
         if config == "fused":
             pipe.fuse_lora(adapter_names=["subject"])
-    elif config in ("est", "klora", "composite", "est-merged", "est-merged-first"):
-        method = config.split("-")[0]  # merged: the kept copy of W0 and, on a CPU, the variants it forms
-        estlora.fuse(pipe, subject, style, method=method, beta=0.5, merged=config != method)
+    elif config in FUSIONS:  # merged: the kept copy of W0 and, on a CPU, the variants it forms
+        fused_by_estlora(pipe, subject, style, config)
     elif config == "research":
         install_research(denoiser, subject, style, steps)
     del subject, style

@@ -39,6 +39,7 @@ class MergedWeights:
         self.row = self.base_row  # the row last applied: the same row object again is nothing to do
         # only on the CPU: an accelerator forms s B A in one fast GEMM, and its memory is the activations'
         self.keeps_variants = all(kept.device.type == "cpu" for kept in self.kept)
+        self.spare: int | None = None  # bytes variants may still take, read once per apply that forms one
 
     @torch.no_grad()
     def apply(self, row: list[tuple[float, float]]) -> None:
@@ -46,6 +47,7 @@ class MergedWeights:
         change are written. Called at every denoiser call: the same step's row again costs one check."""
         if row is self.row:
             return
+        self.spare = None
         targets, sources = [], []
         for index, scales in enumerate(row):
             if scales != self.applied[index]:
@@ -76,24 +78,35 @@ class MergedWeights:
             if scale:
                 merged += applied(update, scale).to(weight.device)
         weight.copy_(merged)  # rounded once to the weight's dtype
-        if len(variants) >= VARIANTS:
-            del variants[next(iter(variants))]
-        if self.keeps_variants and _room_for(weight):
-            same = merged.dtype == weight.dtype and merged.device == kept.device
-            variants[scales] = merged if same else weight.detach().to(kept.device, copy=True)
+        if self.keeps_variants:
+            self._keep(variants, scales, merged, weight, kept.device)
         return None
 
+    def _keep(self, variants: dict, scales: tuple[float, float], merged, weight, device) -> None:
+        """Keep the weight just formed as the variant for `scales`, the least recently used going first,
+        while the memory it takes leaves RESERVE of the machine's free."""
+        if self.spare is None:
+            self.spare = spare_bytes()
+        size = weight.numel() * weight.element_size()
+        if size >= self.spare:
+            return
+        if len(variants) >= VARIANTS:
+            del variants[next(iter(variants))]
+        self.spare -= size
+        same = merged.dtype == weight.dtype and merged.device == device
+        variants[scales] = merged if same else weight.detach().to(device, copy=True)
 
-def _room_for(weight: torch.Tensor) -> bool:
-    """Whether one more copy of `weight` leaves RESERVE of the machine's memory available (Linux's
-    MemAvailable, which counts the page cache as free; elsewhere: no room, variants are not kept)."""
+
+def spare_bytes() -> int:
+    """Memory that variants may take and leave RESERVE of the machine's free (Linux's MemAvailable,
+    which counts the page cache as free; elsewhere 0: variants are not kept)."""
     try:
         with open("/proc/meminfo") as info:
             fields = dict(line.split(":", 1) for line in info)
         available, total = (int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "MemTotal"))
     except (OSError, KeyError, ValueError):
-        return False
-    return available - weight.numel() * weight.element_size() > RESERVE * total
+        return 0
+    return max(0, int(available - RESERVE * total))
 
 
 def applied(update: Update, scale: float) -> torch.Tensor:
