@@ -104,19 +104,22 @@ def install_research(denoiser, subject: Lora, style: Lora, steps: int):
 # ---------------------------------------------------------------- models
 
 
-def random_lora(shapes, rank: int, seed: int, name: str) -> Lora:
+def random_lora(shapes, rank: int, seed: int, name: str, dtype: torch.dtype = torch.float32) -> Lora:
+    """A LoRA of random factors, stored in `dtype` as a trainer saves them (fp16 files for fp16 models:
+    factors in another dtype than the model's would be held twice, as loaded and as cast)."""
     generator = torch.Generator().manual_seed(seed)
     projections = {
         module: LoraFactors(
-            torch.randn(rank, n, generator=generator) / n**0.5,
-            torch.randn(o, rank, generator=generator) * 0.02 * (1 + i % 3),
+            (torch.randn(rank, n, generator=generator) / n**0.5).to(dtype),
+            (torch.randn(o, rank, generator=generator) * 0.02 * (1 + i % 3)).to(dtype),
             float(rank),
         )
         for i, (module, (o, n)) in enumerate(shapes.items())
     }
     # The cache key for its scores: the same for the same factors, other for another model's shapes.
     fingerprint = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
-    sha256 = f"bench-{name}-rank{rank}-seed{seed}-{fingerprint}"
+    stored = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    sha256 = f"bench-{name}-rank{rank}-seed{seed}{stored}-{fingerprint}"
     return Lora(source=name, path=name, layout="random", projections=projections, sha256=sha256)
 
 

@@ -41,8 +41,10 @@ def one(config: str, args: argparse.Namespace, ranks: tuple[int, int]) -> dict:
     denoiser = getattr(pipe, family.denoiser)
     shapes = family.linear_shapes(denoiser, family.default_route)
     # Only the LoRAs this configuration holds: on the CPU, unused factors would count in its peak RSS.
-    subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject")
-    style = None if config in ("none", "single", "fused") else random_lora(shapes, ranks[1], 2, "style")
+    # Stored in the model's dtype, as a LoRA trained for it is: est holds its factors as loaded.
+    dtype = denoiser.dtype
+    subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject", dtype)
+    style = None if config in ("none", "single", "fused") else random_lora(shapes, ranks[1], 2, "style", dtype)
     if config in ("single", "merge", "fused"):
         pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
         if config == "merge":
