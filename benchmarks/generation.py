@@ -42,6 +42,7 @@ from estlora.updates import Lora, LoraFactors
 
 CONFIGS = tuple("none single fused merge est est-merged est-merged-first klora composite research".split())
 FUSIONS = ("est", "klora", "est-merged", "est-merged-first", "composite")  # the configurations estlora fuses
+PEFT_CONFIGS = {"single", "merge", "fused"}  # the configurations diffusers' own LoRA layers run
 
 
 def fused_by_estlora(pipe, subject: Lora, style: Lora, config: str):
@@ -285,21 +286,25 @@ def main() -> None:
     denoiser = family.denoiser
     shapes = family.linear_shapes(getattr(pipe, denoiser), family.default_route)
     rank_c, rank_s = (int(r) for r in args.ranks.split(","))
-    subject, style = random_lora(shapes, rank_c, 1, "subject"), random_lora(shapes, rank_s, 2, "style")
-
-    # diffusers/peft adapters live on a copy of the denoiser, so estlora's routing runs on an untouched one.
     plain = getattr(pipe, denoiser)
-    with_peft = copy.deepcopy(plain)
-    setattr(pipe, denoiser, with_peft)
-    pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
-    pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")
-    setattr(pipe, denoiser, plain)
-    log("LoRAs loaded")
+    subject = random_lora(shapes, rank_c, 1, "subject", plain.dtype)  # stored as a LoRA for this model is
+    style = random_lora(shapes, rank_s, 2, "style", plain.dtype)
+
+    # diffusers/peft adapters live on a copy of the denoiser, so estlora's routing runs on an untouched one
+    # (made only when a configuration uses them: at SDXL's widths the copy is 5 GB).
+    with_peft = None
+    if PEFT_CONFIGS & set(configs):
+        with_peft = copy.deepcopy(plain)
+        setattr(pipe, denoiser, with_peft)
+        pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
+        pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")
+        setattr(pipe, denoiser, plain)
+    log("LoRAs ready")
 
     hook_seconds = []
 
     def setup(config: str):
-        if config in ("single", "merge", "fused"):
+        if config in PEFT_CONFIGS:
             setattr(pipe, denoiser, with_peft)
             pipe.set_adapters(["subject"] if config != "merge" else ["subject", "style"])
             if config == "fused":
@@ -325,7 +330,7 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
-            if config == "est-merged" and fusion.weights.keeps_variants:  # the first image, untimed: it
+            if config == "est-merged" and fusion.weights.swaps:  # the first image, untimed: it
                 run_once()  # forms the merged weights that later ones copy (on accelerators none are kept)
             return fusion.remove
         if config == "research":

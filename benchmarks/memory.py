@@ -22,6 +22,7 @@ from generation import (
     DTYPES,
     FAMILY,
     FUSIONS,
+    PEFT_CONFIGS,
     blocks_of,
     build,
     fused_by_estlora,
@@ -45,7 +46,7 @@ def one(config: str, args: argparse.Namespace, ranks: tuple[int, int]) -> dict:
     dtype = denoiser.dtype
     subject = None if config == "none" else random_lora(shapes, ranks[0], 1, "subject", dtype)
     style = None if config in ("none", "single", "fused") else random_lora(shapes, ranks[1], 2, "style", dtype)
-    if config in ("single", "merge", "fused"):
+    if config in PEFT_CONFIGS:
         pipe.load_lora_weights(peft_state(subject, family.lora_prefix), adapter_name="subject")
         if config == "merge":
             pipe.load_lora_weights(peft_state(style, family.lora_prefix), adapter_name="style")

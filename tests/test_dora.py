@@ -52,15 +52,23 @@ def dora_adapter(model, targets: list[str], rank: int, alpha: float, seed: int):
     return get_peft_model_state_dict(model), metadata
 
 
-@pytest.fixture(scope="module")
-def peft_dora(sdxl_pipe, tmp_path_factory):
+def saved_peft_dora(unet, folder, rank: int, alpha: float, seed: int):
     """A DoRA as diffusers' trainers save it: peft names under `unet.`, magnitudes (out,), adapter metadata."""
     from diffusers import StableDiffusionXLPipeline
 
-    state, metadata = dora_adapter(sdxl_pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 2, 4)
-    folder = tmp_path_factory.mktemp("dora")
+    state, metadata = dora_adapter(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank, alpha, seed)
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def peft_dora(sdxl_pipe, tmp_path_factory):
+    return saved_peft_dora(sdxl_pipe.unet, tmp_path_factory.mktemp("dora"), 4, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def other_peft_dora(sdxl_pipe, tmp_path_factory):
+    return saved_peft_dora(sdxl_pipe.unet, tmp_path_factory.mktemp("other-dora"), 8, 8, 9)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,24 @@ def test_subject_method_equals_peft_dora_bit_for_bit(sdxl_pipe, reference, peft_
     # merged routing writes W' at that strength into the weights: the same, within the weights' rounding
     with estlora.fuse(sdxl_pipe, peft_dora, peft_dora, method="subject", subject_scale=strength, merged=True):
         torch.testing.assert_close(render(sdxl_pipe), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["host", "accelerator"])
+def test_merged_est_between_two_doras_is_the_unfused_plan(sdxl_pipe, peft_dora, other_peft_dora, where, monkeypatch):
+    """est moves projections from one DoRA to the other mid-run: merged, each weight is then the other
+    DoRA's W' of W0, not renormalised against a weight that still holds the first's (its base is the
+    kept W0, on the host swapped in, on an accelerator written in place: both ways run here)."""
+    from estlora.runtime import merged as module
+
+    if where == "accelerator":
+        monkeypatch.setattr(module, "keeps_on_host", lambda weights: False)
+    with estlora.fuse(sdxl_pipe, peft_dora, other_peft_dora, method="est", beta=0.5) as exact:
+        expected = render(sdxl_pipe, steps=4)
+        choices = exact.plan_for(4).weights
+        assert ((choices[1:] > 0) != (choices[:-1] > 0)).any()  # some projection changes LoRA
+    with estlora.fuse(sdxl_pipe, peft_dora, other_peft_dora, method="est", beta=0.5, merged=True) as merged:
+        assert merged.weights.swaps == (where == "host")
+        torch.testing.assert_close(render(sdxl_pipe, steps=4), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lycoris_dora_scale_equals_lycoris_applied(sdxl_pipe, reference, lycoris_dora):

@@ -52,13 +52,25 @@ def test_a_subject_only_plan_equals_diffusers_fuse_lora(tiny_dir, base, subject,
         assert torch.equal(render(pipe, **size), expected)
 
 
+def on_accelerator(monkeypatch) -> None:
+    """Merged routing as on a GPU (formed into the weights in place from a kept copy), run here."""
+    from estlora.runtime import merged as module
+
+    monkeypatch.setattr(module, "keeps_on_host", lambda weights: False)
+
+
+@pytest.mark.parametrize("where", ["host", "accelerator"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_merged_est_is_the_unfused_plan_and_the_base_comes_back_bit_for_bit(tiny_dir, dtype):
-    """20 images (fp32; 1 in half precision, slow on CPUs) with merged est: each as the exact unfused path renders it (within the weights'
-    one rounding, which unfused routing does not have), and the base weights, after each image and
-    after remove(), are the very ones loaded."""
+def test_merged_est_is_the_unfused_plan_and_the_base_comes_back_bit_for_bit(tiny_dir, dtype, where, monkeypatch):
+    """20 images (fp32; 1 in half precision, slow on CPUs) with merged est: each as the exact unfused
+    path renders it (within the weights' one rounding, which unfused routing does not have), and the
+    base weights, after each image and after remove(), are the very ones loaded (on the host the very
+    tensors, swapped back; on an accelerator written back from the kept copy)."""
+    if where == "accelerator":
+        on_accelerator(monkeypatch)
     pipe = fresh(tiny_dir, dtype)
     before = weights(pipe)
+    storage = {name: p.data_ptr() for name, p in pipe.unet.named_parameters()}
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5) as exact:
         expected = [render(pipe, seed) for seed in range(3 if dtype == "fp32" else 1)]
         assert (exact.plan_for(STEPS).weights[1:] != exact.plan_for(STEPS).weights[:-1]).any()  # it flips
@@ -71,8 +83,10 @@ def test_merged_est_is_the_unfused_plan_and_the_base_comes_back_bit_for_bit(tiny
                 assert (image.float() - expected[seed].float()).abs().max() <= tolerance
             after = pipe.unet.state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before), seed  # restored after the last step
+        assert merged.weights.swaps == (where == "host")
     after = pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == storage
 
 
 def test_the_rows_written_are_the_plan_rows_of_each_step(tiny_dir):
@@ -89,9 +103,9 @@ def test_the_rows_written_are_the_plan_rows_of_each_step(tiny_dir):
         apply(self, row)
         seen.append(list(self.applied))
 
-    def spy_write(self, index, scales):
+    def spy_write(self, index, scales, weight):
         writes.append(index)
-        return write(self, index, scales)
+        return write(self, index, scales, weight)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MergedWeights, "apply", spy_apply)
@@ -119,9 +133,35 @@ def test_quantized_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     fusion.remove()
 
 
-def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir, monkeypatch):
-    """From the second image on, no merged weight is formed again: each write copies a kept variant
-    (at most VARIANTS per linear), and the image is bit for bit the first one."""
+def test_offloaded_weights_keep_the_unfused_path_and_say_so(tiny_dir):
+    """Sequential offload (accelerate's hooks; weights on the meta device, each linear's loaded from its
+    own store per call) would silently drop every write: the exact unfused path, the image as with no
+    `merged`, and a note. Offload enabled after a merged fusion is refused at the next write."""
+    from accelerate import cpu_offload
+
+    from estlora.errors import FusionError
+
+    reference = fresh(tiny_dir)
+    cpu_offload(reference.unet, execution_device=torch.device("cpu"))
+    with fuse(reference, "example:subject", "example:style", method="est", beta=0.5):
+        expected = render(reference)
+    pipe = fresh(tiny_dir)
+    cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
+        assert not fusion.merged
+        assert fusion.note == "--merge-weights: the base's weights are offloaded (sequential CPU offload); routed unfused"
+        assert torch.equal(render(pipe), expected)
+    late = fresh(tiny_dir)
+    with fuse(late, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
+        assert fusion.merged
+        cpu_offload(late.unet, execution_device=torch.device("cpu"))
+        with pytest.raises(FusionError, match="offloaded .sequential CPU offload. after fusing"):
+            render(late)
+
+
+def test_later_images_swap_in_kept_variants_and_render_the_same(tiny_dir, monkeypatch):
+    """From the second image on, no merged weight is formed again and none is copied: each change swaps
+    a kept variant in (at most VARIANTS per linear), and the image is bit for bit the first one."""
     from estlora.runtime import merged as module
 
     monkeypatch.setattr(module, "spare_bytes", lambda: 2**40)  # whatever this machine has free
@@ -133,14 +173,16 @@ def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir, monkeypat
         formed.append(scale)
         return form(update, scale)
 
+    copies = []
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(module, "applied", spy)
             first = render(pipe)
             assert formed
             formed.clear()
+            patch.setattr(module.torch, "_foreach_copy_", lambda *a: copies.append(a))
             second = render(pipe)
-        assert formed == [] and torch.equal(first, second)
+        assert formed == [] and copies == [] and torch.equal(first, second)
         variants = fusion.weights.variants
         assert max(len(v) for v in variants) == 2 <= module.VARIANTS
         rows = fusion.scale_rows(fusion.plan_for(STEPS))
@@ -164,11 +206,13 @@ def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch
     def expected(scale):
         return (base.float() + scale * (update.up @ update.down)).to(torch.float16)
 
+    original = linear.weight.data_ptr()
     for scale in (1.0, 0.5, 1.0, 2.0, 0.5, 1.0):
         weights.apply([(scale, 0.0)])
         assert torch.equal(linear.weight, expected(scale)), scale
+        assert linear.weight.data_ptr() == weights.variants[0][(scale, 0.0)].data_ptr() != original  # swapped in
         weights.restore()
-        assert torch.equal(linear.weight, base)
+        assert torch.equal(linear.weight, base) and linear.weight.data_ptr() == original
     assert list(weights.variants[0]) == [(0.5, 0.0), (1.0, 0.0)]  # 2.0 dropped, then 0.5 formed again
     monkeypatch.setattr(module, "spare_bytes", lambda: 0)
     spare = module.MergedWeights([linear], [(update, None)])
@@ -177,10 +221,14 @@ def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch
 
 
 @pytest.mark.slow
-def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir, graphs):
-    """Merged routing changes the weights' values in place, never their tensors: a compiled UNet builds
-    its graphs in the first run and none after (more images, another step count), and renders what the
-    eager merged run renders (a backend that runs the captured graphs as they are)."""
+@pytest.mark.parametrize("where", ["host", "accelerator"])
+def test_torch_compile_keeps_one_graph_as_the_weights_change(tiny_dir, graphs, where, monkeypatch):
+    """Merged routing swaps the weights' data (host) or writes their values in place (accelerator),
+    never the parameters: a compiled UNet builds its graphs in the first run and none after (more
+    images, another step count), and renders what the eager merged run renders (a backend that runs
+    the captured graphs as they are)."""
+    if where == "accelerator":
+        on_accelerator(monkeypatch)
     pipe = fresh(tiny_dir)
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True):
         eager = [render(pipe, seed) for seed in (0, 1)] + [render(pipe, 0, num_inference_steps=STEPS + 2)]

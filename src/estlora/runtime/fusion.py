@@ -197,11 +197,15 @@ class Fusion:
             parameter.requires_grad_(False)
         self._originals = {}
         self.weights: MergedWeights | None = None
-        # merged routing writes into the weights (`runtime.merged`); quantized ones keep the exact path
-        floating = all(model.get_submodule(name).weight.dtype.is_floating_point for name in self.layers)
-        self.merged = self.merge_asked and floating
-        if self.merge_asked and not floating:
-            self.note = "--merge-weights: the base's weights are quantized; routed unfused"
+        # Merged routing writes into the weights (`runtime.merged`). Quantized ones keep the exact path,
+        # and so do offloaded ones (sequential offload: on the meta device, each hook loads its own copy).
+        weights = [model.get_submodule(name).weight for name in self.layers]
+        kept_out = "quantized" if not all(w.dtype.is_floating_point for w in weights) else None
+        if kept_out is None and any(w.is_meta for w in weights):
+            kept_out = "offloaded (sequential CPU offload)"
+        self.merged = self.merge_asked and kept_out is None
+        if self.merge_asked and kept_out:
+            self.note = f"--merge-weights: the base's weights are {kept_out}; routed unfused"
         if self.merged:
             linears = [model.get_submodule(name) for name in self.layers]
             updates = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
