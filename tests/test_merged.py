@@ -149,7 +149,9 @@ def test_offloaded_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
         assert not fusion.merged
-        assert fusion.note == "--merge-weights: the base's weights are offloaded (sequential CPU offload); routed unfused"
+        assert (
+            fusion.note == "--merge-weights: the base's weights are offloaded (sequential CPU offload); routed unfused"
+        )
         assert torch.equal(render(pipe), expected)
     late = fresh(tiny_dir)
     with fuse(late, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
