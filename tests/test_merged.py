@@ -258,3 +258,30 @@ def test_no_variant_is_kept_past_the_memory_reserve(monkeypatch):
     assert [len(v) for v in weights.variants] == [1, 0] and len(reads) == 1
     monkeypatch.undo()
     assert 0 <= module.spare_bytes() < 2**42  # less than the 4 TiB a weight of 2**40 fp32 values would take
+
+
+def test_a_model_cast_after_fusing_gets_converted_weights_and_keeps_the_kept_ones_intact(monkeypatch):
+    """On the host nothing kept is ever written. Cast to fp16 after fusing, the merged weight is formed
+    in fp16 and swapped in, and W0 comes back as a converted tensor of its own (not written into the
+    variant the weight held); the variant swaps in again unchanged; cast back, W0 is the kept one."""
+    from estlora.runtime import merged as module
+    from estlora.updates import LoraFactors
+
+    monkeypatch.setattr(module, "spare_bytes", lambda: 2**40)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24).requires_grad_(False)
+    base = linear.weight.clone()
+    update = LoraFactors(down=torch.randn(4, 16), up=torch.randn(24, 4), alpha=4.0)
+    merged = (base + 0.5 * (update.up @ update.down)).half()
+    weights = module.MergedWeights([linear], [(update, None)])
+    linear.half()
+    for _ in range(2):
+        weights.apply([(0.5, 0.0)])
+        assert torch.equal(linear.weight, merged)
+        weights.restore()
+        assert linear.weight.dtype == torch.float16 and torch.equal(linear.weight, base.half())
+    assert torch.equal(weights.variants[0][(0.5, 0.0)], merged) and torch.equal(weights.kept[0], base)
+    linear.float()
+    weights.apply([(0.5, 0.0)])
+    weights.restore()
+    assert torch.equal(linear.weight, base) and linear.weight.data_ptr() == weights.kept[0].data_ptr()

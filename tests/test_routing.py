@@ -235,11 +235,15 @@ def test_lora_for_another_base_is_refused(pipe, tmp_path):
     assert not any(type(m).__name__ == "RoutedLinear" for m in pipe.unet.modules())
 
 
-def test_second_fusion_on_the_same_pipeline_is_refused(pipe, loras):
-    with estlora.fuse(pipe, *loras, beta=0.5):
-        with pytest.raises(ValueError, match="already has an estlora fusion"):
-            estlora.fuse(pipe, *loras)
-    estlora.fuse(pipe, *loras, beta=0.5).remove()  # fine again once removed
+@pytest.mark.parametrize("merged", [False, True], ids=["unfused", "merged"])
+def test_second_fusion_on_the_same_pipeline_is_refused(pipe, loras, merged):
+    """Whichever way the first routes (merged routing leaves the linears as they are), and either way
+    the second would."""
+    with estlora.fuse(pipe, *loras, beta=0.5, merged=merged):
+        for second in (False, True):
+            with pytest.raises(ValueError, match="already has an estlora fusion"):
+                estlora.fuse(pipe, *loras, merged=second)
+    estlora.fuse(pipe, *loras, beta=0.5, merged=merged).remove()  # fine again once removed
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import fields, replace
 
@@ -33,6 +34,8 @@ from .other_weights import StaticAdapters
 from .routing import RoutedLinear, Router, denoising_step
 
 LoraSource = str | os.PathLike | Lora
+# Denoisers with a fusion installed: merged routing leaves no RoutedLinear behind to tell by.
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, Fusion] = weakref.WeakKeyDictionary()
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -92,7 +95,7 @@ class Fusion:
     ):
         self.family = family or family_of(pipe)
         model = self.family.denoiser_of(pipe)
-        if any(isinstance(m, RoutedLinear) for m in model.modules()):
+        if model in _FUSED or any(isinstance(m, RoutedLinear) for m in model.modules()):
             raise FusionError(
                 None, "this pipeline already has an estlora fusion; remove() it (or use Fusion.set) first"
             )
@@ -228,6 +231,7 @@ class Fusion:
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
         after = torch.compiler.disable(self._after_denoiser_call)
         self._after = model.register_forward_hook(after, with_kwargs=True)
+        _FUSED[model] = self
         try:
             self._apply_other_weights(self.config)
         except BaseException:  # diffusers could not load them: the pipeline is left as it was
@@ -297,6 +301,7 @@ class Fusion:
         ]
 
     def _uninstall(self) -> None:
+        _FUSED.pop(self.family.denoiser_of(self.pipe), None)
         self._hook.remove()
         self._hook = None
         self._after.remove()

@@ -14,7 +14,7 @@ than the steps of a small image, the merged weights formed are kept (`VARIANTS` 
 choices, or LoRA Composite's two passes, while memory allows) and swapped in: the weight's data
 becomes the kept tensor, and W0 itself, never written, is swapped back. A change of LoRA then costs
 no copy at all, where copying the routed weights in and back cost SDXL's widths about half a second
-per image; a weight moved to another device or dtype since fusing is written by copy instead.
+per image; a weight moved to another device or cast since fusing gets a converted tensor of its own.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ class MergedWeights:
                 if weight.is_meta:  # a write there would be lost: the offload hook loads its own copy
                     raise FusionError(None, OFFLOADED)
                 source = self._source(index, scales, weight)
-                if source is None:
-                    pass  # formed into the weight in place
-                elif self.swaps and source.device == weight.device and source.dtype == weight.dtype:
+                if not self.swaps:
+                    if source is not None:  # None: formed into the weight in place
+                        targets.append(weight)
+                        sources.append(source)
+                elif source.device == weight.device and source.dtype == weight.dtype:
                     weight.data = source
-                else:
-                    targets.append(weight)
-                    sources.append(source)
+                else:  # the model was moved or cast since fusing: a tensor of its own, never one kept here
+                    weight.data = source.to(weight.device, weight.dtype, copy=True)
                 self.applied[index] = scales
         if targets:
             torch._foreach_copy_(targets, sources)
