@@ -338,7 +338,7 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
-            if config == "est-merged" and fusion.weights.swaps:  # the first image, untimed: it
+            if config == "est-merged" and fusion.weights.keeps_variants:  # the first image, untimed: it
                 run_once()  # forms the merged weights that later ones copy (on accelerators none are kept)
             return fusion.remove
         if config == "research":

@@ -116,7 +116,7 @@ def test_subject_method_equals_peft_dora_bit_for_bit(sdxl_pipe, reference, peft_
 def test_merged_est_between_two_doras_is_the_unfused_plan(sdxl_pipe, peft_dora, other_peft_dora, where, monkeypatch):
     """est moves projections from one DoRA to the other mid-run: merged, each weight is then the other
     DoRA's W' of W0, not renormalised against a weight that still holds the first's (its base is the
-    kept W0, on the host swapped in, on an accelerator written in place: both ways run here)."""
+    kept W0), whether the merged weights are kept (host) or formed each time (accelerator)."""
     from estlora.runtime import merged as module
 
     if where == "accelerator":
@@ -126,7 +126,7 @@ def test_merged_est_between_two_doras_is_the_unfused_plan(sdxl_pipe, peft_dora, 
         choices = exact.plan_for(4).weights
         assert ((choices[1:] > 0) != (choices[:-1] > 0)).any()  # some projection changes LoRA
     with estlora.fuse(sdxl_pipe, peft_dora, other_peft_dora, method="est", beta=0.5, merged=True) as merged:
-        assert merged.weights.swaps == (where == "host")
+        assert merged.weights.keeps_variants == (where == "host")
         torch.testing.assert_close(render(sdxl_pipe, steps=4), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -4,17 +4,17 @@ routed weight at the steps where it changes, so that every step runs at the base
 EST-LoRA's plan is known before sampling and a projection changes LoRA a few times per image at most,
 so instead of adding B(A x) at every call (the exact default path, `routing.RoutedLinear`), the weight
 itself becomes W0 + s_c dW_c + s_s dW_s at a step whose scales differ from those it holds. Each is
-computed in fp32 from the base W0 and rounded once to the weight's dtype, as diffusers' `fuse_lora`
-rounds, so nothing drifts however many images are rendered; `restore` puts W0 back bit for bit.
+computed in fp32 from a kept copy of W0 and rounded once to the weight's dtype, as diffusers'
+`fuse_lora` rounds, so nothing drifts however many images are rendered; `restore` copies W0 back bit
+for bit. The kept copy costs one copy of the routed weights, on their device. Writes go into the
+weights' own storage, never swap it: CUDA graphs and offload hooks hold those addresses, and on the
+CPU a model computing with freshly formed tensors ran measurably slower (benchmarks/RESULTS.md).
 
-On an accelerator the merged weight is formed into the weight in place from a kept copy of W0 (one
-copy of the routed weights, on their device): the product is one fast GEMM there, and in-place writes
-keep the addresses that CUDA graphs and offload hooks hold. On a CPU, where forming s B A costs more
-than the steps of a small image, the merged weights formed are kept (`VARIANTS` per linear: est's two
-choices, or LoRA Composite's two passes, while memory allows) and swapped in: the weight's data
-becomes the kept tensor, and W0 itself, never written, is swapped back. A change of LoRA then costs
-no copy at all, where copying the routed weights in and back cost SDXL's widths about half a second
-per image; a weight moved to another device or cast since fusing gets a converted tensor of its own.
+Where memory allows, the merged weights are kept too (`VARIANTS` per linear: est's two choices, or
+LoRA Composite's two passes), so that from the second image on a write is a copy, all of a step's
+copies in one `torch._foreach_copy_`: on a CPU, forming s B A in fp32 costs more than the steps of a
+small image. Only on the CPU: on an accelerator the product is one fast GEMM and its memory is better
+spent on activations. Kept variants are what the write would compute, so results do not change.
 """
 
 from __future__ import annotations
@@ -41,16 +41,14 @@ class MergedWeights:
 
     def __init__(self, linears: list[nn.Module], updates: list[tuple[Update | None, Update | None]]):
         self.linears = linears
-        # on the host: the merged weights formed are kept and swapped in, so later images form none
-        self.swaps = keeps_on_host([linear.weight for linear in linears])
-        # W0: on the host the weight's own tensor (swapped out, never written), elsewhere a copy
-        self.kept = [linear.weight.detach() if self.swaps else linear.weight.detach().clone() for linear in linears]
-        # a DoRA rescales W0: bound to the kept base, not to a weight that holds merged values
+        self.kept = [linear.weight.detach().clone() for linear in linears]
+        # a DoRA rescales W0: bound to the kept copy, not to a weight that may hold the other LoRA
         self.updates = [tuple(_on_base(u, kept) for u in pair) for pair, kept in zip(updates, self.kept, strict=True)]
         self.variants: list[dict[tuple[float, float], torch.Tensor]] = [{} for _ in linears]
         self.base_row: list[tuple[float, float]] = [(0.0, 0.0)] * len(linears)
         self.applied = list(self.base_row)
         self.row = self.base_row  # the row last applied: the same row object again is nothing to do
+        self.keeps_variants = keeps_on_host(self.kept)
         self.spare: int | None = None  # bytes variants may still take, read once per apply that forms one
 
     @torch.no_grad()
@@ -67,14 +65,9 @@ class MergedWeights:
                 if weight.is_meta:  # a write there would be lost: the offload hook loads its own copy
                     raise FusionError(None, OFFLOADED)
                 source = self._source(index, scales, weight)
-                if not self.swaps:
-                    if source is not None:  # None: formed into the weight in place
-                        targets.append(weight)
-                        sources.append(source)
-                elif source.device == weight.device and source.dtype == weight.dtype:
-                    weight.data = source
-                else:  # the model was moved or cast since fusing: a tensor of its own, never one kept here
-                    weight.data = source.to(weight.device, weight.dtype, copy=True)
+                if source is not None:
+                    targets.append(weight)
+                    sources.append(source)
                 self.applied[index] = scales
         if targets:
             torch._foreach_copy_(targets, sources)
@@ -85,8 +78,7 @@ class MergedWeights:
         self.apply(self.base_row)
 
     def _source(self, index: int, scales: tuple[float, float], weight: torch.Tensor) -> torch.Tensor | None:
-        """What `weight` must hold at `scales`: the base, a kept variant, one formed now, or (None,
-        on an accelerator) formed into the weight here."""
+        """What `weight` must hold at `scales`: the kept base, a kept variant, or (None) written here."""
         if not any(scales):
             return self.kept[index]
         variants = self.variants[index]
@@ -98,29 +90,29 @@ class MergedWeights:
         for update, scale in zip(self.updates[index], scales, strict=True):
             if scale:
                 merged += applied(update, scale).to(weight.device)
-        if not self.swaps:
-            weight.copy_(merged)  # rounded once to the weight's dtype
-            return None
-        formed = merged.to(kept.device, weight.dtype)  # rounded once (merged itself in fp32)
-        self._keep(variants, scales, formed)
-        return formed
+        weight.copy_(merged)  # rounded once to the weight's dtype
+        if self.keeps_variants:
+            self._keep(variants, scales, merged, weight, kept.device)
+        return None
 
-    def _keep(self, variants: dict, scales: tuple[float, float], formed: torch.Tensor) -> None:
-        """Keep a merged weight as the variant for `scales`, the least recently used going first,
+    def _keep(self, variants: dict, scales: tuple[float, float], merged, weight, device) -> None:
+        """Keep the weight just formed as the variant for `scales`, the least recently used going first,
         while the memory it takes leaves RESERVE of the machine's free."""
         if self.spare is None:
             self.spare = spare_bytes()
-        size = formed.numel() * formed.element_size()
+        size = weight.numel() * weight.element_size()
         if size >= self.spare:
             return
         if len(variants) >= VARIANTS:
             del variants[next(iter(variants))]
         self.spare -= size
-        variants[scales] = formed
+        same = merged.dtype == weight.dtype and merged.device == device
+        variants[scales] = merged if same else weight.detach().to(device, copy=True)
 
 
 def keeps_on_host(weights: list[torch.Tensor]) -> bool:
-    """Whether merged weights are kept and swapped in (all on the CPU) rather than formed in place."""
+    """Whether the merged weights formed are kept (the kept copy on the CPU): an accelerator forms
+    s B A in one fast GEMM, and its memory is the activations'."""
     return all(weight.device.type == "cpu" for weight in weights)
 
 
