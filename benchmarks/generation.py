@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import hashlib
 import json
 import random
@@ -255,21 +254,14 @@ def blocks_of(args: argparse.Namespace) -> tuple[int, int] | None:
 
 
 def timed_run(pipe, kwargs: dict, steps: int, device: str) -> float:
-    """Seconds for one generation from seed 0, the GPU's queue drained before and after. Python's
-    garbage collector runs before and is off during it, as `timeit` has it: otherwise a collection that
-    one configuration's set-up made due (a fusion's objects) lands in its image's time."""
+    """Seconds for one generation from seed 0, the GPU's queue drained before and after."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
+    start = time.perf_counter()
+    pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:

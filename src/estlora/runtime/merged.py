@@ -7,8 +7,8 @@ itself becomes W0 + s_c dW_c + s_s dW_s at a step whose scales differ from those
 computed in fp32 from a kept copy of W0 and rounded once to the weight's dtype, as diffusers'
 `fuse_lora` rounds, so nothing drifts however many images are rendered; `restore` copies W0 back bit
 for bit. The kept copy costs one copy of the routed weights, on their device. Writes go into the
-weights' own storage, never swap it: CUDA graphs and offload hooks hold those addresses, and on the
-CPU a model computing with freshly formed tensors ran measurably slower (benchmarks/RESULTS.md).
+weights' own storage, never swap it: CUDA graphs and offload hooks hold those addresses (swapping
+kept tensors in was tried on the CPU and gained nothing measurable: benchmarks/RESULTS.md).
 
 Where memory allows, the merged weights are kept too (`VARIANTS` per linear: est's two choices, or
 LoRA Composite's two passes), so that from the second image on a write is a copy, all of a step's
