@@ -302,6 +302,8 @@ def main() -> None:
     log("LoRAs ready")
 
     hook_seconds = []
+    writing = [0.0]  # seconds in MergedWeights.apply during the current image (writes, swaps, restore)
+    apply_seconds = {c: [] for c in configs if c.startswith("est-merged")}  # per timed image
 
     def setup(config: str):
         if config in PEFT_CONFIGS:
@@ -330,7 +332,16 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
-            if config == "est-merged" and fusion.weights.keeps_variants:  # the first image, untimed: it
+            if fusion.weights is not None:
+                apply = fusion.weights.apply
+
+                def timed_apply(row):
+                    start = time.perf_counter()
+                    apply(row)
+                    writing[0] += time.perf_counter() - start
+
+                fusion.weights.apply = timed_apply
+            if config == "est-merged" and fusion.weights.swaps:  # the first image, untimed: it
                 run_once()  # forms the merged weights that later ones copy (on accelerators none are kept)
             return fusion.remove
         if config == "research":
@@ -365,7 +376,10 @@ def main() -> None:
         started = time.perf_counter()
         for c in random.sample(configs, len(configs)):
             teardown = setup(c)
+            writing[0] = 0.0
             times[c].append(run_once())
+            if c in apply_seconds:
+                apply_seconds[c].append(writing[0])
             teardown()
         untimed = time.perf_counter() - started - sum(times[c][-1] for c in configs)
         log(
@@ -374,13 +388,13 @@ def main() -> None:
             + f" (set-up and tear-down {untimed:.2f})"
         )
         if args.json:  # after every repeat: a run cut short still leaves its numbers
-            write_json(args.json, summarise(header, times, peak, hook_seconds))
+            write_json(args.json, summarise(header, times, peak, hook_seconds, apply_seconds))
         left = args.max_seconds - (time.perf_counter() - clock) if args.max_seconds else None
         if left is not None and left < time.perf_counter() - started and repeat + 1 < args.repeats:
             log(f"stopping after {repeat + 1} repeats: the next would pass --max-seconds {args.max_seconds:g}")
             break
 
-    results = summarise(header, times, peak, hook_seconds)
+    results = summarise(header, times, peak, hook_seconds, apply_seconds)
     print(
         f"model {args.model}, {len(shapes)} projections, ranks {rank_c}/{rank_s}, {args.steps} steps, "
         f"{header['size']} x {header['size']}, {header['dtype']}, device {header['card'] or args.device}, "
@@ -391,8 +405,10 @@ def main() -> None:
         write_json(args.json, results)
 
 
-def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict:
-    """Medians, minimums and ratios against one LoRA (and est against merge and research), as JSON."""
+def summarise(header: dict, times: dict, peak: dict, hook_seconds: list, apply_seconds: dict) -> dict:
+    """Medians, minimums and ratios against one LoRA (and est against merge and research), as JSON;
+    for the merged rows also the median of the per-repeat ratios (paired, robust to a drifting
+    machine) and the seconds per image spent putting merged weights in and W0 back."""
     done = min(len(t) for t in times.values())
     median = {c: statistics.median(t) for c, t in times.items() if t}
     results = {**header, "repeats": done, "configs": {}}
@@ -412,7 +428,12 @@ def summarise(header: dict, times: dict, peak: dict, hook_seconds: list) -> dict
             results["research_vs_est"] = median["research"] / median["est"]
     for merged in ("est-merged", "est-merged-first"):
         if merged in median and "none" in median:
-            results[merged.replace("-", "_") + "_vs_none"] = median[merged] / median["none"]
+            key = merged.replace("-", "_")
+            results[key + "_vs_none"] = median[merged] / median["none"]
+            pairs = zip(times[merged], times["none"], strict=False)
+            results[key + "_vs_none_paired"] = statistics.median(m / n for m, n in pairs)
+        if apply_seconds.get(merged):
+            results[merged.replace("-", "_") + "_apply_s_per_image"] = statistics.median(apply_seconds[merged])
     if "composite" in median and "single" in median:  # two denoiser passes a step: about 2
         results["composite_vs_single"] = median["composite"] / median["single"]
     if hook_seconds:
@@ -429,10 +450,12 @@ def table(results: dict) -> str:
         lines.append(line + (f"  {r['peak_mib']:8.0f}" if peaks else ""))
     for name, value in results.get("est_vs", {}).items():
         lines.append(f"est / {name}: {value:.3f}")
-    if "est_merged_vs_none" in results:
-        lines.append(f"est merged / none: {results['est_merged_vs_none']:.3f}")
-    if "est_merged_first_vs_none" in results:
-        lines.append(f"est merged, a fusion's first image / none: {results['est_merged_first_vs_none']:.3f}")
+    for key, label in (("est_merged", "est merged"), ("est_merged_first", "est merged, a fusion's first image")):
+        if key + "_vs_none" in results:
+            paired = results[key + "_vs_none_paired"]
+            lines.append(f"{label} / none: {results[key + '_vs_none']:.3f} (paired per repeat {paired:.3f})")
+        if key + "_apply_s_per_image" in results:
+            lines.append(f"{label}: {1000 * results[key + '_apply_s_per_image']:.1f} ms per image putting weights in and back")
     if "composite_vs_single" in results:
         lines.append(f"composite / single: {results['composite_vs_single']:.3f}")
     if "research_vs_est" in results:

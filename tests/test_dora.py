@@ -117,16 +117,14 @@ def test_merged_est_between_two_doras_is_the_unfused_plan(sdxl_pipe, peft_dora, 
     """est moves projections from one DoRA to the other mid-run: merged, each weight is then the other
     DoRA's W' of W0, not renormalised against a weight that still holds the first's (its base is the
     kept W0), whether the merged weights are kept (host) or formed each time (accelerator)."""
-    from estlora.runtime import merged as module
-
     if where == "accelerator":
-        monkeypatch.setattr(module, "keeps_on_host", lambda weights: False)
+        monkeypatch.setattr("estlora.runtime.fusion.swaps_weights", lambda model, weights: False)
     with estlora.fuse(sdxl_pipe, peft_dora, other_peft_dora, method="est", beta=0.5) as exact:
         expected = render(sdxl_pipe, steps=4)
         choices = exact.plan_for(4).weights
         assert ((choices[1:] > 0) != (choices[:-1] > 0)).any()  # some projection changes LoRA
     with estlora.fuse(sdxl_pipe, peft_dora, other_peft_dora, method="est", beta=0.5, merged=True) as merged:
-        assert merged.weights.keeps_variants == (where == "host")
+        assert merged.weights.swaps == (where == "host")
         torch.testing.assert_close(render(sdxl_pipe, steps=4), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -53,10 +53,8 @@ def test_a_subject_only_plan_equals_diffusers_fuse_lora(tiny_dir, base, subject,
 
 
 def on_accelerator(monkeypatch) -> None:
-    """Merged routing as on a GPU (formed into the weights each time, no variants kept), run here."""
-    from estlora.runtime import merged as module
-
-    monkeypatch.setattr(module, "keeps_on_host", lambda weights: False)
+    """Merged routing as on a GPU (formed and written into the weights each time, no variants kept), run here."""
+    monkeypatch.setattr("estlora.runtime.fusion.swaps_weights", lambda model, weights: False)
 
 
 @pytest.mark.parametrize("where", ["host", "accelerator"])
@@ -83,7 +81,7 @@ def test_merged_est_is_the_unfused_plan_and_the_base_comes_back_bit_for_bit(tiny
                 assert (image.float() - expected[seed].float()).abs().max() <= tolerance
             after = pipe.unet.state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before), seed  # restored after the last step
-        assert merged.weights.keeps_variants == (where == "host")
+        assert merged.weights.swaps == (where == "host")
     after = pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == storage
@@ -161,56 +159,69 @@ def test_offloaded_weights_keep_the_unfused_path_and_say_so(tiny_dir):
             render(late)
 
 
-def test_later_images_copy_kept_variants_and_render_the_same(tiny_dir, monkeypatch):
-    """From the second image on, no merged weight is formed again: each write copies a kept variant
-    (at most VARIANTS per linear, all of a step's in one batch), and the image is bit for bit the first."""
+def test_later_images_swap_in_kept_variants_and_render_the_same(tiny_dir, monkeypatch):
+    """From the second image on, no merged weight is formed again and none is copied: at every step
+    each routed weight's data is its kept W0 or one of its kept variants (at most VARIANTS per linear),
+    the image is bit for bit the first, and each weight ends on W0's own tensor."""
     from estlora.runtime import merged as module
 
     monkeypatch.setattr(module, "spare_bytes", lambda: 2**40)  # whatever this machine has free
     pipe = fresh(tiny_dir)
-    formed = []
+    storage = {name: p.data_ptr() for name, p in pipe.unet.named_parameters()}
+    formed, copies, held = [], [], []
     form = module.applied
 
     def spy(update, scale):
         formed.append(scale)
         return form(update, scale)
 
-    batches = []
-    copy = module.torch._foreach_copy_
     with fuse(pipe, "example:subject", "example:style", method="est", beta=0.5, merged=True) as fusion:
+        weights = fusion.weights
+        assert weights.swaps
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(module, "applied", spy)
             first = render(pipe)
             assert formed
             formed.clear()
-            patch.setattr(module.torch, "_foreach_copy_", lambda t, s: batches.append(len(t)) or copy(t, s))
+            patch.setattr(module.torch, "_foreach_copy_", lambda *a: copies.append(a))
+
+            def spy_step(*_):
+                tensors = [
+                    {t.data_ptr() for t in (kept, *variants.values())}
+                    for kept, variants in zip(weights.kept, weights.variants, strict=True)
+                ]
+                held.append(all(w.weight.data_ptr() in t for w, t in zip(weights.linears, tensors, strict=True)))
+
+            # registered after the fusion's own hook, so it sees the step's weights
+            hook = pipe.unet.register_forward_pre_hook(spy_step)
             second = render(pipe)
-        assert formed == [] and torch.equal(first, second)
-        rows = fusion.scale_rows(fusion.plan_for(STEPS))
-        changes = [
-            sum(a != b for a, b in zip(r, q, strict=True))
-            for q, r in zip([fusion.weights.base_row, *rows[:-1]], rows, strict=True)
-        ]
-        assert batches == [n for n in changes if n] + [sum(map(any, rows[-1]))]  # one per change, and back
-        variants = fusion.weights.variants
+            hook.remove()
+        assert formed == [] and copies == [] and torch.equal(first, second)
+        assert len(held) == STEPS and all(held)
+        variants = weights.variants
         assert max(len(v) for v in variants) == 2 <= module.VARIANTS
         rows = fusion.scale_rows(fusion.plan_for(STEPS))
         assert [set(v) for v in variants] == [{s for s in column if any(s)} for column in zip(*rows, strict=True)]
+        assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == storage
 
 
-def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch):
+@pytest.mark.parametrize("swaps", [True, False], ids=["swapped", "written"])
+def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch, swaps):
     """One linear through three scales: the weight holds W0 + s B A rounded once each time, whether
-    formed or copied from a kept variant; a third variant drops the least recently used; with no
-    memory to spare none is kept."""
+    formed or taken from a kept variant. Swapped (the CPU): a third variant drops the least recently
+    used, a swapped-in weight sits at W0's offset from a 64-byte boundary, W0's own tensor comes back,
+    and with no memory to spare none is kept. Written (accelerators): in place, none kept."""
     from estlora.runtime import merged as module
     from estlora.updates import LoraFactors
 
     monkeypatch.setattr(module, "spare_bytes", lambda: 2**40)
     torch.manual_seed(0)
+    room = torch.empty(24 * 16 + 3, dtype=torch.float16)
     linear = torch.nn.Linear(16, 24).to(torch.float16).requires_grad_(False)
+    linear.weight.data = room[3:].view(24, 16).copy_(linear.weight)  # as a weight in a safetensors file sits
     base = linear.weight.clone()
     update = LoraFactors(down=torch.randn(4, 16), up=torch.randn(24, 4), alpha=4.0)
-    weights = module.MergedWeights([linear], [(update, None)])
+    weights = module.MergedWeights([linear], [(update, None)], swaps=swaps)
 
     def expected(scale):
         return (base.float() + scale * (update.up @ update.down)).to(torch.float16)
@@ -219,12 +230,16 @@ def test_variants_are_what_the_write_forms_and_the_oldest_goes_first(monkeypatch
     for scale in (1.0, 0.5, 1.0, 2.0, 0.5, 1.0):
         weights.apply([(scale, 0.0)])
         assert torch.equal(linear.weight, expected(scale)), scale
+        assert (linear.weight.data_ptr() != original) == swaps  # swapped in, or written in place
+        assert linear.weight.data_ptr() % 64 == original % 64
         weights.restore()
-        assert torch.equal(linear.weight, base)
-    assert linear.weight.data_ptr() == original  # written in place, never swapped
+        assert torch.equal(linear.weight, base) and linear.weight.data_ptr() == original
+    if not swaps:
+        assert weights.variants == [{}]
+        return
     assert list(weights.variants[0]) == [(0.5, 0.0), (1.0, 0.0)]  # 2.0 dropped, then 0.5 formed again
     monkeypatch.setattr(module, "spare_bytes", lambda: 0)
-    spare = module.MergedWeights([linear], [(update, None)])
+    spare = module.MergedWeights([linear], [(update, None)], swaps=True)
     spare.apply([(1.0, 0.0)])
     assert torch.equal(linear.weight, expected(1.0)) and spare.variants == [{}]
 
@@ -260,16 +275,17 @@ def test_no_variant_is_kept_past_the_memory_reserve(monkeypatch):
     update = LoraFactors(down=torch.randn(4, 16), up=torch.randn(24, 4), alpha=4.0)
     reads = []
     monkeypatch.setattr(module, "spare_bytes", lambda: reads.append(1) or 24 * 16 * 4 + 1)
-    weights = module.MergedWeights(linears, [(update, None)] * 2)
+    weights = module.MergedWeights(linears, [(update, None)] * 2, swaps=True)
     weights.apply([(1.0, 0.0), (1.0, 0.0)])
     assert [len(v) for v in weights.variants] == [1, 0] and len(reads) == 1
     monkeypatch.undo()
     assert 0 <= module.spare_bytes() < 2**42  # less than the 4 TiB a weight of 2**40 fp32 values would take
 
 
-def test_a_model_cast_after_fusing_is_written_in_its_new_dtype_and_the_kept_copies_stay(monkeypatch):
-    """Cast to fp16 after fusing: each write rounds the fp32 merge into the fp16 weight, W0 comes back
-    rounded, and the kept W0 is never written."""
+@pytest.mark.parametrize("swaps", [True, False], ids=["swapped", "written"])
+def test_a_model_cast_after_fusing_is_written_in_its_new_dtype_and_the_kept_copies_stay(monkeypatch, swaps):
+    """Cast to fp16 after fusing: each merge is the fp32 merge rounded once to fp16 (a variant kept
+    in fp32 is not used), W0 comes back rounded, and the kept W0 is never written."""
     from estlora.runtime import merged as module
     from estlora.updates import LoraFactors
 
@@ -279,7 +295,9 @@ def test_a_model_cast_after_fusing_is_written_in_its_new_dtype_and_the_kept_copi
     base = linear.weight.clone()
     update = LoraFactors(down=torch.randn(4, 16), up=torch.randn(24, 4), alpha=4.0)
     merged = (base + 0.5 * (update.up @ update.down)).half()
-    weights = module.MergedWeights([linear], [(update, None)])
+    weights = module.MergedWeights([linear], [(update, None)], swaps=swaps)
+    weights.apply([(0.5, 0.0)])  # a variant in fp32, then the model cast
+    weights.restore()
     linear.half()
     for _ in range(2):
         weights.apply([(0.5, 0.0)])

@@ -29,7 +29,7 @@ from ..loading.lora import check_against_base, check_pair, load_lora
 from ..plan import Plan, build_plan
 from ..score_cache import cached_pair_scores, covers
 from ..updates import Lora
-from .merged import MergedWeights
+from .merged import MergedWeights, swaps_weights
 from .other_weights import StaticAdapters
 from .routing import RoutedLinear, Router, denoising_step
 
@@ -192,12 +192,6 @@ class Fusion:
         self.routed = frozenset(self.layers)
         self.router = Router(len(self.layers))
         self.static: StaticAdapters | None = None  # the LoRAs' weights outside the route, when merged
-        # Frozen as peft freezes a model it loads adapters into (every parameter but its `lora_` ones):
-        # on the CPU torch picks another matmul kernel for weights that require grad, so otherwise a
-        # fused run could differ from a diffusers LoRA run in the last bits. remove() unfreezes them.
-        self._frozen = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-        for parameter in self._frozen:
-            parameter.requires_grad_(False)
         self._originals = {}
         self.weights: MergedWeights | None = None
         # Merged routing writes into the weights (`runtime.merged`). Quantized ones keep the exact path,
@@ -209,10 +203,19 @@ class Fusion:
         self.merged = self.merge_asked and kept_out is None
         if self.merge_asked and kept_out:
             self.note = f"--merge-weights: the base's weights are {kept_out}; routed unfused"
+        # The unfused path freezes the base as peft freezes a model it loads adapters into (every
+        # parameter but its `lora_` ones): on the CPU torch picks another matmul kernel for weights that
+        # require grad, so otherwise it could differ from a diffusers LoRA run in the last bits. Merged
+        # weights run the base's own kernels, as the base runs them (frozen, it was 1-1.7 % slower at
+        # SDXL's widths in bf16). remove() unfreezes them.
+        frozen = () if self.merged else model.named_parameters()
+        self._frozen = [p for n, p in frozen if p.requires_grad and "lora_" not in n]
+        for parameter in self._frozen:
+            parameter.requires_grad_(False)
         if self.merged:
             linears = [model.get_submodule(name) for name in self.layers]
             updates = [(self.subject.projections.get(n), self.style.projections.get(n)) for n in self.layers]
-            self.weights = MergedWeights(linears, updates)
+            self.weights = MergedWeights(linears, updates, swaps_weights(model, weights))
         for index, name in enumerate(self.layers if not self.merged else ()):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
