@@ -455,7 +455,8 @@ def table(results: dict) -> str:
             paired = results[key + "_vs_none_paired"]
             lines.append(f"{label} / none: {results[key + '_vs_none']:.3f} (paired per repeat {paired:.3f})")
         if key + "_apply_s_per_image" in results:
-            lines.append(f"{label}: {1000 * results[key + '_apply_s_per_image']:.1f} ms per image putting weights in and back")
+            spent = 1000 * results[key + "_apply_s_per_image"]
+            lines.append(f"{label}: {spent:.1f} ms per image putting weights in and back")
     if "composite_vs_single" in results:
         lines.append(f"composite / single: {results['composite_vs_single']:.3f}")
     if "research_vs_est" in results:
