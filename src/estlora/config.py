@@ -347,8 +347,8 @@ class ModelConfig(Settings):
     merge_weights: bool = setting(
         False,
         "write each step's chosen LoRA into the routed weights where the plan changes (the base model's speed; "
-        "rounding as diffusers' fuse_lora) instead of the exact unfused path; keeps a copy of those weights "
-        "(on a CPU also the merged ones, up to two per weight, while memory allows)",
+        "rounding as diffusers' fuse_lora) instead of the exact unfused path; on a CPU keeps the merged weights "
+        "(up to two per weight, while memory allows) and swaps them in, on a GPU keeps a copy of those weights",
     )
     zero_alpha: str = setting(
         "rank",
