@@ -332,18 +332,25 @@ def main() -> None:
             fusion._hook.remove()
             fusion._hook = plain.register_forward_pre_hook(timed_hook, with_kwargs=True)
             fusion.plan_for(args.steps)  # the plan is per pair, computed before sampling
-            if fusion.weights is not None:
-                apply = fusion.weights.apply
+            weights = fusion.weights
+            if weights is None:
+                return fusion.remove
+            apply = weights.apply
 
-                def timed_apply(row):
-                    start = time.perf_counter()
-                    apply(row)
-                    writing[0] += time.perf_counter() - start
+            def timed_apply(row):
+                start = time.perf_counter()
+                apply(row)
+                writing[0] += time.perf_counter() - start
 
-                fusion.weights.apply = timed_apply
-            if config == "est-merged" and fusion.weights.swaps:  # the first image, untimed: it
-                run_once()  # forms the merged weights that later ones copy (on accelerators none are kept)
-            return fusion.remove
+            weights.apply = timed_apply
+            if config == "est-merged" and weights.swaps:  # the first image, untimed: it forms the
+                run_once()  # merged weights that later ones swap in (on accelerators none are kept)
+
+            def remove():
+                fusion.remove()
+                del weights.apply  # the wrapper's cycle (weights -> wrapper -> weights) broken at once
+
+            return remove
         if config == "research":
             return install_research(plain, subject, style, args.steps)
         return lambda: None

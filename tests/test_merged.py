@@ -203,6 +203,8 @@ def test_later_images_swap_in_kept_variants_and_render_the_same(tiny_dir, monkey
         rows = fusion.scale_rows(fusion.plan_for(STEPS))
         assert [set(v) for v in variants] == [{s for s in column if any(s)} for column in zip(*rows, strict=True)]
         assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == storage
+    assert weights.variants == [{}] * len(weights.linears)  # removed: held elsewhere, it pins no memory
+    assert {name: p.data_ptr() for name, p in pipe.unet.named_parameters()} == storage
 
 
 @pytest.mark.parametrize("swaps", [True, False], ids=["swapped", "written"])

@@ -310,7 +310,7 @@ class Fusion:
         self._after.remove()
         self._after = None
         if self.weights is not None:
-            self.weights.restore()
+            self.weights.release()
             self.weights = None
         model = self.family.denoiser_of(self.pipe)
         for name, original in self._originals.items():

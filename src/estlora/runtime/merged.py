@@ -84,6 +84,13 @@ class MergedWeights:
         """Every weight back to its base, bit for bit."""
         self.apply(self.base_row)
 
+    def release(self) -> None:
+        """Back to the base and the variants let go: whatever still holds this object (a wrapper, a
+        reference cycle awaiting the collector) pins no merged weights, which would otherwise take the
+        next fusion's room to keep its own (2 GB at SDXL's widths)."""
+        self.restore()
+        self.variants = [{} for _ in self.linears]
+
     def _source(self, index: int, scales: tuple[float, float], weight: torch.Tensor) -> torch.Tensor | None:
         """What `weight` must hold at `scales`: the kept base, a kept variant, a merged weight formed
         here, or (None, writing) nothing: formed straight into the weight."""
