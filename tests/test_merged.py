@@ -131,6 +131,23 @@ def test_quantized_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     fusion.remove()
 
 
+def test_a_flux_pipeline_that_has_rendered_still_swaps():
+    """FLUX's pipeline leaves an empty diffusers hook registry on its transformer at its first image:
+    a fusion made after that swaps as one made before (it once read the registry as an offload hook
+    and formed every merged weight again at every image). A registry holding a hook still writes."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    pipe = fresh(builtin_tiny_flux())
+    render(pipe, width=32, height=32)
+    registry = pipe.transformer._diffusers_hook
+    assert isinstance(registry, HookRegistry) and registry.hooks == {}
+    with fuse(pipe, "example:flux-subject", "example:flux-style", method="est", beta=0.5, merged=True) as fusion:
+        assert fusion.weights.swaps
+    registry.register_hook(ModelHook(), "probe")
+    with fuse(pipe, "example:flux-subject", "example:flux-style", method="est", beta=0.5, merged=True) as fusion:
+        assert fusion.merged and not fusion.weights.swaps
+
+
 def test_offloaded_weights_keep_the_unfused_path_and_say_so(tiny_dir):
     """Sequential offload (accelerate's hooks; weights on the meta device, each linear's loaded from its
     own store per call) would silently drop every write: the exact unfused path, the image as with no

@@ -131,9 +131,16 @@ class MergedWeights:
 def swaps_weights(model: nn.Module, weights: list[torch.Tensor]) -> bool:
     """Whether merged weights are swapped in (kept on the CPU) rather than written: every weight on
     the CPU and no offload hook on the model (accelerate's or diffusers' hooks move and hold the
-    weights' tensors themselves)."""
-    hooked = any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in model.modules())
+    weights' tensors themselves). An empty diffusers registry is no hook: FLUX's pipeline leaves one on
+    its transformer at the first image (`cache_context`), and reading it as offload made every later
+    fusion form all its merged weights again at every image."""
+    hooked = any(hasattr(m, "_hf_hook") or _holds_hooks(getattr(m, "_diffusers_hook", None)) for m in model.modules())
     return not hooked and all(weight.device.type == "cpu" for weight in weights)
+
+
+def _holds_hooks(registry: object) -> bool:
+    """Whether a diffusers `HookRegistry` (or anything else under its name) may move the weights."""
+    return registry is not None and (not isinstance(getattr(registry, "hooks", None), dict) or bool(registry.hooks))
 
 
 def aligned_as(weight: torch.Tensor) -> torch.Tensor:
