@@ -324,3 +324,31 @@ def test_a_model_cast_after_fusing_is_written_in_its_new_dtype_and_the_kept_copi
         weights.restore()
         assert torch.equal(linear.weight, base.half())
     assert torch.equal(weights.kept[0], base)
+
+
+def test_a_render_stopped_between_steps_leaves_the_base_weights(tiny_dir):
+    """The UI's Stop (an exception from the step callback) never reaches the last step's restore: the
+    session puts the base back on the way out, so a save or a state dict sees the base, not a merge."""
+    from estlora.config import FusionConfig, ModelConfig, SamplingConfig
+    from estlora.session import Request, Session
+
+    session = Session.open(ModelConfig(base=str(tiny_dir), merge_weights=True), report=lambda _: None)
+    try:
+        before = weights(session.pipe)
+        request = Request(
+            "example:subject", "example:style", "a sks dog", FusionConfig(beta=0.5), SamplingConfig(steps=STEPS)
+        )
+        prepared = session.configure(request)
+        assert prepared.fusion.merged
+
+        def stop(pipe, step, timestep, kwargs):
+            if step == 1:
+                assert not all(torch.equal(before[k], v) for k, v in weights(pipe).items())  # merged now
+                raise KeyboardInterrupt
+            return kwargs
+
+        with pytest.raises(KeyboardInterrupt):
+            session.render(prepared, seed=0, callback=stop)
+        assert all(torch.equal(before[k], v) for k, v in weights(session.pipe).items())
+    finally:
+        session.close()

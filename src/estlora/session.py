@@ -213,7 +213,10 @@ class Session:
         if callback is not None:
             kwargs["callback_on_step_end"] = callback
         generator = torch.Generator("cpu").manual_seed(seed)
-        return self.pipe(prepared.request.prompt, generator=generator, **kwargs).images[0]
+        try:
+            return self.pipe(prepared.request.prompt, generator=generator, **kwargs).images[0]
+        finally:  # a run stopped mid-way leaves no merged weights behind (after a whole run: nothing to do)
+            prepared.fusion.to_base()
 
     def settings(self, prepared: Prepared, seed: int) -> dict:
         """Every setting of one image, flat, as `estlora generate` takes them (beta as used: no new probe)."""

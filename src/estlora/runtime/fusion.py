@@ -324,6 +324,13 @@ class Fusion:
             parameter.requires_grad_(True)
         self._frozen = []
 
+    def to_base(self) -> None:
+        """Merged routing: the base weights back now. A run stopped between steps (an error, the UI's
+        Stop) never reaches the last step's restore, and whatever reads the weights next (a save, a
+        diffusers `fuse_lora`, a state dict) must find the base. Nothing to do otherwise."""
+        if self.weights is not None:
+            self.weights.restore()
+
     def remove(self) -> None:
         """Put the original linears back and drop the hook: the pipeline is as it was."""
         if self._hook is not None:
